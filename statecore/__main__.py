@@ -1,0 +1,3 @@
+from statecore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Frozen configuration dataclasses: the single source of truth for every hyperparameter.
+
+Every config round-trips through JSON (``to_dict`` / ``from_dict``) so that run directories
+and checkpoints hold plain text, never pickles. Unknown keys in ``from_dict`` raise, so a
+typo in a saved config or a CLI override cannot drift silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
+    """Build a dataclass from a JSON-like dict, rejecting unknown keys, restoring tuples."""
+    data = dict(data or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    for key, value in list(data.items()):
+        if isinstance(value, list):
+            data[key] = tuple(value)
+    return cls(**data)  # type: ignore[call-arg]
+
+
+class _Serializable:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None):
+        return _from_dict(cls, data)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class DataSpec(_Serializable):
+    """How the user's columns map onto statecore's canonical ones."""
+
+    pert_col: str = "perturbation"
+    control: str = "ctrl"
+    context_col: str | None = "context"  # None: a single context named "all"
+    batch_col: str | None = None  # None: a single batch named "all"
+    cell_id_col: str | None = None  # MTX bundles: metadata column holding the barcode
+    combo_sep: str = "+"  # combinations such as "KLF1+MAP2K6"
+    min_cells_per_perturbation: int = 10  # fewer -> a warning
+
+
+@dataclass(frozen=True)
+class QCConfig(_Serializable):
+    min_genes: int = 200  # per cell
+    min_cells: int = 50  # per gene
+    target_sum: float = 1e4
+    log1p: bool = True
+    n_hvg: int = 2000
+    hvg_flavor: str = "auto"  # auto | seurat_v3 | seurat | cell_ranger
+    umap: bool = True  # store X_umap in the prepared data (pages never recompute it)
+
+
+@dataclass(frozen=True)
+class SplitConfig(_Serializable):
+    task: str = "zeroshot"  # zeroshot | underrepresented | explicit
+    context: str | None = None  # target context (required)
+    keep_fraction: float = 0.3  # underrepresented: share of the target's perturbations kept in training
+    test_perts: tuple[str, ...] = ()  # explicit
+    val_fraction: float = 0.1  # validation perturbations carved from training ones
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class STConfig(_Serializable):
+    """State Transition model. Names follow the State paper walkthrough."""
+
+    num_genes: int = 2000  # input/output width (genes, or embedding dims on the embedding track)
+    hidden_dim: int = 256
+    transformer_heads: int = 8
+    transformer_layers: int = 4
+    mlp_hidden_dim: int = 512
+    perturbation_dim: int = 1  # one-hot vocabulary size or feature width
+    n_batches: int = 0  # >0 adds a batch embedding
+    basal_encoder: str = "mlp"  # mlp | linear
+    dropout: float = 0.0  # see ARCHITECTURE.md: dropout>0 collapses predicted spread
+    relu_output: bool = True  # expression is non-negative
+    set_size: int = 64
+    loss: str = "energy"  # energy | mmd
+    noise_dim: int = 0  # >0 adds a per-cell Gaussian noise input
+    decoder_dim: int = 0  # >0: embedding track, decode hidden state to this many genes
+    decoder_weight: float = 0.1  # alpha in loss = loss_emb + alpha * loss_expr
+
+
+ST_PRESETS: dict[str, dict[str, Any]] = {
+    "small": dict(hidden_dim=256, transformer_heads=8, transformer_layers=4, mlp_hidden_dim=512, set_size=64),
+    "base": dict(hidden_dim=672, transformer_heads=8, transformer_layers=4, mlp_hidden_dim=1344, set_size=128),
+}
+
+
+@dataclass(frozen=True)
+class SEConfig(_Serializable):
+    """State Embedding model."""
+
+    gene_feature_dim: int = 64
+    hidden_dim: int = 128
+    L: int = 256  # top expressed genes per cell
+    heads: int = 4
+    layers: int = 2
+    n_bins: int = 10
+    output_dim: int = 64  # cell embedding width
+    gene_features: str = "pca"  # learned | random | pca | file
+    gene_features_path: str | None = None
+    n_loss_genes: int = 64  # sampled genes per cell in the self-supervised loss
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Serializable):
+    steps: int = 2000
+    batch_size: int = 8  # sets per step
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    max_minutes: float | None = None
+    val_every: int = 100
+    ckpt_every_steps: int = 100
+    ckpt_every_seconds: float = 120.0
+    log_every: int = 10
+    num_threads: int | None = None  # None: all cores but one
+    bf16: bool = False
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig(_Serializable):
+    """Everything a run directory's config.json holds."""
+
+    data_path: str = ""
+    track: str = "hvg"  # hvg | embedding
+    embedding_run: str | None = None
+    spec: DataSpec = field(default_factory=DataSpec)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: STConfig = field(default_factory=STConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RunConfig:
+        data = dict(data or {})
+        nested = {"spec": DataSpec, "split": SplitConfig, "model": STConfig, "train": TrainConfig}
+        for key, sub in nested.items():
+            if key in data and isinstance(data[key], dict):
+                data[key] = sub.from_dict(data[key])
+        return _from_dict(cls, data)
