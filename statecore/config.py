@@ -61,6 +61,9 @@ class QCConfig(_Serializable):
     n_hvg: int = 2000
     hvg_flavor: str = "auto"  # auto | seurat_v3 | seurat | cell_ranger
     umap: bool = True  # store X_umap in the prepared data (pages never recompute it)
+    # min_genes is meant for whole transcriptomes: on a gene panel (n_genes < 20,000) it is scaled by
+    # n_genes / 20,000 so that e.g. a 500-gene file keeps its cells (see preprocess.effective_min_genes)
+    scale_min_genes: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class STConfig(_Serializable):
     noise_dim: int = 0  # >0 adds a per-cell Gaussian noise input
     decoder_dim: int = 0  # >0: embedding track, decode hidden state to this many genes
     decoder_weight: float = 0.1  # alpha in loss = loss_emb + alpha * loss_expr
+    residual: str = "hidden"  # hidden (reference ST) | expression (add x_ctrl to the output) | none
 
 
 ST_PRESETS: dict[str, dict[str, Any]] = {
@@ -115,6 +119,10 @@ class SEConfig(_Serializable):
     gene_features_path: str | None = None
     n_loss_genes: int = 64  # sampled genes per cell in the self-supervised loss
     dropout: float = 0.0
+    n_genes: int = 0  # >0: the model owns a [n_genes, gene_feature_dim] gene table (set by fit_embedding)
+    bin_hidden_dim: int = 32  # width of the MLP that turns an expression value into bin weights
+    decoder_hidden_dim: int = 128  # MLP predicting expression from [cell emb | gene emb | read depth]
+    expressed_fraction: float = 0.5  # share of the loss genes drawn from each cell's expressed genes
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,96 @@
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from statecore.config import DataSpec, QCConfig
+from statecore.errors import DataError
+from statecore.preprocess import choose_hvg_flavor, effective_min_genes, prepare, qc_metrics
+
+SPEC = DataSpec(pert_col="perturbation", control="ctrl", context_col="context", batch_col="batch")
+QC = QCConfig(min_genes=0, min_cells=0, n_hvg=50, umap=False)
+
+
+def test_prepare_counts_contract(synthetic_counts):
+    raw = synthetic_counts.X.copy()
+    p = prepare(synthetic_counts, spec=SPEC, qc=QC, source="x.h5ad")
+    assert (synthetic_counts.X != raw).nnz == 0 and "counts" not in synthetic_counts.layers  # caller untouched
+    assert sp.isspmatrix_csr(p.X) and p.X.dtype == np.float32
+    np.testing.assert_array_equal(p.layers["counts"].toarray(), raw.toarray())
+    expected = np.log1p(raw.toarray() / raw.toarray().sum(1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(p.X.toarray(), expected, rtol=1e-4, atol=1e-5)
+    assert p.var["highly_variable"].dtype == bool and p.var["highly_variable"].sum() == 50
+    assert list(p.obs["perturbation"].cat.categories)[0] == "ctrl"
+    meta = p.uns["statecore"]
+    assert meta["control"] == "ctrl" and meta["columns"]["context"] == "context" and meta["source"] == "x.h5ad"
+    assert meta["qc_report"]["hvg_flavor"] == "seurat_v3" and meta["qc_report"]["input"] == "counts"
+
+
+def test_qc_filters_report(synthetic_counts):
+    m = qc_metrics(synthetic_counts)
+    thr = int(np.median(m["n_genes"]))
+    kept = synthetic_counts.X[(m["n_genes"] >= thr).to_numpy()]
+    per_gene = np.asarray((kept > 0).sum(axis=0)).ravel()
+    min_cells = int(np.median(per_gene))
+    p = prepare(synthetic_counts, spec=SPEC, qc=QC.replace(min_genes=thr, min_cells=min_cells, scale_min_genes=False))
+    r = p.uns["statecore"]["qc_report"]
+    assert r["cells_removed_min_genes"] == int((m["n_genes"] < thr).sum()) > 0
+    assert r["genes_removed_min_cells"] == int((per_gene < min_cells).sum()) > 0
+    assert r["genes_out"] == p.n_vars == 120 - r["genes_removed_min_cells"]
+    assert r["cells_out"] == p.n_obs
+
+
+def test_filters_removing_everything_raise(synthetic_counts):
+    with pytest.raises(DataError, match="min_genes=1000 would remove all 400 cells"):
+        prepare(synthetic_counts, spec=SPEC, qc=QC.replace(min_genes=1000, scale_min_genes=False))
+    with pytest.raises(DataError, match="min_cells=5000 would remove all 120 genes"):
+        prepare(synthetic_counts, spec=SPEC, qc=QC.replace(min_cells=5000))
+
+
+def test_min_genes_scaled_on_panels():
+    assert effective_min_genes(QCConfig(), 500) == 5
+    assert effective_min_genes(QCConfig(), 30000) == 200
+    assert effective_min_genes(QCConfig(scale_min_genes=False), 500) == 200
+
+
+def test_already_log_data_uses_log_flavor(synthetic_counts):
+    logged = prepare(synthetic_counts, spec=SPEC, qc=QC)
+    logged.layers.clear()
+    with pytest.warns(UserWarning, match="log-normalised"):
+        p = prepare(logged, spec=SPEC, qc=QC)
+    assert "counts" not in p.layers and p.uns["statecore"]["qc_report"]["hvg_flavor"] == "seurat"
+    np.testing.assert_allclose(p.X.toarray(), logged.X.toarray())  # not normalised twice
+    with pytest.raises(DataError, match="non-integer"):
+        prepare(logged, spec=SPEC, qc=QC.replace(hvg_flavor="seurat_v3"))
+
+
+def test_hvg_flavor_choice():
+    assert choose_hvg_flavor("auto", has_counts=True) == "seurat_v3"
+    assert choose_hvg_flavor("auto", has_counts=False) == "seurat"
+    assert choose_hvg_flavor("cell_ranger", has_counts=True) == "cell_ranger"
+    with pytest.raises(DataError, match="needs raw counts"):
+        choose_hvg_flavor("seurat_v3", has_counts=False)
+    with pytest.raises(DataError, match="unknown HVG flavor"):
+        choose_hvg_flavor("best", has_counts=True)
+
+
+def test_dense_input_missing_columns_and_duplicates(synthetic_counts):
+    a = synthetic_counts
+    a.X = a.X.toarray()
+    a.var_names = ["g"] * 2 + list(a.var_names[2:])
+    del a.obs["batch"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p = prepare(a, spec=SPEC.replace(batch_col=None), qc=QC.replace(n_hvg=500))
+    assert any("duplicate gene names" in str(w.message) for w in caught)
+    assert isinstance(p.X, np.ndarray) and p.var_names.is_unique and p.var["highly_variable"].all()
+    assert set(p.obs["batch"]) == {"all"}
+    with pytest.raises(DataError, match="batch column 'batch' not found"):
+        prepare(a, spec=SPEC, qc=QC)
+
+
+def test_umap_stored(synthetic_counts):
+    sub = synthetic_counts[:120].copy()
+    p = prepare(sub, spec=SPEC, qc=QC.replace(umap=True))
+    assert p.obsm["X_umap"].shape == (120, 2) and np.isfinite(p.obsm["X_umap"]).all()
