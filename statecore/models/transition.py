@@ -1,0 +1,86 @@
+"""State Transition (ST) model: maps a set of control cells plus a perturbation to a perturbed set.
+
+    h_i  = basal(x_ctrl_i) + pert(z) [+ batch_emb(b_i)] [+ noise_proj(eps_i)]    # [B, S, H]
+    t    = Transformer(h)  (bidirectional over the S cells, no positional encoding)
+    out  = ReLU(project_out(t + basal(x_ctrl)))    # residual to the control in hidden space
+
+The module knows nothing of AnnData; ``statecore.sets`` turns data into tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from statecore.config import STConfig
+from statecore.models.layers import mlp, set_transformer
+
+RESIDUALS = ("hidden", "expression", "none")
+
+
+class StateTransitionModel(nn.Module):
+    """ST model built from an :class:`STConfig` (or its fields as keywords).
+
+    ``StateTransitionModel(cfg)``, ``StateTransitionModel(num_genes=2000, hidden_dim=256, ...)`` or both
+    (keywords override the config's fields).
+    """
+
+    def __init__(self, cfg: STConfig | None = None, **overrides) -> None:
+        super().__init__()
+        cfg = STConfig(**overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+        if cfg.residual not in RESIDUALS:
+            raise ValueError(f"STConfig.residual must be one of {RESIDUALS}; got {cfg.residual!r}")
+        if cfg.basal_encoder not in ("mlp", "linear"):
+            raise ValueError(f"STConfig.basal_encoder must be 'mlp' or 'linear'; got {cfg.basal_encoder!r}")
+        self.cfg = cfg
+        G, H, M = cfg.num_genes, cfg.hidden_dim, cfg.mlp_hidden_dim
+        self.basal_encoder = (mlp(G, M, H, dropout=cfg.dropout) if cfg.basal_encoder == "mlp"
+                              else nn.Linear(G, H))
+        self.pert_encoder = mlp(cfg.perturbation_dim, M, H, dropout=cfg.dropout)
+        self.batch_embedding = nn.Embedding(cfg.n_batches, H) if cfg.n_batches > 0 else None
+        self.noise_proj = nn.Linear(cfg.noise_dim, H) if cfg.noise_dim > 0 else None
+        self.transformer = set_transformer(H, cfg.transformer_heads, cfg.transformer_layers, M, cfg.dropout)
+        out_dim = cfg.decoder_dim if cfg.decoder_dim > 0 else G
+        self.project_out = mlp(H, M, out_dim, n_layers=3, dropout=cfg.dropout)
+        if cfg.residual == "expression":
+            # Start as the identity map on expression: the model then only has to learn the shift.
+            nn.init.zeros_(self.project_out[-1].weight)
+            nn.init.zeros_(self.project_out[-1].bias)
+
+    def forward(self, x_ctrl: torch.Tensor, z_pert: torch.Tensor, batch: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``x_ctrl [B, S, G]``, ``z_pert [B, S, P]`` or ``[B, P]``, ``batch`` long ``[B, S]`` or ``[B]``
+        (index -1: unknown batch, no embedding added) -> predicted perturbed cells ``[B, S, G]``."""
+        if x_ctrl.dim() != 3:
+            raise ValueError(f"x_ctrl must be [B, S, G]; got shape {tuple(x_ctrl.shape)}")
+        B, S, G = x_ctrl.shape
+        if G != self.cfg.num_genes:
+            raise ValueError(f"x_ctrl has {G} genes, the model was built for {self.cfg.num_genes}")
+        if z_pert.dim() == 2:
+            z_pert = z_pert.unsqueeze(1).expand(B, S, z_pert.shape[-1])  # [B, S, P]
+        if z_pert.shape[:2] != (B, S) or z_pert.shape[-1] != self.cfg.perturbation_dim:
+            raise ValueError(f"z_pert must be [B, S, {self.cfg.perturbation_dim}] or [B, "
+                             f"{self.cfg.perturbation_dim}]; got {tuple(z_pert.shape)}")
+        basal = self.basal_encoder(x_ctrl)  # [B, S, H]
+        h = basal + self.pert_encoder(z_pert.to(x_ctrl.dtype))  # [B, S, H]
+        if self.batch_embedding is not None and batch is not None:
+            if batch.dim() == 1:
+                batch = batch.unsqueeze(1).expand(B, S)
+            known = (batch >= 0).unsqueeze(-1).to(h.dtype)  # [B, S, 1]
+            h = h + self.batch_embedding(batch.clamp_min(0)) * known
+        if self.noise_proj is not None:
+            if noise is None:
+                noise = torch.randn(B, S, self.cfg.noise_dim, device=h.device, dtype=h.dtype)
+            h = h + self.noise_proj(noise)
+        t = self.transformer(h)  # [B, S, H]
+        if self.cfg.residual == "hidden":
+            t = t + basal
+        out = self.project_out(t)  # [B, S, G]
+        if self.cfg.residual == "expression" and self.cfg.decoder_dim == 0:
+            out = out + x_ctrl
+        if self.cfg.relu_output:
+            out = torch.relu(out)
+        return out
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
