@@ -1,0 +1,60 @@
+"""statecore home: what is loaded, which runs exist, and the three-step quick start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from statecore import jobs
+from statecore.ui import state
+
+state.init_page("Home", "🧬")
+st.title("statecore")
+st.caption("Train Arc Institute's State model on Perturb-seq data, predict unseen perturbations, evaluate.")
+
+st.subheader("Quick start")
+st.markdown(
+    "1. **Data**: press *Load* (the sample dataset is preselected), check the column mapping.\n"
+    "2. **Preprocess** → *Apply*, then **Train** → *Start training* (the small preset trains in minutes on a CPU;"
+    " the run continues in the background if you close the tab).\n"
+    "3. **Predict** any perturbation (also unmeasured combinations) in a context, and **Evaluate** the run's"
+    " test split against every baseline."
+)
+cols = st.columns(5)
+for col, key, label, icon in zip(
+    cols,
+    ("data", "preprocess", "train", "predict", "evaluate"),
+    ("Data", "Preprocess", "Train", "Predict", "Evaluate"),
+    ("📂", "🧪", "🏋️", "🔮", "📊"),
+):
+    with col:
+        st.page_link(state.PAGES[key], label=label, icon=icon)
+
+st.subheader("Loaded now")
+data, prepared = st.session_state[state.DATA], st.session_state[state.PREPARED]
+left, right = st.columns(2)
+left.metric("Data", Path(data["path"]).name if data else "none")
+right.metric(
+    "Prepared", f"{prepared['n_obs']:,} cells × {prepared['n_vars']:,} genes" if prepared else "not yet"
+)
+
+st.subheader("Runs")
+runs = jobs.list_runs(state.runs_dir())
+if not runs:
+    st.info(f"No runs yet in {state.runs_dir()}. Start one on **Train**.")
+else:
+    st.dataframe(
+        [
+            {
+                "run": r.name,
+                "state": r.state,
+                "progress": f"{r.step}/{r.total}" if r.total else "–",
+                "started": r.started or "–",
+                "model": "yes" if r.has_model else "no",
+            }
+            for r in runs
+        ],
+        hide_index=True,
+        width="stretch",
+    )

@@ -1,0 +1,169 @@
+"""Data: load the sample, an upload (.h5ad or MTX bundle + metadata CSV) or a server path; map columns; validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from statecore.config import DataSpec
+from statecore.ui import analysis, loaders, state, widgets
+
+state.init_page("Data", "📂")
+st.title("Data")
+
+SOURCES = ("Sample dataset", "Upload .h5ad", "Upload MTX bundle + metadata CSV", "Path on the server")
+MAPPING_KEYS = ("data_pert_col", "data_control", "data_context_col", "data_batch_col", "data_combo_sep")
+
+
+def _load(info: dict) -> None:
+    """Read once (errors shown on the page); only a readable dataset replaces the current one."""
+    adata = widgets.attempt(loaders.read_data, info, what="Reading the data")
+    if widgets.failed(adata):
+        return
+    from statecore.io import detect_spec
+
+    spec = widgets.attempt(detect_spec, adata, what="Detecting the columns")
+    if widgets.failed(spec):
+        return
+    st.session_state[state.DATA] = {**info, "spec": spec.to_dict()}
+    st.session_state[state.PREPARED] = None
+    for key in MAPPING_KEYS:  # the new data brings its own suggestions
+        st.session_state.pop(key, None)
+
+
+def _save_upload(uploaded, folder: Path) -> Path:
+    """Write an uploaded file to disk at once (uploads otherwise live only in server memory)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / Path(uploaded.name).name
+    if not target.exists() or target.stat().st_size != uploaded.size:
+        target.write_bytes(uploaded.getbuffer())
+    return target
+
+
+source = st.radio("Source", SOURCES, horizontal=True, key="data_source")
+if source == SOURCES[0]:
+    name = st.selectbox("Sample dataset", list(state.SAMPLES), key="data_sample")
+    if st.button("Load", type="primary", key="data_load_sample"):
+        _load({"path": str(state.SAMPLES[name]), "metadata": None, "cell_id_col": None, "label": name})
+elif source == SOURCES[1]:
+    up = st.file_uploader("AnnData file (.h5ad)", type=["h5ad"], key="data_upload_h5ad")
+    st.caption(
+        "Upload limit: 2 GB (`server.maxUploadSize` in .streamlit/config.toml). For larger files use a server path."
+    )
+    if up is not None and st.button("Load", type="primary", key="data_load_upload"):
+        path = _save_upload(up, state.upload_dir())
+        _load({"path": str(path), "metadata": None, "cell_id_col": None, "label": up.name})
+elif source == SOURCES[2]:
+    files = st.file_uploader(
+        "matrix.mtx[.gz], barcodes.tsv[.gz], features.tsv[.gz] (or genes.tsv)",
+        accept_multiple_files=True,
+        key="data_upload_mtx",
+    )
+    meta = st.file_uploader(
+        "Metadata CSV (one row per cell)", type=["csv", "tsv", "txt"], key="data_upload_meta"
+    )
+    cell_id = st.text_input("Cell id column in the CSV (empty: detect)", key="data_cell_id")
+    if files and st.button("Load", type="primary", key="data_load_mtx"):
+        folder = state.upload_dir() / "mtx"
+        for f in files:
+            _save_upload(f, folder)
+        meta_path = str(_save_upload(meta, state.upload_dir())) if meta is not None else None
+        _load(
+            {
+                "path": str(folder),
+                "metadata": meta_path,
+                "cell_id_col": cell_id or None,
+                "label": "MTX bundle",
+            }
+        )
+else:
+    path = st.text_input(
+        "Path to an .h5ad file or an MTX bundle folder on the server", key="data_server_path"
+    )
+    meta_path = st.text_input("Metadata CSV path (MTX bundles; optional)", key="data_server_meta")
+    if st.button("Load", type="primary", key="data_load_path", disabled=not path.strip()):
+        _load(
+            {"path": path.strip(), "metadata": meta_path.strip() or None, "cell_id_col": None, "label": path}
+        )
+
+info = st.session_state[state.DATA]
+if not info:
+    st.info("Nothing loaded yet: press **Load** to use the preselected sample dataset.")
+    st.stop()
+
+adata = widgets.attempt(loaders.read_data, info, what="Reading the data")
+if widgets.failed(adata):
+    st.stop()
+st.success(f"Loaded **{info['label']}**: {adata.n_obs:,} cells × {adata.n_vars:,} genes")
+
+st.subheader("Column mapping")
+spec = DataSpec.from_dict(info["spec"])
+columns = [str(c) for c in adata.obs.columns]
+if not columns:
+    st.error("The data has no cell metadata (obs) columns; add a metadata CSV with a perturbation column.")
+    st.stop()
+c1, c2, c3, c4, c5 = st.columns(5)
+pert_col = c1.selectbox(
+    "Perturbation column",
+    columns,
+    index=columns.index(spec.pert_col) if spec.pert_col in columns else 0,
+    key="data_pert_col",
+)
+values = adata.obs[pert_col].astype(str).value_counts()
+labels = list(values.index[:500])
+if spec.control in values.index and spec.control not in labels:
+    labels.append(spec.control)
+control = c2.selectbox(
+    "Control label",
+    labels,
+    index=labels.index(spec.control) if spec.control in labels else 0,
+    key="data_control",
+)
+optional = ["(none)", *columns]
+context_col = c3.selectbox(
+    "Context column (cell line / type)",
+    optional,
+    index=optional.index(spec.context_col) if spec.context_col in optional else 0,
+    key="data_context_col",
+)
+batch_col = c4.selectbox(
+    "Batch column",
+    optional,
+    index=optional.index(spec.batch_col) if spec.batch_col in optional else 0,
+    key="data_batch_col",
+)
+combo_sep = c5.text_input("Combination separator", value=spec.combo_sep, key="data_combo_sep")
+spec = spec.replace(
+    pert_col=pert_col,
+    control=control,
+    context_col=None if context_col == "(none)" else context_col,
+    batch_col=None if batch_col == "(none)" else batch_col,
+    combo_sep=combo_sep or "+",
+)
+if spec.to_dict() != info["spec"]:
+    st.session_state[state.DATA] = {**info, "spec": spec.to_dict()}
+    st.session_state[state.PREPARED] = None  # prepared data no longer matches the mapping
+
+st.subheader("Validation")
+from statecore.io import check  # noqa: E402 - after the page shell renders
+
+report = widgets.attempt(check, adata, spec, what="Validating the data")
+if not widgets.failed(report):
+    for msg in report.errors:
+        st.error(msg)
+    for msg in report.warnings:
+        st.warning(msg)
+    if report.ok:
+        st.success("No blocking problems. Next: **Preprocess**.")
+        st.page_link(state.PAGES["preprocess"], label="Go to Preprocess", icon="🧪")
+
+st.subheader("Summary")
+table = analysis.crosstab(adata.obs, spec.pert_col, spec.context_col)
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Cells", f"{adata.n_obs:,}")
+m2.metric("Genes", f"{adata.n_vars:,}")
+m3.metric("Perturbations (incl. control)", f"{table.shape[0]:,}")
+m4.metric("Contexts", f"{table.shape[1]:,}")
+st.caption("Cells per perturbation (rows) and context (columns)")
+st.dataframe(table, width="stretch", height=min(600, 36 + 35 * len(table)))

@@ -1,0 +1,160 @@
+"""Preprocess: QC thresholds, normalization, HVGs; plots; Apply saves the prepared data to disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from statecore.config import DataSpec, QCConfig
+from statecore.ui import analysis, figures, loaders, state, widgets
+
+state.init_page("Preprocess", "🧪")
+st.title("Preprocess")
+
+info = widgets.need_data("data")
+if not info:
+    st.stop()
+adata = widgets.attempt(loaders.read_data, info, what="Reading the data")
+if widgets.failed(adata):
+    st.stop()
+spec = DataSpec.from_dict(info["spec"])
+
+from statecore import preprocess  # noqa: E402 - scanpy import after the page shell renders
+from statecore.io import check  # noqa: E402
+
+report = widgets.attempt(check, adata, spec, what="Validating the data")
+if not widgets.failed(report) and report.errors:
+    st.error("The column mapping has blocking problems; fix them on **Data** first.")
+    st.page_link(state.PAGES["data"], label="Go to Data", icon="📂")
+    st.stop()
+
+suggested = analysis.suggest_qc(adata)
+st.subheader("Settings")
+c1, c2, c3 = st.columns(3)
+min_genes = c1.number_input("Min genes per cell", 0, 100_000, suggested.min_genes, key="prep_min_genes")
+scale = c1.checkbox(
+    "Scale min genes on gene panels",
+    value=suggested.scale_min_genes,
+    key="prep_scale",
+    help="min genes is meant for ~20,000-gene data; on a smaller panel it is scaled by n_genes / 20,000",
+)
+min_cells = c2.number_input("Min cells per gene", 0, 1_000_000, suggested.min_cells, key="prep_min_cells")
+target_sum = c2.number_input(
+    "Normalize to total counts", 1.0, 1e7, float(suggested.target_sum), key="prep_target"
+)
+log1p = c2.checkbox("log1p", value=suggested.log1p, key="prep_log1p")
+n_hvg = c3.number_input("Highly variable genes", 10, 50_000, suggested.n_hvg, key="prep_n_hvg")
+flavor = c3.selectbox(
+    "HVG flavor",
+    preprocess.HVG_FLAVORS,
+    key="prep_flavor",
+    help="auto: seurat_v3 on raw counts, seurat on log data",
+)
+umap = c3.checkbox("Store a UMAP (for plots)", value=True, key="prep_umap")
+qc = QCConfig(
+    min_genes=int(min_genes),
+    min_cells=int(min_cells),
+    target_sum=float(target_sum),
+    log1p=log1p,
+    n_hvg=int(n_hvg),
+    hvg_flavor=flavor,
+    umap=umap,
+    scale_min_genes=scale,
+)
+
+st.subheader("Quality control")
+metrics = widgets.attempt(preprocess.qc_metrics, adata, what="Computing QC metrics")
+if not widgets.failed(metrics):
+    applied = preprocess.effective_min_genes(qc, adata.n_vars)
+    counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    gene_cells = analysis.cells_per_gene(counts)
+    p1, p2, p3 = st.columns(3)
+    p1.plotly_chart(
+        figures.histogram(
+            metrics["n_genes"].to_numpy(), title="Genes per cell", x_label="genes detected", threshold=applied
+        ),
+        width="stretch",
+        key="prep_fig_genes",
+    )
+    p2.plotly_chart(
+        figures.histogram(
+            metrics["total_counts"].to_numpy(), title="Counts per cell", x_label="total counts"
+        ),
+        width="stretch",
+        key="prep_fig_counts",
+    )
+    removal = analysis.qc_removal(
+        metrics["n_genes"].to_numpy(), gene_cells, min_genes=applied, min_cells=qc.min_cells
+    )
+    p3.plotly_chart(figures.removal_bars(removal), width="stretch", key="prep_fig_removal")
+    if applied != qc.min_genes:
+        st.caption(f"min genes applied on this {adata.n_vars:,}-gene panel: {applied}")
+
+
+def _target_path() -> Path:
+    key = json.dumps(
+        {
+            "src": loaders.mtime(info["path"]),
+            "path": info["path"],
+            "meta": info.get("metadata"),
+            "spec": spec.to_dict(),
+            "qc": qc.to_dict(),
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    stem = Path(info["path"]).name.split(".")[0] or "data"
+    return state.prepared_dir() / f"{stem}-prepared-{digest}.h5ad"
+
+
+def _apply() -> dict:
+    target = _target_path()
+    if not target.exists():  # same input, mapping and settings: reuse the file on disk
+        with st.spinner("Preparing: QC, normalization, HVGs" + (", UMAP" if qc.umap else "") + "…"):
+            prepared = preprocess.prepare(adata, spec=spec, qc=qc, source=info["path"])
+            tmp = target.with_name(f".{target.name}.tmp.h5ad")
+            prepared.write_h5ad(tmp)
+            tmp.replace(target)
+    prepared = loaders.read_h5ad(target)
+    return {
+        "path": str(target),
+        "qc": qc.to_dict(),
+        "n_obs": int(prepared.n_obs),
+        "n_vars": int(prepared.n_vars),
+    }
+
+
+if st.button("Apply", type="primary", key="prep_apply"):
+    result = widgets.attempt(_apply, what="Preprocessing")
+    if result:
+        st.session_state[state.PREPARED] = result
+
+done = st.session_state[state.PREPARED]
+if not done:
+    st.info("Press **Apply** to prepare the data with these settings.")
+    st.stop()
+prepared = widgets.attempt(loaders.read_h5ad, done["path"], what="Reading the prepared data")
+if widgets.failed(prepared):
+    st.stop()
+st.success(
+    f"Prepared: {prepared.n_obs:,} cells × {prepared.n_vars:,} genes, saved to `{done['path']}`. Next: **Train**."
+)
+st.page_link(state.PAGES["train"], label="Go to Train", icon="🏋️")
+qc_report = prepared.uns.get("statecore", {}).get("qc_report", {})
+if qc_report:
+    st.json({k: (v.item() if hasattr(v, "item") else v) for k, v in qc_report.items()}, expanded=False)
+var = prepared.var
+hvg = var["highly_variable"].to_numpy(bool) if "highly_variable" in var else np.ones(prepared.n_vars, bool)
+if "means" in var and ("variances_norm" in var or "dispersions_norm" in var):
+    y_col = "variances_norm" if "variances_norm" in var else "dispersions_norm"
+    mean, disp = var["means"].to_numpy(float), var[y_col].to_numpy(float)
+else:  # every gene kept (panel smaller than the HVG count): plot log-space mean and variance
+    x = analysis.dense(prepared.X[analysis.subsample_index(prepared.n_obs, 3000)])
+    y_col, mean, disp = "variance (log1p)", x.mean(axis=0), x.var(axis=0)
+st.plotly_chart(
+    figures.hvg_scatter(mean, np.nan_to_num(disp), hvg, y_label=y_col), width="stretch", key="prep_fig_hvg"
+)

@@ -1,0 +1,196 @@
+"""Train: configure a run, start it in the background, follow it live; cancel, resume, past runs."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from statecore import jobs
+from statecore.config import ST_PRESETS, TrainConfig
+from statecore.ui import figures, loaders, state, training, widgets
+
+state.init_page("Train", "🏋️")
+st.title("Train")
+root = state.runs_dir()
+
+
+def _new_run_form() -> None:
+    prepared = widgets.need_data("prepared")
+    if not prepared:
+        return
+    adata = widgets.attempt(loaders.read_h5ad, prepared["path"], what="Reading the prepared data")
+    if widgets.failed(adata):
+        return
+    obs = adata.obs
+    from statecore.io import control_label
+
+    control = widgets.attempt(control_label, adata, what="Reading the control label")
+    if widgets.failed(control):
+        return
+    sizes = obs["context"].astype(str).value_counts()
+    contexts = sorted(sizes.index)
+    default_ctx = sizes.index[-1]  # the smallest context is the natural held-out target
+    perts = sorted(p for p in obs["perturbation"].astype(str).unique() if p != control)
+
+    c1, c2, c3 = st.columns(3)
+    task = c1.selectbox(
+        "Task",
+        ("zeroshot", "underrepresented", "explicit"),
+        key="train_task",
+        help="zeroshot: no perturbed cells of the target context in training; underrepresented: "
+        "a fraction kept; explicit: you list the test perturbations",
+    )
+    context = c1.selectbox("Target context", contexts, index=contexts.index(default_ctx), key="train_context")
+    test_perts: list[str] = []
+    keep = 0.3
+    if task == "explicit":
+        test_perts = c1.multiselect(
+            "Test perturbations", perts, default=perts[: max(1, len(perts) // 5)], key="train_test_perts"
+        )
+    elif task == "underrepresented":
+        keep = c1.slider(
+            "Share of the target's perturbations kept in training", 0.05, 0.9, 0.3, key="train_keep"
+        )
+    tracks = ["HVG genes"]
+    se_runs = training.model_runs(root, "embedding") if training.embedding_track_available(root) else []
+    if se_runs:
+        tracks.append("State Embedding")
+    track = c2.radio("Track", tracks, key="train_track", horizontal=True)
+    emb_run = None
+    if track == "State Embedding":
+        emb_run = str(
+            c2.selectbox(
+                "Embedding run",
+                [r.run_dir for r in se_runs],
+                format_func=lambda p: p.name,
+                key="train_emb_run",
+            )
+        )
+    preset = c2.selectbox("Model preset", list(ST_PRESETS), key="train_preset")
+    p = ST_PRESETS[preset]
+    c2.caption(
+        f"{preset}: hidden size {p['hidden_dim']}, {p['transformer_layers']} transformer layers, "
+        f"{p['transformer_heads']} heads, MLP {p['mlp_hidden_dim']}"
+    )
+    set_size = c2.number_input("Cells per set", 4, 1024, int(p["set_size"]), key="train_set_size")
+    steps = c3.number_input("Training steps", 1, 1_000_000, 400, key="train_steps")
+    minutes = c3.number_input("Time budget (minutes, 0 = none)", 0.0, 10_000.0, 3.0, key="train_minutes")
+    lr = c3.number_input("Learning rate", 1e-6, 1.0, TrainConfig().lr, format="%.5f", key="train_lr")
+    batch = c3.number_input("Sets per step", 1, 256, TrainConfig().batch_size, key="train_batch")
+    device = c3.selectbox("Device", ("auto", "cpu", "cuda", "mps"), key="train_device")
+    c3.caption(training.gpu_summary())
+    name = st.text_input("Run name", value=f"{context}-{task}", key="train_name")
+
+    live = [r for r in jobs.list_runs(root) if r.live]
+    threads = jobs.worker_threads(len(live))
+    st.caption(
+        f"The run uses {threads} CPU thread(s), leaving one core to this app"
+        + (f" and sharing with {len(live)} live run(s)." if live else ".")
+    )
+    if st.button("Start training", type="primary", key="train_start"):
+        if task == "explicit" and not test_perts:
+            st.error("Pick at least one test perturbation for the explicit task.")
+            return
+        opts = training.TrainOptions(
+            data_path=prepared["path"],
+            task=task,
+            context=context,
+            test_perts=tuple(test_perts),
+            keep_fraction=keep,
+            track="embedding" if emb_run else "hvg",
+            embedding_run=emb_run,
+            preset=preset,
+            set_size=int(set_size) if set_size != p["set_size"] else None,
+            lr=float(lr),
+            batch_size=int(batch),
+            steps=int(steps),
+            max_minutes=float(minutes) or None,
+            device=device,
+            threads=threads,
+        )
+        run_dir = jobs.new_run_dir(root, name)
+        started = widgets.attempt(
+            jobs.start, run_dir, opts.to_args(), threads=threads, what="Starting the run"
+        )
+        if not widgets.failed(started):
+            st.session_state[state.RUN] = str(run_dir)
+            st.session_state["train_run_pick"] = run_dir.name
+            st.rerun()
+
+
+def _status_panel(run_dir) -> None:
+    """The live part: re-run by the fragment timer while the run is live."""
+    status = jobs.poll(run_dir)
+    st.progress(status.progress, text=f"{status.state} · step {status.step:,} / {status.total:,}")
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("Step", f"{status.step:,}")
+    m2.metric("Cells / s", f"{status.cells_per_s:,.0f}" if status.cells_per_s else "–")
+    m3.metric("ETA", widgets.format_seconds(status.eta_s) if status.live else "–")
+    m4.metric("Best validation loss", f"{status.best_val:.4f}" if status.best_val is not None else "–")
+    rows = jobs.read_metrics(run_dir)
+    if rows:
+        st.plotly_chart(figures.training_curves(pd.DataFrame(rows)), width="stretch", key="train_fig_loss")
+    if status.state == "failed":
+        st.error(f"The run failed: {status.error}")
+        with st.expander("Log (last lines)"):
+            st.code(jobs.log_tail(run_dir, 40) or "(empty)")
+    elif status.state == "interrupted":
+        st.warning(
+            "The worker stopped without finishing (machine restart or killed). Press **Resume** to continue."
+        )
+    elif status.state == "cancelled":
+        st.info("Cancelled. The last checkpoint is kept: **Resume** continues from it.")
+    if st.session_state.get("train_last_state", {}).get(str(run_dir)) in jobs.LIVE_STATES and not status.live:
+        st.session_state["train_last_state"][str(run_dir)] = status.state
+        st.rerun(scope="app")  # the run ended: stop polling, refresh the buttons
+    st.session_state.setdefault("train_last_state", {})[str(run_dir)] = status.state
+
+
+def _run_view(run_dir) -> None:
+    status = jobs.poll(run_dir)
+    st.fragment(run_every=1.5 if status.live else None)(_status_panel)(run_dir)
+    b1, b2, b3, _ = st.columns([1, 1, 2, 3])
+    if status.live and b1.button("Cancel", key="train_cancel"):
+        widgets.attempt(jobs.cancel, run_dir, what="Cancelling")
+        st.rerun()
+    if status.resumable and b2.button("Resume", key="train_resume"):
+        widgets.attempt(jobs.resume, run_dir, what="Resuming")
+        st.session_state.setdefault("train_last_state", {})[str(run_dir)] = "queued"
+        st.rerun()
+    if status.has_model and training.run_kind(run_dir) == "transition":
+        if b3.button("Use for Predict / Evaluate", key="train_use"):
+            st.session_state[state.RUN] = str(run_dir)
+        if st.session_state[state.RUN] == str(run_dir):
+            st.page_link(state.PAGES["predict"], label="Go to Predict", icon="🔮")
+
+
+runs = jobs.list_runs(root)
+with st.expander("New run", expanded=not runs):
+    _new_run_form()
+st.subheader("Runs")
+if not runs:
+    st.info("No runs yet: configure one above and press **Start training**.")
+else:
+    names = [r.name for r in runs]
+    if st.session_state.get("train_run_pick") not in names:
+        st.session_state["train_run_pick"] = names[0]
+    chosen = st.selectbox(
+        "Run", names, key="train_run_pick", format_func=lambda n: f"{n} ({runs[names.index(n)].state})"
+    )
+    _run_view(runs[names.index(chosen)].run_dir)
+    with st.expander("All runs", expanded=False):
+        st.dataframe(
+            [
+                {
+                    "run": r.name,
+                    "state": r.state,
+                    "step": f"{r.step}/{r.total}",
+                    "started": r.started,
+                    "kind": training.run_kind(r.run_dir),
+                    "error": r.error or "",
+                }
+                for r in runs
+            ],
+            hide_index=True,
+            width="stretch",
+        )

@@ -1,0 +1,154 @@
+"""Predict: in-silico perturbation of a context's control cells with a trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from statecore.ui import analysis, figures, loaders, results, state, training, widgets
+
+state.init_page("Predict", "🔮")
+st.title("Predict")
+
+runs = training.model_runs(state.runs_dir())
+if not runs:
+    st.info("No trained model yet. Start a run on **Train** (the defaults train in a few minutes).")
+    st.page_link(state.PAGES["train"], label="Go to Train", icon="🏋️")
+    st.stop()
+names = [r.name for r in runs]
+chosen_run = state.current_run()
+if st.session_state.get("pred_run") not in names:
+    st.session_state["pred_run"] = chosen_run.name if chosen_run and chosen_run.name in names else names[0]
+run_name = st.selectbox("Run", names, key="pred_run")
+run_dir = runs[names.index(run_name)].run_dir
+st.session_state[state.RUN] = str(run_dir)
+
+run = widgets.attempt(loaders.load_run, run_dir, what="Loading the model")
+if widgets.failed(run):
+    st.stop()
+data_path = widgets.attempt(loaders.run_data_path, run_dir, what="Finding the run's data")
+if widgets.failed(data_path):
+    st.stop()
+adata = widgets.attempt(loaders.read_h5ad, data_path, what="Reading the run's data")
+if widgets.failed(adata):
+    st.stop()
+from statecore.io import control_label  # noqa: E402
+
+control = widgets.attempt(control_label, adata, what="Reading the control label")
+if widgets.failed(control):
+    st.stop()
+obs = adata.obs
+has_ctrl = obs.loc[obs["perturbation"].astype(str) == control, "context"].astype(str).unique()
+contexts = sorted(set(map(str, run.contexts)) & set(has_ctrl)) or sorted(has_ctrl)
+sep = run.config.spec.combo_sep
+vocab = [str(p) for p in run.perturbations if str(p) != control]
+measured = sorted({str(p) for p in obs["perturbation"].astype(str).unique() if p != control})
+trainable = [p for p in measured if all(part in vocab for part in analysis.split_combo(p, sep))]
+combos = analysis.unmeasured_combos(measured, control, sep)
+combos = [c for c in combos if all(part in vocab for part in analysis.split_combo(c, sep))]
+
+split = run.split
+default_ctx = split.context if split is not None and split.context in contexts else contexts[0]
+c1, c2, c3 = st.columns([1, 3, 1])
+context = c1.selectbox("Context", contexts, index=contexts.index(default_ctx), key="pred_context")
+options = trainable + combos
+test_perts = list(split.test.get(context, [])) if split is not None else []
+default = [p for p in test_perts if p in options][:2] or options[:2]
+perts = c2.multiselect(
+    f"Perturbations ({len(trainable)} measured, {len(combos)} unmeasured combinations of measured singles)",
+    options,
+    default=default,
+    key="pred_perts",
+)
+n_cells = c3.number_input("Cells per perturbation", 10, 5000, 200, key="pred_n_cells")
+if not perts:
+    st.info("Pick one or more perturbations.")
+    st.stop()
+
+pred = widgets.attempt(results.predict_cached, run_dir, context, perts, int(n_cells), what="Prediction")
+if widgets.failed(pred):
+    st.stop()
+pred_key = f"{results.run_key(run_dir)}|{context}|{'|'.join(perts)}|{int(n_cells)}"
+labels = pred.obs["perturbation"].astype(str).to_numpy()
+shown = st.selectbox("Show", [p for p in perts if p in set(labels)], key="pred_show")
+genes = [str(g) for g in pred.var_names]
+ctrl_mean = analysis.dense(pred.X[labels == control]).mean(axis=0)
+pert_mean = analysis.dense(pred.X[labels == shown]).mean(axis=0)
+st.success(
+    f"Predicted {int((labels != control).sum()):,} cells for {len(perts)} perturbation(s) in {context}."
+)
+
+left, right = st.columns(2)
+left.plotly_chart(
+    figures.mean_scatter(ctrl_mean, pert_mean, genes, title=f"{shown}: predicted vs control mean"),
+    width="stretch",
+    key="pred_fig_means",
+)
+de = widgets.attempt(results.de_table, pred_key, pred, control, what="Differential expression")
+if not widgets.failed(de):
+    one = de[de["target"].astype(str) == shown].copy()
+    one["abs_lfc"] = one["log2_fold_change"].abs()
+    ranked = one.sort_values(["fdr", "abs_lfc"], ascending=[True, False]).drop(columns="abs_lfc")
+    right.plotly_chart(
+        figures.volcano(
+            ranked,
+            lfc_col="log2_fold_change",
+            p_col="fdr",
+            gene_col="feature",
+            title=f"{shown}: predicted DE vs control",
+        ),
+        width="stretch",
+        key="pred_fig_volcano",
+    )
+    st.subheader("Ranked predicted DE genes")
+    st.dataframe(
+        ranked[["feature", "log2_fold_change", "fdr", "p_value", "target_mean", "ref_mean"]].head(200),
+        hide_index=True,
+        width="stretch",
+    )
+
+st.subheader("UMAP")
+real_mask = (obs["context"].astype(str).to_numpy() == context) & (
+    obs["perturbation"].astype(str).to_numpy() == shown
+)
+blocks = [
+    (f"predicted {shown}", pred.X[labels == shown]),
+    (f"control ({context})", pred.X[labels == control]),
+]
+if real_mask.any():
+    real = adata[real_mask][:, genes].X  # the model's genes, in its order
+    blocks.append((f"real {shown}", real))
+else:
+    st.caption(f"{shown} was never measured in {context}: no real cells to compare.")
+coords = widgets.attempt(results.umap_frame, f"{pred_key}|{shown}", tuple(blocks), what="UMAP")
+if not widgets.failed(coords):
+    st.plotly_chart(
+        figures.embedding_scatter(
+            coords[["x", "y"]].to_numpy(),
+            coords["cells"].to_numpy(),
+            title="Predicted, control and real cells",
+        ),
+        width="stretch",
+        key="pred_fig_umap",
+    )
+
+st.subheader("Downloads")
+d1, d2 = st.columns(2)
+payload = widgets.attempt(results.h5ad_bytes, pred_key, pred, what="Writing the predicted AnnData")
+if not widgets.failed(payload):
+    d1.download_button(
+        "Predicted cells (.h5ad)",
+        payload,
+        file_name=f"pred-{Path(run_dir).name}-{context}.h5ad",
+        mime="application/octet-stream",
+        key="pred_dl_h5ad",
+    )
+if not widgets.failed(de):
+    d2.download_button(
+        "DE table (.csv)",
+        de.to_csv(index=False).encode(),
+        file_name=f"de-{context}.csv",
+        mime="text/csv",
+        key="pred_dl_csv",
+    )

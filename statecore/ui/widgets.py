@@ -1,0 +1,78 @@
+"""Small Streamlit building blocks shared by the pages: guarded engine calls, status panels."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import streamlit as st
+
+from statecore.errors import StatecoreError
+from statecore.ui import state
+
+T = TypeVar("T")
+log = logging.getLogger("statecore.app")
+
+
+class Failed:
+    """Returned by ``attempt`` when the call failed (the error is already on the page)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+FAILED = Failed()
+
+
+def failed(value: object) -> bool:
+    """Did ``attempt`` fail? (AnnData/DataFrame truthiness is unsafe, so test the marker.)"""
+    return isinstance(value, Failed)
+
+
+def error_message(exc: BaseException, what: str) -> str:
+    """One line for the page: our own errors already say what to do; others get a generic hint."""
+    if isinstance(exc, StatecoreError):
+        return f"{what} failed: {exc}"
+    if isinstance(exc, MemoryError):
+        return f"{what} failed: not enough memory. Try a smaller dataset, fewer cells or fewer genes (HVGs)."
+    if isinstance(exc, FileNotFoundError):
+        return (
+            f"{what} failed: file not found ({exc.filename or exc}). Check the path and load the data again."
+        )
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{what} failed: {type(exc).__name__}{': ' + text if text else ''}. Check the inputs on this page and try again."
+
+
+def attempt(fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T | Failed:
+    """Run an engine call; on any error show one clear ``st.error`` (never a traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the page must never show a traceback
+        log.warning("%s failed", what, exc_info=True)  # the traceback goes to the server log only
+        st.error(error_message(exc, what))
+        return FAILED
+
+
+def need_data(kind: str = "prepared") -> dict | None:
+    """The session's loaded (``kind="data"``) or prepared data, or an info box pointing to the page."""
+    key = state.DATA if kind == "data" else state.PREPARED
+    value = st.session_state.get(key)
+    if value:
+        return value
+    if kind == "data":
+        st.info("No data loaded yet. Open **Data** and load the sample dataset (one click) or your own file.")
+        st.page_link(state.PAGES["data"], label="Go to Data", icon="📂")
+    else:
+        st.info("No prepared data yet. Load data on **Data**, then press **Apply** on **Preprocess**.")
+        st.page_link(state.PAGES["preprocess"], label="Go to Preprocess", icon="🧪")
+    return None
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = max(0, int(seconds))
+    minutes, sec = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {sec:02d}s"

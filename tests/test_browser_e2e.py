@@ -1,0 +1,193 @@
+"""Real-browser quick start: headless Debian chromium (Playwright) clicks sample data -> preprocess ->
+train (tiny budget) -> predict -> evaluate in the running app, and checks that predictions and metrics
+appear. Screenshots go to $STATECORE_SCREENSHOT_DIR when set (docs/screenshots for the README)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("STATECORE_CHROMIUM", "/usr/bin/chromium")
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+TRAIN_STEPS = int(os.environ.get("STATECORE_E2E_STEPS", "20"))  # screenshots: the default 400
+
+pytestmark = pytest.mark.browser
+
+
+def _require_browser():
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package (pip install -r requirements-dev.txt)")
+    if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
+        missing.append(f"chromium at {CHROMIUM} (apt-get install -y chromium, or `make browser`)")
+    if missing:
+        message = "real-browser test needs " + " and ".join(missing)
+        if in_ci:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(tmp_path):
+    _require_browser()
+    port = _free_port()
+    env = dict(os.environ, STATECORE_WORKDIR=str(tmp_path / "work"), STATECORE_RUNS=str(tmp_path / "runs"))
+    log = open(tmp_path / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.address",
+            "127.0.0.1",
+            "--server.port",
+            str(port),
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail("streamlit did not become healthy: " + (tmp_path / "streamlit.log").read_text()[-2000:])
+    yield {"url": url, "runs": tmp_path / "runs", "log": tmp_path / "streamlit.log"}
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    from statecore import jobs
+
+    for run in jobs.list_runs(tmp_path / "runs"):  # never leave a worker behind
+        if run.live:
+            jobs.cancel(run.run_dir, kill_after_s=10)
+
+
+def _idle(page, timeout_s: float = 120) -> None:
+    page.wait_for_selector(IDLE, timeout=timeout_s * 1000)
+
+
+def _goto(page, label: str) -> None:
+    page.locator("[data-testid='stSidebarNav'] a", has_text=label).first.click()
+    page.wait_for_selector(f"h1:has-text('{label}')", timeout=60_000)
+    _idle(page)
+
+
+def _shot(page, name: str) -> None:
+    folder = os.environ.get("STATECORE_SCREENSHOT_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+
+
+def _no_exception(page) -> None:
+    assert page.locator("[data-testid='stException']").count() == 0, page.inner_text("body")[:3000]
+
+
+def test_quick_start_in_a_real_browser(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(server["url"], wait_until="domcontentloaded")
+            page.wait_for_selector("h1:has-text('statecore')", timeout=60_000)
+            _idle(page)
+            _shot(page, "home")
+
+            _goto(page, "Data")
+            page.get_by_role("button", name="Load").click()
+            page.get_by_text("Column mapping").first.wait_for(timeout=120_000)
+            _idle(page)
+            _no_exception(page)
+            _shot(page, "data")
+
+            _goto(page, "Preprocess")
+            page.get_by_role("button", name="Apply").click()
+            page.get_by_text("saved to", exact=False).first.wait_for(timeout=180_000)
+            _idle(page)
+            _no_exception(page)
+            _shot(page, "preprocess")
+
+            _goto(page, "Train")
+            steps = page.get_by_label("Training steps")
+            steps.fill(str(TRAIN_STEPS))
+            steps.press("Enter")
+            _idle(page)
+            page.get_by_role("button", name="Start training").click()
+            page.get_by_text("Best validation loss").first.wait_for(timeout=60_000)
+            page.locator("[data-testid='stProgress']").get_by_text("done").first.wait_for(timeout=240_000)
+            _idle(page)
+            _no_exception(page)
+            _shot(page, "train")
+
+            _goto(page, "Predict")
+            page.get_by_text("Ranked predicted DE genes").wait_for(timeout=120_000)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+            _idle(page, 240)
+            _no_exception(page)
+            assert page.locator(".js-plotly-plot").count() >= 3  # means, volcano, UMAP
+            _shot(page, "predict")
+
+            _goto(page, "Evaluate")
+            page.get_by_role("button", name="Evaluate the test split").click()
+            page.get_by_text("Model vs baselines", exact=False).wait_for(timeout=240_000)
+            _idle(page, 240)
+            _no_exception(page)
+            body = page.inner_text("body")
+            assert "Scoring the model failed" not in body, body[:3000]
+            assert "State (this run)" in body and "baseline: control" in body
+            assert "pearson_delta" in body
+            _shot(page, "evaluate")
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+            print("page at failure:", page.inner_text("body")[:4000])
+            print("server log:", server["log"].read_text()[-4000:])
+            raise
+        finally:
+            browser.close()
