@@ -145,6 +145,7 @@ class LoadedRun:
     run_dir: Path
     vocab: Any = None  # statecore.sets.PerturbationVocab
     batches: list[str] | None = None
+    embedding: Any = None  # embedding track: the SE run (statecore.embed.EmbeddingRun) that embeds inputs
 
 
 def write_vocab_files(run_dir: str | os.PathLike, *, genes, vocab, contexts, batches) -> None:
@@ -192,12 +193,18 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", *, which: str = "b
     vocab = PerturbationVocab(control=vinfo.get("control", config.spec.control), names=tuple(names),
                               combo_sep=vinfo.get("combo_sep", config.spec.combo_sep), features=features)
     model_cfg: STConfig = config.model
-    if model_cfg.num_genes != len(genes) or model_cfg.perturbation_dim != vocab.dim:
-        raise CheckpointError(f"run {str(run_dir)!r}: config expects {model_cfg.num_genes} genes / perturbation "
+    n_out = model_cfg.decoder_dim or model_cfg.num_genes  # embedding track: genes are the decoder's outputs
+    if n_out != len(genes) or model_cfg.perturbation_dim != vocab.dim:
+        raise CheckpointError(f"run {str(run_dir)!r}: config expects {n_out} genes / perturbation "
                               f"width {model_cfg.perturbation_dim}, files list {len(genes)} / {vocab.dim}")
     model = StateTransitionModel(model_cfg)
     load_model_weights(model, path)
     model.to(device).eval()
     split = Split.load(run_dir / "split.json") if (run_dir / "split.json").exists() else None
+    embedding = None
+    if config.track == "embedding":
+        from statecore.embedding_track import load_se_run
+
+        embedding = load_se_run(config.embedding_run or "")
     return LoadedRun(model=model, config=config, genes=genes, perturbations=list(names), contexts=contexts,
-                     split=split, run_dir=run_dir, vocab=vocab, batches=batches)
+                     split=split, run_dir=run_dir, vocab=vocab, batches=batches, embedding=embedding)

@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from statecore import embedding_track
 from statecore.errors import DataError
 from statecore.sets import RowGatherer, gene_indices, obs_labels
 
@@ -75,6 +76,7 @@ def predict(run, adata, *, context: str, perturbations: Sequence[str] | str, n_c
     z_all = vocab.encode(list(perturbations))  # raises a DataError naming an unknown perturbation
     gather = RowGatherer(adata.X, gene_indices(adata, run.genes))
     rows = control_rows(adata, context, control, control_cells)
+    model_in = embedding_track.input_gatherer(run, adata, rows, gather)  # embedding track: SE embeddings
     n = int(n_cells) if n_cells is not None else len(rows)
     if n < 1:
         raise DataError(f"n_cells must be at least 1; got {n_cells}")
@@ -83,6 +85,8 @@ def predict(run, adata, *, context: str, perturbations: Sequence[str] | str, n_c
     _, _, batch_labels = obs_labels(adata)
     bmap = {b: i for i, b in enumerate(run.batches or [])}
     model.eval()
+    target_sum = float(adata.uns.get("statecore", {}).get("qc", {}).get("target_sum", 1e4))
+    max_log = float(np.log1p(target_sum))
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(seed))
     blocks = []
@@ -93,14 +97,20 @@ def predict(run, adata, *, context: str, perturbations: Sequence[str] | str, n_c
         preds = []
         for i in range(0, n_sets, SETS_PER_FORWARD):
             chunk = padded[i:i + SETS_PER_FORWARD]
-            x = torch.from_numpy(gather(chunk)).to(device)  # [b, S, G]
+            x = torch.from_numpy(model_in(chunk)).to(device)  # [b, S, G] (or [b, S, D] embeddings)
             zt = torch.from_numpy(np.broadcast_to(z, (len(chunk), len(z))).copy()).to(device)  # [b, P]
             bidx = torch.as_tensor(np.vectorize(lambda b: bmap.get(b, -1), otypes=[np.int64])(batch_labels[chunk]),
                                    device=device)
             noise = None
             if model.cfg.noise_dim > 0:
                 noise = torch.randn(*chunk.shape, model.cfg.noise_dim, generator=gen).to(device)
-            preds.append(model(x, zt, bidx, noise=noise).float().cpu().numpy().reshape(-1, len(run.genes)))
+            out = model(x, zt, bidx, noise=noise)
+            if getattr(model, "gene_decoder", None) is not None:
+                out = model.decode(out)  # embedding track: back to the run's genes
+            # After normalize_total(target_sum) + log1p no value can exceed log1p(target_sum); a model
+            # extrapolating past it (rare, early in training) would produce impossible cells.
+            out = out.clamp(0.0, max_log)
+            preds.append(out.float().cpu().numpy().reshape(-1, len(run.genes)))
         blocks.append(np.concatenate(preds)[:n])
     ctrl_rows = control_rows(adata, context, control, control_cells)
     ctrl_X = gather(ctrl_rows)

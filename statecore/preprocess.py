@@ -133,8 +133,6 @@ def _canonical_obs(obs: pd.DataFrame, spec: DataSpec) -> pd.DataFrame:
 
 
 def _filter(out, qc: QCConfig, report: dict):
-    import scanpy as sc
-
     metrics = qc_metrics(out)
     min_genes = effective_min_genes(qc, out.n_vars)
     report["min_genes_applied"] = min_genes
@@ -145,24 +143,25 @@ def _filter(out, qc: QCConfig, report: dict):
                         f"{int(np.median(metrics['n_genes']))} genes per cell, max {int(metrics['n_genes'].max())}); "
                         "lower --min-genes")
     X = out.layers["counts"] if "counts" in out.layers else out.X
-    X = X[keep_cells]
-    cells_per_gene = (np.asarray((X > 0).sum(axis=0)).ravel())
+    X = X[keep_cells] if not keep_cells.all() else X  # no copy of X when every cell stays
+    if sp.issparse(X):  # detected cells per gene from the stored entries: no boolean copy of the matrix
+        X = sp.csr_matrix(X)
+        stored = X.data > 0
+        cells_per_gene = np.bincount(X.indices[stored], minlength=X.shape[1])
+    else:
+        cells_per_gene = np.asarray((X > 0).sum(axis=0)).ravel()
+    del X
     if not (cells_per_gene >= qc.min_cells).any():
         raise DataError(f"min_cells={qc.min_cells} would remove all {out.n_vars} genes (a gene is detected in at "
                         f"most {int(cells_per_gene.max())} of the {int(keep_cells.sum())} cells kept); "
                         "lower --min-cells")
-    had_obs, had_var = set(out.obs.columns), set(out.var.columns)
-    n0 = out.n_obs
-    if min_genes > 0:
-        sc.pp.filter_cells(out, min_genes=min_genes)
-    report["cells_removed_min_genes"] = int(n0 - out.n_obs)
-    g0 = out.n_vars
-    if qc.min_cells > 0:
-        sc.pp.filter_genes(out, min_cells=qc.min_cells)
-    report["genes_removed_min_cells"] = int(g0 - out.n_vars)
-    # drop the bookkeeping columns scanpy adds, keep the user's own (e.g. an existing "n_genes")
-    out.obs = out.obs[[c for c in out.obs.columns if c in had_obs]]
-    out.var = out.var[[c for c in out.var.columns if c in had_var]]
+    keep_genes = cells_per_gene >= qc.min_cells
+    report["cells_removed_min_genes"] = int((~keep_cells).sum())
+    report["genes_removed_min_cells"] = int((~keep_genes).sum())
+    # One subset of cells and genes together (scanpy's filter_cells + filter_genes copied X and every
+    # layer twice, the peak memory of prepare at a million cells), and none when nothing is dropped.
+    if not keep_cells.all() or not keep_genes.all():
+        out = out[keep_cells, keep_genes].copy()
     return out
 
 

@@ -128,24 +128,40 @@ def gene_indices(adata, genes: Sequence[str]) -> np.ndarray:
 
 
 class RowGatherer:
-    """Gathers ``X[rows][:, genes]`` as float32 for a few rows at a time (CSR, CSC or dense ``X``)."""
+    """Gathers ``X[rows][:, genes]`` as float32 for a few rows at a time.
+
+    ``X`` may be CSR/CSC/dense in memory or on disk (anndata ``backed="r"``: an h5py dataset or a
+    backed CSR dataset). Sparse rows are densified only after the gather, so memory per batch is
+    O(rows x genes) whatever the size of ``X``. On-disk reads need unique rows in increasing order
+    (h5py fancy indexing, and sequential disk access), so those gathers are sorted and de-duplicated
+    first and put back in the asked order afterwards.
+    """
 
     def __init__(self, X, gene_idx: np.ndarray | None = None) -> None:
         if sp.issparse(X) and not sp.isspmatrix_csr(X) and not isinstance(X, sp.csr_array):
             X = sp.csr_matrix(X)  # row gathers need CSR; converting keeps it sparse
         self.X = X
+        self.backed = not (sp.issparse(X) or isinstance(X, np.ndarray))
         n_genes = X.shape[1]
         if gene_idx is not None and np.array_equal(gene_idx, np.arange(n_genes)):
             gene_idx = None  # all genes in order: skip the column gather
         self.gene_idx = gene_idx
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        flat = np.asarray(rows).ravel()
+        flat = np.asarray(rows, dtype=np.int64).ravel()
+        if self.backed:
+            uniq, inverse = np.unique(flat, return_inverse=True)
+            block = self._take(uniq)[inverse]
+        else:
+            block = self._take(flat)
+        return block.reshape(*np.shape(rows), -1)
+
+    def _take(self, flat: np.ndarray) -> np.ndarray:
         block = self.X[flat]
         if self.gene_idx is not None:
             block = block[:, self.gene_idx]
         block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        return block.astype(np.float32, copy=False).reshape(*np.shape(rows), -1)
+        return block.astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------- grouping and pairing
@@ -292,10 +308,21 @@ class SetDataset(torch.utils.data.Dataset):
         return {"x_ctrl": b.x_ctrl[0], "z_pert": b.z_pert[0], "x_target": b.x_target[0],
                 "batch_idx": b.batch_idx[0]}
 
-    def batch(self, step: int, batch_size: int) -> SetBatch:
-        start = step * batch_size
+    def batch(self, step: int, batch_size: int, *, rank: int = 0, world_size: int = 1) -> SetBatch:
+        """The sets of global batch ``step`` (``batch_size`` sets over all ranks) that ``rank`` trains on.
+
+        Rank r takes the r-th contiguous slice of ``batch_size // world_size`` sets, so the ranks'
+        streams are disjoint and together are exactly the single-process batch of the same step.
+        """
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad rank {rank} for world size {world_size}")
+        if batch_size % world_size:
+            raise DataError(f"batch size {batch_size} (sets per step, all ranks together) must be a multiple "
+                            f"of the number of processes ({world_size})")
+        per_rank = batch_size // world_size
+        start = step * batch_size + rank * per_rank
         items = []
-        for k in range(start, start + batch_size):
+        for k in range(start, start + per_rank):
             epoch, off = divmod(k, self.n_sets)
             items.append(self.plan(epoch)[off])
         return self._collate(items)

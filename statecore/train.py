@@ -5,8 +5,12 @@
 calls ``fit``. Batches are a pure function of the step (see ``statecore.sets``), so a resumed run
 replays exactly the batches the uninterrupted run would have seen.
 
-Multi-process training (DistributedDataParallel when WORLD_SIZE>1) plugs in at ``_Env``: each rank
-would take every WORLD_SIZE-th set of a step's batch and only rank 0 writes the run directory.
+Multi-process training: when a process group is running (``statecore.distributed.session``, set up
+by the train command under torchrun), ``fit`` wraps the model in DistributedDataParallel. The global
+batch of a step (``cfg.batch_size`` sets) is still a function of (seed, step); rank r trains on its
+r-th slice, so N ranks reproduce single-process training with the same batch size. Rank 0 alone
+writes the run directory; stop requests and time budgets are agreed by all-reduce so that every
+rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import numpy as np
 import torch
 
 from statecore import checkpoint as ckpt
-from statecore import runs
+from statecore import distributed as dist_utils
+from statecore import embedding_track, runs
 from statecore.config import RunConfig, TrainConfig
 from statecore.errors import StatecoreError
 from statecore.losses import get_loss
@@ -154,13 +159,14 @@ def evaluate_loss(model, data: SetDataset, loss_fn, device, batch_size: int, max
     """Mean per-set loss over the first ``max_sets`` sets of the dataset's epoch-0 plan (fixed)."""
     was_training = model.training
     model.eval()
+    set_loss = embedding_track.step_loss_fn(model, loss_fn)  # HVG track, or emb + alpha * expr
     total, n = 0.0, 0
     with torch.random.fork_rng(devices=[]):  # a noise input must not shift the training RNG stream
         torch.manual_seed(0)
         for b in data.iter_epoch(batch_size, epoch=0, max_sets=max_sets):
             b = b.to(device)
             pred = model(b.x_ctrl, b.z_pert, b.batch_idx)
-            total += float(loss_fn(pred, b.x_target).sum())
+            total += float(set_loss(pred, b)[0]) * b.x_target.shape[0]  # mean over the batch's sets -> sum
             n += b.x_target.shape[0]
     model.train(was_training)
     return total / max(n, 1)
@@ -175,12 +181,19 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: TrainConfig = TrainConfig(
     """Train ``model`` on ``data`` for ``cfg.steps`` steps (or ``cfg.max_minutes``), checkpointing into
     ``run_dir`` (optional). With ``resume`` and a ``last.safetensors`` there, training continues from it."""
     run_dir = Path(run_dir) if run_dir is not None else None
+    dinfo = dist_utils.current()
     device = resolve_device(cfg.device)
+    if dinfo.enabled and device.type == "cuda":
+        device = torch.device("cuda", dinfo.local_rank)  # one GPU per process
+    writer = dinfo.is_main  # only rank 0 writes checkpoints, metrics and status
+    if not writer:
+        hook = None
     torch.set_num_threads(cfg.num_threads or default_threads())
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     model.to(device).train()
     loss_fn = get_loss(loss)
+    step_loss = embedding_track.step_loss_fn(model, loss_fn)  # (pred, batch) -> (loss, extra metrics)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     meta = dict(meta or {})
     meta.setdefault("genes", data.genes)
@@ -190,11 +203,24 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: TrainConfig = TrainConfig(
         ckpt.load_model_weights(model, run_dir / ckpt.LAST)
         info = ckpt.load_train_state(run_dir, optimizer)
         step, best_val = int(info["step"]), info.get("best_val")
-        runs.truncate_metrics(run_dir, step)
+        if writer:
+            runs.truncate_metrics(run_dir, step)
+    # every rank has decided whether to resume before rank 0 may write a checkpoint
+    if not dist_utils.same_on_all(step):
+        raise StatecoreError(f"rank {dinfo.rank} would resume from step {step} but other ranks from another step; "
+                             "the run directory must be on a file system that every node sees")
+    if dinfo.rank > 0:
+        # model noise inputs (noise_dim > 0) must differ between ranks
+        torch.manual_seed(cfg.seed + 1_000_003 * dinfo.rank + step)
     total = int(cfg.steps)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                 if cfg.bf16 and device.type in ("cuda", "cpu") else None)
-    step_fn = torch.compile(model) if cfg.compile else model
+    wrapped = model
+    if dinfo.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = torch.compile(wrapped) if cfg.compile else wrapped
 
     started = time.time()
     deadline = started + cfg.max_minutes * 60.0 if cfg.max_minutes else None
@@ -204,7 +230,7 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: TrainConfig = TrainConfig(
     result = FitResult(state="done", step=step, best_val=best_val)
 
     def save(best: bool = False) -> None:
-        if run_dir is None:
+        if run_dir is None or not writer:
             return
         ckpt.save_weights(run_dir / ckpt.LAST, model, meta)
         ckpt.save_train_state(run_dir, optimizer, {"step": step, "best_val": best_val, "total": total})
@@ -212,7 +238,7 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: TrainConfig = TrainConfig(
             ckpt.save_weights(run_dir / ckpt.BEST, model, meta)
 
     def status(**kw) -> None:
-        if run_dir is not None:
+        if run_dir is not None and writer:
             fields = {"step": step, "total": total, "best_val": best_val, "eta_s": eta_s,
                       "cells_per_s": cells_per_s}
             runs.write_status(run_dir, **{**fields, **kw})
@@ -228,39 +254,41 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: TrainConfig = TrainConfig(
     try:
         with _StopFlag(run_dir) as stop:
             while step < total:
-                if stop.requested():
+                if dist_utils.any_true(stop.requested()):
                     result.state, result.reason = "cancelled", "stop requested"
                     break
-                if deadline is not None and time.time() >= deadline:
+                if deadline is not None and dist_utils.any_true(time.time() >= deadline):
                     result.reason = f"time budget of {cfg.max_minutes} min reached"
                     break
                 lr = lr_at(step, cfg, total)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = data.train.batch(step, cfg.batch_size).to(device)
+                batch = data.train.batch(step, cfg.batch_size, rank=dinfo.rank,
+                                         world_size=dinfo.world_size).to(device)
                 if autocast is not None:
                     with autocast:
                         pred = step_fn(batch.x_ctrl, batch.z_pert, batch.batch_idx)
-                    loss_value = loss_fn(pred.float(), batch.x_target).mean()
+                    loss_value, extra = step_loss(pred.float(), batch)
                 else:
                     pred = step_fn(batch.x_ctrl, batch.z_pert, batch.batch_idx)
-                    loss_value = loss_fn(pred, batch.x_target).mean()
+                    loss_value, extra = step_loss(pred, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss_value.backward()
                 if cfg.grad_clip and cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 step += 1
-                lv = float(loss_value.detach())
+                lv = dist_utils.mean_scalar(loss_value.detach())  # the global batch's loss, same on every rank
                 if not math.isfinite(lv):
                     raise StatecoreError(f"training diverged at step {step} (loss {lv}); lower the learning "
                                          f"rate (now {cfg.lr}) or the set size")
                 result.losses.append((step, lv))
-                window_cells += batch.n_cells
+                window_cells += batch.n_cells * dinfo.world_size
                 now = time.time()
 
                 val_loss = None
-                if data.val is not None and cfg.val_every and (step % cfg.val_every == 0 or step == total):
+                if (writer and data.val is not None and cfg.val_every
+                        and (step % cfg.val_every == 0 or step == total)):
                     val_loss = evaluate_loss(model, data.val, loss_fn, device, cfg.batch_size)
                     result.val_losses.append((step, val_loss))
                     if best_val is None or val_loss < best_val:
@@ -276,9 +304,10 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: TrainConfig = TrainConfig(
                         eta_s = min(eta_s, max(0.0, deadline - now))
                     record = {"step": step, "loss": lv, "lr": lr, "cells_per_s": cells_per_s, "eta_s": eta_s,
                               "time": now - started}
+                    record.update(extra)  # embedding track: loss_emb, loss_expr of this step
                     if val_loss is not None:
                         record["val_loss"] = val_loss
-                    if run_dir is not None:
+                    if run_dir is not None and writer:
                         runs.append_metrics(run_dir, record)
                     emit("val" if val_loss is not None else "log", lv, val_loss)
                 if (step % max(1, cfg.ckpt_every_steps) == 0
@@ -295,7 +324,7 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: TrainConfig = TrainConfig(
             status(state=result.state, eta_s=0.0 if result.state == "done" else None)
             emit("end", result.losses[-1][1] if result.losses else None)
     except BaseException as exc:
-        if run_dir is not None:
+        if run_dir is not None and writer:
             msg = str(exc) or type(exc).__name__
             state = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
             try:
@@ -328,9 +357,12 @@ def train_run(adata, run_cfg: RunConfig, run_dir: str | os.PathLike, *,
     from statecore.splits import Split, make_split
 
     run_dir = Path(run_dir)
+    writer = dist_utils.current().is_main
     run_dir.mkdir(parents=True, exist_ok=True)
     existing = runs.read_json(run_dir / "config.json")
-    if isinstance(existing, dict) and (run_dir / "split.json").exists():
+    resuming = isinstance(existing, dict) and (run_dir / "split.json").exists()
+    dist_utils.barrier()  # every rank has looked before rank 0 writes a fresh run's files
+    if resuming:
         saved = RunConfig.from_dict(existing)
         run_cfg = saved.replace(train=saved.train.replace(steps=run_cfg.train.steps,
                                                           max_minutes=run_cfg.train.max_minutes))
@@ -347,18 +379,24 @@ def train_run(adata, run_cfg: RunConfig, run_dir: str | os.PathLike, *,
         data = make_train_data(adata, split, set_size=run_cfg.model.set_size, seed=run_cfg.train.seed,
                                genes=loaded_genes, vocab=vocab, batches=batches)
     else:
-        runs.write_status(run_dir, state="queued", step=0, total=run_cfg.train.steps, pid=os.getpid(),
-                          started=runs.now_iso())
-        split = make_split(adata, run_cfg.split)
+        if writer:
+            runs.write_status(run_dir, state="queued", step=0, total=run_cfg.train.steps, pid=os.getpid(),
+                              started=runs.now_iso())
+        split = make_split(adata, run_cfg.split)  # seeded: the same split on every rank
         data = make_train_data(adata, split, set_size=run_cfg.model.set_size, seed=run_cfg.train.seed,
                                pert_features=pert_features)
         model_cfg = run_cfg.model.replace(num_genes=len(data.genes), perturbation_dim=data.vocab.dim,
                                           n_batches=len(data.batches) if len(data.batches) > 1 else 0)
         run_cfg = run_cfg.replace(model=model_cfg)
-        split.save(run_dir / "split.json")
-        ckpt.write_vocab_files(run_dir, genes=data.genes, vocab=data.vocab, contexts=data.contexts,
-                               batches=data.batches)
-    runs.atomic_write_json(run_dir / "config.json", run_cfg.to_dict())
+        if writer:
+            split.save(run_dir / "split.json")
+            ckpt.write_vocab_files(run_dir, genes=data.genes, vocab=data.vocab, contexts=data.contexts,
+                                   batches=data.batches)
+    if run_cfg.track == "embedding":  # Track B: sets of SE embeddings + a gene decoder to data.genes
+        data, run_cfg = embedding_track.to_embedding_data(adata, data, run_cfg)
+    if writer:
+        runs.atomic_write_json(run_dir / "config.json", run_cfg.to_dict())
+    torch.manual_seed(run_cfg.train.seed)  # initial weights from the seed, not from the process's RNG history
     model = StateTransitionModel(run_cfg.model)
     return fit(model, data, run_cfg.train, run_dir=run_dir, loss=run_cfg.model.loss, hook=hook,
                meta=_vocab_meta(data, split))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from statecore.config import STConfig
+from statecore.decoder import GeneDecoder
 from statecore.models.layers import mlp, set_transformer
 
 RESIDUALS = ("hidden", "expression", "none")
@@ -40,8 +41,11 @@ class StateTransitionModel(nn.Module):
         self.batch_embedding = nn.Embedding(cfg.n_batches, H) if cfg.n_batches > 0 else None
         self.noise_proj = nn.Linear(cfg.noise_dim, H) if cfg.noise_dim > 0 else None
         self.transformer = set_transformer(H, cfg.transformer_heads, cfg.transformer_layers, M, cfg.dropout)
-        out_dim = cfg.decoder_dim if cfg.decoder_dim > 0 else G
-        self.project_out = mlp(H, M, out_dim, n_layers=3, dropout=cfg.dropout)
+        self.project_out = mlp(H, M, G, n_layers=3, dropout=cfg.dropout)
+        # Embedding track (decoder_dim > 0): ST predicts SE embeddings (width G = D) and this decoder,
+        # saved in the same checkpoint, maps them back to decoder_dim genes (see statecore.embedding_track).
+        self.gene_decoder = (GeneDecoder(G, cfg.decoder_dim, hidden_dim=M, dropout=cfg.dropout)
+                             if cfg.decoder_dim > 0 else None)
         if cfg.residual == "expression":
             # Start as the identity map on expression: the model then only has to learn the shift.
             nn.init.zeros_(self.project_out[-1].weight)
@@ -76,11 +80,17 @@ class StateTransitionModel(nn.Module):
         if self.cfg.residual == "hidden":
             t = t + basal
         out = self.project_out(t)  # [B, S, G]
-        if self.cfg.residual == "expression" and self.cfg.decoder_dim == 0:
+        if self.cfg.residual == "expression":
             out = out + x_ctrl
         if self.cfg.relu_output:
             out = torch.relu(out)
         return out
+
+    def decode(self, pred: torch.Tensor) -> torch.Tensor:
+        """Embedding track: predicted embeddings ``[..., D]`` -> log1p expression ``[..., decoder_dim]``."""
+        if self.gene_decoder is None:
+            raise ValueError("this ST model has no gene decoder (STConfig.decoder_dim is 0: HVG track)")
+        return self.gene_decoder(pred)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

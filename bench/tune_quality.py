@@ -1,0 +1,169 @@
+"""Hyperparameter selection for ST on a validation task that never sees the K1 test context.
+
+CD14+Mono (K1's test context) is removed from Kang before anything else (HVGs included); each
+candidate is trained zero-shot on a held-out validation context (default FCGR3A+Mono, the other
+monocytes) and scored with ``statecore.metrics.evaluate`` (cell-eval's definitions). Nothing here
+reads CD14+Mono cells, so choosing the preset from these numbers cannot overfit the K1 test.
+
+Usage:
+  python bench/tune_quality.py --variants reference,hidden,expr --steps 400 --contexts FCGR3A+Mono
+Writes bench/results/tune_quality.json (appending runs) and prints one line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TEST_CONTEXT = "CD14+Mono"
+
+# Each variant: (STConfig overrides, TrainConfig overrides).
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "hidden": (dict(residual="hidden"), {}),
+    "expr": (dict(residual="expression"), {}),
+    "expr_lr1e3": (dict(residual="expression"), dict(lr=1e-3)),
+    "expr_lr1e4": (dict(residual="expression"), dict(lr=1e-4)),
+    "expr_s32": (dict(residual="expression", set_size=32), {}),
+    "expr_s128": (dict(residual="expression", set_size=128), dict(batch_size=4)),
+    "expr_mmd": (dict(residual="expression", loss="mmd"), {}),
+    "expr_noise": (dict(residual="expression", noise_dim=16), {}),
+    "expr_h128": (dict(residual="expression", hidden_dim=128, mlp_hidden_dim=256), {}),
+    "expr_l2": (dict(residual="expression", transformer_layers=2), {}),
+    "hidden_lr1e3": (dict(residual="hidden"), dict(lr=1e-3)),
+}
+
+
+def validation_data(workdir: Path):
+    """Kang without CD14+Mono, prepared as K1 is (2,000 seurat_v3 HVGs over all genes)."""
+    import anndata as ad
+
+    from statecore.commands._common import read_prepared
+
+    out = workdir / "kang_noCD14.h5ad"
+    if not out.exists():
+        from statecore.config import QCConfig
+        from statecore.io import detect_spec, read_data
+        from statecore.preprocess import prepare
+
+        raw = read_data(ROOT / "sample_data" / "kang2018_pbmc_ifnb.h5ad")
+        raw = raw[raw.obs["context"].astype(str) != TEST_CONTEXT].copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare(raw, spec=detect_spec(raw), qc=QCConfig(min_cells=0, n_hvg=2000, umap=False))
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepared.write_h5ad(out)
+    adata = read_prepared(str(out))
+    assert TEST_CONTEXT not in set(adata.obs["context"].astype(str)), "test context leaked into validation"
+    del ad
+    return adata
+
+
+def run_one(adata, name: str, context: str, steps: int, seed: int, workdir: Path) -> dict:
+    import numpy as np
+
+    from statecore.checkpoint import load_run
+    from statecore.config import ST_PRESETS, RunConfig, SplitConfig, STConfig, TrainConfig
+    from statecore.io import control_label
+    from statecore.metrics import evaluate
+    from statecore.predict import predict_split
+    from statecore.train import train_run
+
+    model_kw, train_kw = VARIANTS[name]
+    cfg = RunConfig(model=STConfig(**{**ST_PRESETS["small"], **model_kw}),
+                    train=TrainConfig(steps=steps, seed=seed, **train_kw),
+                    split=SplitConfig(task="zeroshot", context=context, seed=seed))
+    cfg = cfg.replace(spec=cfg.spec.replace(control=control_label(adata)))
+    run_dir = workdir / f"{name}_{context}_{steps}_{seed}".replace("+", "")
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    res = train_run(adata, cfg, run_dir)
+    train_s = time.perf_counter() - t0
+    run = load_run(run_dir)
+    pred, real = predict_split(run, adata, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = evaluate(pred, real, control=cfg.spec.control).results
+
+    def spread(a):
+        m = a.obs["perturbation"].astype(str).to_numpy() != cfg.spec.control
+        return float(np.asarray(a.X[m]).std(axis=0).mean())
+
+    return {"variant": name, "context": context, "steps": steps, "seed": seed, "done_steps": res.step,
+            "train_s": round(train_s, 1), "pearson_delta": float(r["pearson_delta"].mean()),
+            "overlap_at_N": float(r["overlap_at_N"].mean()), "mae": float(r["mae"].mean()),
+            "spread_ratio": spread(pred) / spread(real), "best_val": res.best_val}
+
+
+def reference_rows(adata, context: str, seed: int) -> list[dict]:
+    """perturbation_mean and the two-halves ceiling on the validation context (for scale)."""
+    import numpy as np
+
+    from statecore.baselines import predict_baseline
+    from statecore.config import SplitConfig
+    from statecore.metrics import evaluate
+    from statecore.predict import real_for_split
+    from statecore.sets import select_genes
+    from statecore.splits import make_split
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from quality import split_halves
+
+    split = make_split(adata, SplitConfig(task="zeroshot", context=context, seed=seed))
+    genes = select_genes(adata)
+    real = real_for_split(adata, split, genes)
+    n_ctrl = int((real.obs["perturbation"].astype(str) == split.control).sum())
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cands = {"perturbation_mean": predict_baseline(adata, split, "perturbation_mean", genes=genes,
+                                                       n_cells=n_ctrl, seed=seed),
+                 "ceiling": split_halves(real, seed)}
+        for name, pred in cands.items():
+            a, b = (pred, real) if name != "ceiling" else pred
+            r = evaluate(a, b, control=split.control).results
+            out.append({"variant": name, "context": context, "pearson_delta": float(r["pearson_delta"].mean()),
+                        "overlap_at_N": float(r["overlap_at_N"].mean()), "mae": float(r["mae"].mean())})
+    del np
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default="hidden,expr")
+    p.add_argument("--contexts", default="FCGR3A+Mono")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=str(ROOT / "bench" / "work" / "tune"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "tune_quality.json"))
+    args = p.parse_args(argv)
+    workdir = Path(args.workdir)
+    adata = validation_data(workdir)
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    for ctx in [c for c in args.contexts.split(",") if c]:
+        for name in [v for v in args.variants.split(",") if v]:
+            try:
+                new = (reference_rows(adata, ctx, args.seed) if name == "reference"
+                       else [run_one(adata, name, ctx, args.steps, args.seed, workdir)])
+            except Exception as exc:  # e.g. a prediction outside the log1p range: record it, go on
+                new = [{"variant": name, "context": ctx, "steps": args.steps, "error": str(exc)}]
+            rows += new
+            for row in new:
+                print(json.dumps(row), flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
