@@ -12,8 +12,9 @@ Tasks (see docs/RESULTS.md):
   T1B, T2B, K1B  the same tasks on Track B (ST on State Embedding embeddings with a gene decoder)
 
 Usage:
-  python bench/quality.py                       # all tasks, small preset, 10 CPU minutes each at most
-  python bench/quality.py --tasks K1 --minutes 4
+  python bench/quality.py --tasks K1,S1,T1,T2,C1 --celleval   # docs/RESULTS.md: small preset, 400 steps each
+  python bench/quality.py --tasks K1 --minutes 4             # 400 steps or 4 minutes, whichever ends first
+  python bench/quality.py --merge a.json b.json              # combine task subsets run in parallel
 Writes bench/results/quality.json (and quality_<tasks>.json when a subset is run) and prints a table.
 """
 
@@ -266,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--preset", default="small")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock cap per task (a safety net)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps (default: the preset's); the LR schedule spans them, so a fixed step "
-                        "count gives the same model on a loaded machine, only later")
+    p.add_argument("--steps", type=int, default=400,
+                   help="optimizer steps (default 400, as in docs/RESULTS.md); the LR schedule spans them, so a "
+                        "fixed step count gives the same model on a loaded machine, only later")
     p.add_argument("--celleval", action="store_true",
                    help="also score every prediction with cell-eval itself and report the largest differences")
     p.add_argument("--seed", type=int, default=0)

@@ -37,6 +37,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "expr_h128": (dict(residual="expression", hidden_dim=128, mlp_hidden_dim=256), {}),
     "expr_l2": (dict(residual="expression", transformer_layers=2), {}),
     "hidden_lr1e3": (dict(residual="hidden"), dict(lr=1e-3)),
+    "expr_emean": (dict(residual="expression", loss="energy_mean"), {}),
+    "expr_prior": (dict(residual="expression", shift_prior=True), {}),
+    "expr_prior_emean": (dict(residual="expression", shift_prior=True, loss="energy_mean"), {}),
 }
 
 
@@ -65,7 +68,27 @@ def validation_data(workdir: Path):
     return adata
 
 
-def run_one(adata, name: str, context: str, steps: int, seed: int, workdir: Path) -> dict:
+def synthetic_validation_data(workdir: Path, seed: int):
+    """A synthetic screen like S1's but drawn with another seed: validation for the S1 settings."""
+    from statecore.config import QCConfig
+    from statecore.io import detect_spec
+    from statecore.preprocess import prepare
+    from statecore.synthetic import make_perturbation_adata
+
+    out = workdir / f"synthetic_seed{seed}.h5ad"
+    if not out.exists():
+        raw = make_perturbation_adata(n_cells=12000, n_genes=1000, n_perturbations=36,
+                                      contexts=("c0", "c1", "c2", "c3"), seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepare(raw, spec=detect_spec(raw), qc=QCConfig(n_hvg=1000, umap=False)).write_h5ad(out)
+    import anndata as ad
+
+    return ad.read_h5ad(out)
+
+
+def run_one(adata, name: str, context: str, steps: int, seed: int, workdir: Path,
+            task: str = "zeroshot") -> dict:
     import numpy as np
 
     from statecore.checkpoint import load_run
@@ -78,9 +101,9 @@ def run_one(adata, name: str, context: str, steps: int, seed: int, workdir: Path
     model_kw, train_kw = VARIANTS[name]
     cfg = RunConfig(model=STConfig(**{**ST_PRESETS["small"], **model_kw}),
                     train=TrainConfig(steps=steps, seed=seed, **train_kw),
-                    split=SplitConfig(task="zeroshot", context=context, seed=seed))
+                    split=SplitConfig(task=task, context=context, seed=seed))
     cfg = cfg.replace(spec=cfg.spec.replace(control=control_label(adata)))
-    run_dir = workdir / f"{name}_{context}_{steps}_{seed}".replace("+", "")
+    run_dir = workdir / f"{name}_{task}_{context}_{steps}_{seed}".replace("+", "")
     if run_dir.exists():
         import shutil
 
@@ -93,18 +116,19 @@ def run_one(adata, name: str, context: str, steps: int, seed: int, workdir: Path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = evaluate(pred, real, control=cfg.spec.control).results
+    pds = float(r["discrimination_score_l1"].mean()) if "discrimination_score_l1" in r else float("nan")
 
     def spread(a):
         m = a.obs["perturbation"].astype(str).to_numpy() != cfg.spec.control
         return float(np.asarray(a.X[m]).std(axis=0).mean())
 
-    return {"variant": name, "context": context, "steps": steps, "seed": seed, "done_steps": res.step,
+    return {"variant": name, "task": task, "context": context, "steps": steps, "seed": seed, "done_steps": res.step,
             "train_s": round(train_s, 1), "pearson_delta": float(r["pearson_delta"].mean()),
-            "overlap_at_N": float(r["overlap_at_N"].mean()), "mae": float(r["mae"].mean()),
+            "overlap_at_N": float(r["overlap_at_N"].mean()), "mae": float(r["mae"].mean()), "pds": pds,
             "spread_ratio": spread(pred) / spread(real), "best_val": res.best_val}
 
 
-def reference_rows(adata, context: str, seed: int) -> list[dict]:
+def reference_rows(adata, context: str, seed: int, task: str = "zeroshot") -> list[dict]:
     """perturbation_mean and the two-halves ceiling on the validation context (for scale)."""
     import numpy as np
 
@@ -118,7 +142,7 @@ def reference_rows(adata, context: str, seed: int) -> list[dict]:
     sys.path.insert(0, str(Path(__file__).parent))
     from quality import split_halves
 
-    split = make_split(adata, SplitConfig(task="zeroshot", context=context, seed=seed))
+    split = make_split(adata, SplitConfig(task=task, context=context, seed=seed))
     genes = select_genes(adata)
     real = real_for_split(adata, split, genes)
     n_ctrl = int((real.obs["perturbation"].astype(str) == split.control).sum())
@@ -131,7 +155,9 @@ def reference_rows(adata, context: str, seed: int) -> list[dict]:
         for name, pred in cands.items():
             a, b = (pred, real) if name != "ceiling" else pred
             r = evaluate(a, b, control=split.control).results
+            pds = float(r["discrimination_score_l1"].mean()) if "discrimination_score_l1" in r else float("nan")
             out.append({"variant": name, "context": context, "pearson_delta": float(r["pearson_delta"].mean()),
+                        "pds": pds,
                         "overlap_at_N": float(r["overlap_at_N"].mean()), "mae": float(r["mae"].mean())})
     del np
     return out
@@ -143,18 +169,23 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="FCGR3A+Mono")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synthetic", type=int, default=None, metavar="SEED",
+                   help="validate on a synthetic screen drawn with this seed (underrepresented context) "
+                        "instead of Kang; use a seed other than the benchmark's")
     p.add_argument("--workdir", default=str(ROOT / "bench" / "work" / "tune"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "tune_quality.json"))
     args = p.parse_args(argv)
     workdir = Path(args.workdir)
-    adata = validation_data(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    adata = validation_data(workdir) if args.synthetic is None else synthetic_validation_data(workdir, args.synthetic)
+    task = "zeroshot" if args.synthetic is None else "underrepresented"
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.exists() else []
     for ctx in [c for c in args.contexts.split(",") if c]:
         for name in [v for v in args.variants.split(",") if v]:
             try:
-                new = (reference_rows(adata, ctx, args.seed) if name == "reference"
-                       else [run_one(adata, name, ctx, args.steps, args.seed, workdir)])
+                new = (reference_rows(adata, ctx, args.seed, task) if name == "reference"
+                       else [run_one(adata, name, ctx, args.steps, args.seed, workdir, task)])
             except Exception as exc:  # e.g. a prediction outside the log1p range: record it, go on
                 new = [{"variant": name, "context": ctx, "steps": args.steps, "error": str(exc)}]
             rows += new

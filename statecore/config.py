@@ -96,6 +96,7 @@ class STConfig(_Serializable):
     decoder_dim: int = 0  # >0: embedding track, decode hidden state to this many genes
     decoder_weight: float = 0.1  # alpha in loss = loss_emb + alpha * loss_expr
     residual: str = "hidden"  # hidden (reference ST) | expression (add x_ctrl to the output) | none
+    shift_prior: bool = False  # add each perturbation's mean training shift (statecore.priors)
 
 
 # Presets predict expression as control + a learned shift (residual="expression"): chosen on a

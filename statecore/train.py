@@ -32,7 +32,7 @@ from statecore import checkpoint as ckpt
 from statecore import distributed as dist_utils
 from statecore import embedding_track, runs
 from statecore.config import RunConfig, TrainConfig
-from statecore.errors import StatecoreError
+from statecore.errors import DataError, StatecoreError
 from statecore.losses import get_loss
 from statecore.sets import PerturbationVocab, SetDataset, build_groups, obs_labels, select_genes
 
@@ -398,5 +398,15 @@ def train_run(adata, run_cfg: RunConfig, run_dir: str | os.PathLike, *,
         runs.atomic_write_json(run_dir / "config.json", run_cfg.to_dict())
     torch.manual_seed(run_cfg.train.seed)  # initial weights from the seed, not from the process's RNG history
     model = StateTransitionModel(run_cfg.model)
+    if getattr(model, "pert_shift", None) is not None and not (run_dir / ckpt.LAST).exists():
+        # A resumed run loads its shift table with the weights; a fresh one computes it from training pairs only.
+        if data.vocab.features is not None:
+            raise DataError("shift_prior needs one-hot perturbations; drop --shift-prior when giving features")
+        from statecore.priors import perturbation_shifts
+
+        table = perturbation_shifts(adata, genes=data.genes, vocab=data.vocab, train_pairs=split.train)
+        model.pert_shift.copy_(torch.from_numpy(table))
+    if run_cfg.track == "embedding" and not (run_dir / ckpt.LAST).exists():  # a resumed run loads its decoder
+        embedding_track.warm_up_decoder(model, data.train, seed=run_cfg.train.seed)
     return fit(model, data, run_cfg.train, run_dir=run_dir, loss=run_cfg.model.loss, hook=hook,
                meta=_vocab_meta(data, split))

@@ -67,15 +67,58 @@ def test_step_loss_is_emb_plus_alpha_expr(alpha):
     with torch.no_grad():
         emb = float(energy(pred, b.x_target).mean())
         expr = float(energy(model.decode(pred), b.expr_target).mean())
+        dec = float(((model.decode(b.x_target) - b.expr_target) ** 2).mean())
     assert extra["loss_emb"] == pytest.approx(emb, rel=1e-5)
     assert extra["loss_expr"] == pytest.approx(expr, rel=1e-5)
+    assert extra["loss_dec"] == pytest.approx(dec, rel=1e-5)
     assert expr > 0.1  # the decoder term is not negligible, so a dropped alpha would show
-    assert float(total.detach()) == pytest.approx(emb + alpha * expr, rel=1e-5)
-    # the gradient reaches the decoder exactly when alpha > 0
-    model.zero_grad()
-    total.backward()
-    grad = model.gene_decoder.net[0].weight.grad
-    assert (grad is not None and grad.abs().sum() > 0) == (alpha > 0)
+    assert float(total.detach()) == pytest.approx(emb + alpha * expr + dec, rel=1e-5)
+    # ST's own parameters see exactly loss_emb + alpha * loss_expr: the paired decoder term never reaches them
+    st_params = [p for n, p in model.named_parameters() if not n.startswith("gene_decoder.")]
+    got = torch.autograd.grad(total, st_params, retain_graph=True, allow_unused=True)
+    ref_loss = energy(pred, b.x_target).mean() + alpha * energy(model.decode(pred), b.expr_target).mean()
+    ref = torch.autograd.grad(ref_loss, st_params, retain_graph=True, allow_unused=True)
+    for g, r in zip(got, ref, strict=True):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r)
+    # the set loss in gene space reaches ST exactly when alpha > 0
+    w = model.project_out[-1].weight
+    g_total = torch.autograd.grad(total, w, retain_graph=True)[0]
+    g_emb = torch.autograd.grad(energy(pred, b.x_target).mean(), w, retain_graph=True)[0]
+    assert bool((g_total - g_emb).abs().max() > 1e-6) == (alpha > 0)
+
+
+def test_decoder_warm_up_fits_true_embeddings(prepared_synthetic, se_run):
+    """The decoder alone learns (embedding, expression) pairs of the training cells; ST is untouched."""
+    from statecore.config import RunConfig
+    from statecore.embedding_track import decoder_reconstruction_loss, to_embedding_data, warm_up_decoder
+    from statecore.models.transition import StateTransitionModel
+    from statecore.splits import make_split
+    from statecore.train import make_train_data
+
+    run_cfg = RunConfig().replace(track="embedding", embedding_run=str(se_run))
+    run_cfg = run_cfg.replace(split=run_cfg.split.replace(context="c2"))
+    split = make_split(prepared_synthetic, run_cfg.split)
+    data = make_train_data(prepared_synthetic, split, set_size=8, seed=0)
+    data, run_cfg = to_embedding_data(prepared_synthetic, data, run_cfg)
+    torch.manual_seed(0)
+    model = StateTransitionModel(run_cfg.model.replace(perturbation_dim=data.vocab.dim, hidden_dim=16,
+                                                       mlp_hidden_dim=32, transformer_heads=2, transformer_layers=1))
+    st_before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("gene_decoder.")}
+    rows = np.arange(prepared_synthetic.n_obs)
+    emb = torch.from_numpy(data.train.gather(rows))
+    expr = torch.from_numpy(data.train.expr_gather(rows))
+    with torch.no_grad():
+        before = float(decoder_reconstruction_loss(model, emb, expr))
+    losses = warm_up_decoder(model, data.train, steps=60, batch_cells=64, lr=3e-3)
+    with torch.no_grad():
+        after = float(decoder_reconstruction_loss(model, emb, expr))
+    assert len(losses) == 60
+    assert after < 0.5 * before
+    for n, p in model.named_parameters():
+        if n in st_before:
+            assert torch.equal(p, st_before[n]), n
 
 
 def test_hvg_model_has_no_decoder_and_plain_loss():
@@ -112,7 +155,7 @@ def test_track_b_end_to_end_and_checkpoint_round_trip(data_path, se_run, tmp_pat
     rows = [r for r in read_metrics(run) if "loss_emb" in r]
     assert rows, "metrics.jsonl logs loss_emb / loss_expr on the embedding track"
     for r in rows:  # the logged loss is the step's total, with alpha applied
-        assert r["loss"] == pytest.approx(r["loss_emb"] + 0.5 * r["loss_expr"], rel=1e-4)
+        assert r["loss"] == pytest.approx(r["loss_emb"] + 0.5 * r["loss_expr"] + r["loss_dec"], rel=1e-4)
 
     # resume extends the same run (embeddings recomputed deterministically)
     assert main([*argv[:argv.index("--steps")], "--steps", "8", *argv[argv.index("--steps") + 2:]]) == 0

@@ -52,7 +52,7 @@ def test_mmd_matches_loop_reference_fixed_and_median(sets):
         assert med[b].item() == pytest.approx(_mmd_ref(x[b], y[b], s, (0.5, 1.0, 2.0)).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["energy", "mmd"])
+@pytest.mark.parametrize("name", ["energy", "mmd", "energy_mean"])
 def test_properties_zero_positive_gradients(sets, name):
     fn = get_loss(name)
     x, y = sets
@@ -67,6 +67,14 @@ def test_properties_zero_positive_gradients(sets, name):
     xs = x.clone().requires_grad_(True)
     fn(xs, x).sum().backward()
     assert torch.isfinite(xs.grad).all()
+
+
+def test_energy_mean_is_energy_plus_mean_distance(sets):
+    x, y = sets
+    got = get_loss("energy_mean")(x, y)
+    for b in range(3):
+        ref = _energy_ref(x[b], y[b]) + torch.linalg.norm(x[b].mean(0) - y[b].mean(0))
+        assert got[b].item() == pytest.approx(ref.item(), rel=1e-6)
 
 
 def test_energy_grows_with_shift():

@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set-size", type=int, default=None, help="cells per set (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="sets per step (default 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
-    p.add_argument("--loss", default="energy", choices=["energy", "mmd"])
+    p.add_argument("--loss", default="energy", choices=["energy", "mmd", "energy_mean"])
+    p.add_argument("--shift-prior", default=None, choices=["on", "off"],
+                   help="add each perturbation's mean training shift to the prediction (default: the preset's)")
     p.add_argument("--residual", default=None, choices=["hidden", "expression", "none"],
                    help="residual path of the model (default: the preset's, expression)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -88,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         model = model.replace(set_size=args.set_size)
     if args.residual:
         model = model.replace(residual=args.residual)
+    if args.shift_prior:
+        model = model.replace(shift_prior=args.shift_prior == "on")
     train = TrainConfig(seed=args.seed, device=args.device, max_minutes=args.max_minutes, num_threads=args.threads,
                         bf16=args.bf16, compile=args.compile)
     for name, value in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)):

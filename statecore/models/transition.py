@@ -46,6 +46,12 @@ class StateTransitionModel(nn.Module):
         # saved in the same checkpoint, maps them back to decoder_dim genes (see statecore.embedding_track).
         self.gene_decoder = (GeneDecoder(G, cfg.decoder_dim, hidden_dim=M, dropout=cfg.dropout)
                              if cfg.decoder_dim > 0 else None)
+        if cfg.shift_prior and cfg.decoder_dim == 0:
+            # [P, G] mean expression shift of each single perturbation (statecore.priors), set before
+            # training from training cells only and saved with the weights; z @ shift sums a combination's singles.
+            self.register_buffer("pert_shift", torch.zeros(cfg.perturbation_dim, G))
+        else:
+            self.pert_shift = None
         if cfg.residual == "expression":
             # Start as the identity map on expression: the model then only has to learn the shift.
             nn.init.zeros_(self.project_out[-1].weight)
@@ -82,6 +88,8 @@ class StateTransitionModel(nn.Module):
         out = self.project_out(t)  # [B, S, G]
         if self.cfg.residual == "expression":
             out = out + x_ctrl
+        if self.pert_shift is not None:
+            out = out + z_pert.to(out.dtype) @ self.pert_shift  # [B, S, P] @ [P, G]
         if self.cfg.relu_output:
             out = torch.relu(out)
         return out

@@ -1,0 +1,80 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from statecore.checkpoint import load_run
+from statecore.config import RunConfig, SplitConfig, STConfig, TrainConfig
+from statecore.models.transition import StateTransitionModel
+from statecore.predict import predict
+from statecore.priors import perturbation_shifts
+from statecore.sets import PerturbationVocab
+from statecore.train import train_run
+
+
+def _tiny():
+    # 2 genes; context a: ctrl mean (1, 0), A mean (3, 0), B mean (1, 2); context b: ctrl (0, 0), A (1, 1)
+    rows = [
+        ("a", "ctrl", [1, 0]), ("a", "ctrl", [1, 0]),
+        ("a", "A", [2, 0]), ("a", "A", [4, 0]),
+        ("a", "B", [1, 2]),
+        ("b", "ctrl", [0, 0]),
+        ("b", "A", [1, 1]),
+        ("b", "B", [5, 5]),  # a held-out pair: must not enter the prior
+    ]
+    X = np.array([r[2] for r in rows], dtype=np.float32)
+    obs = pd.DataFrame({"context": [r[0] for r in rows], "perturbation": [r[1] for r in rows]},
+                       index=[f"c{i}" for i in range(len(rows))])
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=["g0", "g1"]))
+
+
+def test_shift_table_exact_and_training_pairs_only():
+    adata = _tiny()
+    vocab = PerturbationVocab.from_labels(["ctrl", "A", "B"], "ctrl")
+    table = perturbation_shifts(adata, genes=["g0", "g1"], vocab=vocab, train_pairs={"a": ["A", "B"], "b": ["A"]})
+    assert vocab.names == ("ctrl", "A", "B")
+    np.testing.assert_allclose(table[0], [0, 0])
+    np.testing.assert_allclose(table[1], [(2 + 1) / 2, (0 + 1) / 2])  # mean of a: (3-1, 0-0) and b: (1-0, 1-0)
+    np.testing.assert_allclose(table[2], [0, 2])  # only context a; b's B cells are held out
+
+
+def test_shift_prior_is_additive_for_combinations_at_init():
+    torch.manual_seed(0)
+    model = StateTransitionModel(num_genes=2, hidden_dim=8, transformer_heads=2, transformer_layers=1,
+                                 mlp_hidden_dim=16, perturbation_dim=3, residual="expression", shift_prior=True,
+                                 relu_output=False)
+    model.pert_shift.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.5], [0.0, 2.0]]))
+    x = torch.rand(1, 4, 2)
+    z = torch.tensor([[0.0, 1.0, 1.0]])  # "A+B"
+    out = model(x, z)  # the last layer starts at zero: output = control + shift(A) + shift(B)
+    torch.testing.assert_close(out, x + torch.tensor([1.0, 2.5]))
+    assert "pert_shift" in model.state_dict()
+
+
+def test_trained_run_stores_prior_and_round_trips(prepared_synthetic, tmp_path):
+    model = STConfig(hidden_dim=16, transformer_heads=2, transformer_layers=1, mlp_hidden_dim=32, set_size=8,
+                     residual="expression", shift_prior=True)
+    cfg = RunConfig(split=SplitConfig(task="underrepresented", context="c0"), model=model,
+                    train=TrainConfig(steps=4, batch_size=2, num_threads=1, val_every=2, warmup_steps=1))
+    train_run(prepared_synthetic, cfg, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    shift = run.model.pert_shift.numpy()
+    assert shift.shape == (len(run.vocab.names), len(run.genes))
+    assert np.abs(shift[1:]).sum() > 0 and np.all(shift[0] == 0)
+    # the prior of a test perturbation of the target context comes from the other contexts only
+    split = run.split
+    test_pert = split.test[split.context][0]
+    expected = perturbation_shifts(prepared_synthetic, genes=run.genes, vocab=run.vocab, train_pairs=split.train)
+    np.testing.assert_allclose(shift, expected, rtol=1e-6, atol=1e-6)
+    assert test_pert not in split.train.get(split.context, [])
+    a = predict(run, prepared_synthetic, context=split.context, perturbations=[test_pert], seed=1)
+    b = predict(load_run(tmp_path / "run"), prepared_synthetic, context=split.context, perturbations=[test_pert],
+                seed=1)
+    np.testing.assert_array_equal(a.X, b.X)
+
+
+def test_shift_prior_rejects_feature_vocab():
+    vocab = PerturbationVocab.from_labels(["ctrl", "A"], "ctrl", features={"A": [1.0, 0.0]})
+    with pytest.raises(ValueError, match="one-hot"):
+        perturbation_shifts(_tiny(), genes=["g0", "g1"], vocab=vocab, train_pairs={"a": ["A"]})
