@@ -1,7 +1,7 @@
 """Time and peak memory of simulate -> prepare (no UMAP) -> a fixed number of training steps vs cells.
 
     nice python bench/scale.py --sizes 10000 30000 100000
-    nice python bench/scale.py --sizes 1000000 --genes 2000      # needs ~25 GB for prepare, see below
+    nice python bench/scale.py --sizes 10000 100000 300000 1000000   # 1M: prepare peaks at ~13 GB
 
 Each stage runs in its own subprocess so that its peak resident memory (``ru_maxrss``) is its own:
 

@@ -94,3 +94,81 @@ def test_umap_stored(synthetic_counts):
     sub = synthetic_counts[:120].copy()
     p = prepare(sub, spec=SPEC, qc=QC.replace(umap=True))
     assert p.obsm["X_umap"].shape == (120, 2) and np.isfinite(p.obsm["X_umap"]).all()
+
+
+def _scanpy_seurat_v3(counts, n_top):
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(X=counts.copy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_top)
+    return tmp.var
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_hvg_seurat_v3_matches_scanpy(synthetic_counts, dense, monkeypatch):
+    import statecore.preprocess as pp
+
+    monkeypatch.setattr(pp, "_CHUNK_NNZ", 997)  # many row chunks, a partial last one
+    counts = synthetic_counts.X.astype(np.float32)
+    counts = counts.toarray() if dense else counts
+    ours, ref = pp.hvg_seurat_v3(counts, 40), _scanpy_seurat_v3(counts, 40)
+    assert list(ours.columns) == list(ref.columns)
+    np.testing.assert_array_equal(ours["highly_variable"].to_numpy(), ref["highly_variable"].to_numpy())
+    for col in ("highly_variable_rank", "means", "variances", "variances_norm"):
+        assert ours[col].dtype == ref[col].dtype, col
+        np.testing.assert_allclose(ours[col].to_numpy(), ref[col].to_numpy(), rtol=1e-12, err_msg=col)
+
+
+@pytest.mark.parametrize("target_sum", [1e4, None])
+def test_log_normalize_equals_scanpy_exactly(synthetic_counts, target_sum, monkeypatch):
+    import anndata as ad
+    import scanpy as sc
+
+    import statecore.preprocess as pp
+
+    monkeypatch.setattr(pp, "_CHUNK_NNZ", 997)
+    counts = sp.csr_matrix(synthetic_counts.X.astype(np.float32))
+    counts.data[counts.indptr[3]:counts.indptr[4]] = 0  # a cell with zero total stays zero
+    before = counts.copy()
+    with pytest.warns(UserWarning, match="zero counts"):
+        ours = pp._log_normalize(counts, target_sum, log1p=True)
+    ref = ad.AnnData(X=counts.copy())
+    with pytest.warns(UserWarning, match="zero counts"):
+        sc.pp.normalize_total(ref, target_sum=target_sum)
+    sc.pp.log1p(ref)
+    assert ours.dtype == np.float32 and not np.shares_memory(ours.data, counts.data)
+    np.testing.assert_array_equal(ours.toarray(), ref.X.toarray())  # bit for bit, not approximately
+    assert (counts != before).nnz == 0
+
+
+def test_prepare_holds_two_matrices_at_peak(monkeypatch):
+    """Peak allocation of prepare on sparse counts: counts + X (2 x the input's size) plus a chunk.
+
+    The former implementation (a full copy, astype copies, a counts copy, scanpy's batch copy) peaked
+    at 5.2 x; this bound fails if any whole-matrix temporary comes back.
+    """
+    import tracemalloc
+
+    import statecore.preprocess as pp
+    from statecore.synthetic import make_perturbation_adata
+
+    a = make_perturbation_adata(n_cells=500, n_genes=2000, n_perturbations=8, contexts=2, seed=0)
+    qc = QCConfig(n_hvg=500, umap=False, min_cells=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare(a, spec=SPEC, qc=qc)  # imports and numba/loess warm-up outside the measurement
+        monkeypatch.setattr(pp, "_CHUNK_NNZ", 10_000)
+        size = a.X.data.nbytes + a.X.indices.nbytes + a.X.indptr.nbytes
+        tracemalloc.start()
+        try:
+            p = prepare(a, spec=SPEC, qc=qc)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert 2.0 * size < peak < 2.6 * size, peak / size
+    shared = [np.shares_memory(x, y) for x in (p.X.data, p.X.indices, p.layers["counts"].data)
+              for y in (a.X.data, a.X.indices, p.layers["counts"].indices)]
+    assert not any(shared)
