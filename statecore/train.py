@@ -404,7 +404,10 @@ def train_run(adata, run_cfg: RunConfig, run_dir: str | os.PathLike, *,
             raise DataError("shift_prior needs one-hot perturbations; drop --shift-prior when giving features")
         from statecore.priors import perturbation_shifts
 
-        table = perturbation_shifts(adata, genes=data.genes, vocab=data.vocab, train_pairs=split.train)
+        # Training and validation pairs (never test), as the baselines use: validation pairs then only
+        # guide the choice of checkpoint, and the prior of a pair measured in few contexts is less noisy.
+        pairs = {c: [*split.train.get(c, []), *split.val.get(c, [])] for c in {*split.train, *split.val}}
+        table = perturbation_shifts(adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs)
         model.pert_shift.copy_(torch.from_numpy(table))
     if run_cfg.track == "embedding" and not (run_dir / ckpt.LAST).exists():  # a resumed run loads its decoder
         embedding_track.warm_up_decoder(model, data.train, seed=run_cfg.train.seed)

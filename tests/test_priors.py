@@ -65,9 +65,10 @@ def test_trained_run_stores_prior_and_round_trips(prepared_synthetic, tmp_path):
     # the prior of a test perturbation of the target context comes from the other contexts only
     split = run.split
     test_pert = split.test[split.context][0]
-    expected = perturbation_shifts(prepared_synthetic, genes=run.genes, vocab=run.vocab, train_pairs=split.train)
+    pairs = {c: [*split.train.get(c, []), *split.val.get(c, [])] for c in {*split.train, *split.val}}
+    expected = perturbation_shifts(prepared_synthetic, genes=run.genes, vocab=run.vocab, train_pairs=pairs)
     np.testing.assert_allclose(shift, expected, rtol=1e-6, atol=1e-6)
-    assert test_pert not in split.train.get(split.context, [])
+    assert test_pert not in split.train.get(split.context, []) + split.val.get(split.context, [])
     a = predict(run, prepared_synthetic, context=split.context, perturbations=[test_pert], seed=1)
     b = predict(load_run(tmp_path / "run"), prepared_synthetic, context=split.context, perturbations=[test_pert],
                 seed=1)
@@ -78,3 +79,15 @@ def test_shift_prior_rejects_feature_vocab():
     vocab = PerturbationVocab.from_labels(["ctrl", "A"], "ctrl", features={"A": [1.0, 0.0]})
     with pytest.raises(ValueError, match="one-hot"):
         perturbation_shifts(_tiny(), genes=["g0", "g1"], vocab=vocab, train_pairs={"a": ["A"]})
+
+
+def test_prior_cells_match_the_shift_in_the_set_mean_and_stay_non_negative():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 16, 5))  # many exact zeros, like expression
+    shift = torch.tensor([0.3, -0.1, -5.0, 0.0, 0.05]).expand(2, 16, 5)
+    moved = StateTransitionModel.prior_cells(x, shift)
+    m = x.mean(dim=1)
+    target = (m + shift[:, 0]).clamp_min(0)
+    torch.testing.assert_close(moved.mean(dim=1), target, rtol=1e-5, atol=1e-6)
+    assert (moved >= 0).all()
+    assert torch.equal(moved[..., 3], x[..., 3])

