@@ -42,6 +42,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "expr_prior_emean": (dict(residual="expression", shift_prior=True, loss="energy_mean"), {}),
     "expr_prior_lr1e4": (dict(residual="expression", shift_prior=True), dict(lr=1e-4)),
     "expr_prior_mmd": (dict(residual="expression", shift_prior=True, loss="mmd"), {}),
+    "expr_prior_scale": (dict(residual="expression", shift_prior=True, prior_mode="scale"), {}),
 }
 
 

@@ -97,6 +97,9 @@ class STConfig(_Serializable):
     decoder_weight: float = 0.1  # alpha in loss = loss_emb + alpha * loss_expr
     residual: str = "hidden"  # hidden (reference ST) | expression (add x_ctrl to the output) | none
     shift_prior: bool = False  # add each perturbation's mean training shift (statecore.priors)
+    prior_mode: str = "scale_down"  # how cells take the prior's shift: add | scale_down | scale
+    n_contexts: int = 0  # shift prior: contexts of the per-context table (set by training)
+    n_prior_pairs: int = 0  # shift prior: measured (context, single perturbation) pairs
 
 
 # Presets predict expression as control + a learned shift (residual="expression"): chosen on a

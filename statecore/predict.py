@@ -87,6 +87,7 @@ def predict(run, adata, *, context: str, perturbations: Sequence[str] | str, n_c
     model.eval()
     target_sum = float(adata.uns.get("statecore", {}).get("qc", {}).get("target_sum", 1e4))
     max_log = float(np.log1p(target_sum))
+    ctx_pos = list(map(str, run.contexts or [])).index(str(context)) if str(context) in map(str, run.contexts or []) else -1
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(seed))
     blocks = []
@@ -104,7 +105,10 @@ def predict(run, adata, *, context: str, perturbations: Sequence[str] | str, n_c
             noise = None
             if model.cfg.noise_dim > 0:
                 noise = torch.randn(*chunk.shape, model.cfg.noise_dim, generator=gen).to(device)
-            out = model(x, zt, bidx, noise=noise)
+            ctx_t = None
+            if getattr(model, "pair_shift", None) is not None:  # the shift prior's per-context table
+                ctx_t = torch.full((len(chunk),), ctx_pos, dtype=torch.long, device=device)
+            out = model(x, zt, bidx, noise=noise, context=ctx_t)
             if getattr(model, "gene_decoder", None) is not None:
                 out = model.decode(out)  # embedding track: back to the run's genes
             # After normalize_total(target_sum) + log1p no value can exceed log1p(target_sum); a model

@@ -67,3 +67,39 @@ def perturbation_shifts(adata, *, genes: Sequence[str], vocab: PerturbationVocab
     seen = counts > 0
     shifts[seen] = sums[seen] / counts[seen, None]
     return shifts.astype(np.float32)
+
+
+def context_pair_shifts(adata, *, genes: Sequence[str], vocab: PerturbationVocab,
+                        train_pairs: Mapping[str, Sequence[str]], contexts: Sequence[str]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Each single perturbation's own shift in each context where training measured it.
+
+    Returns ``pair_index`` ``[len(contexts), len(vocab.names)]`` int64 (row of ``pair_shift``, -1 where the
+    context did not measure that single) and ``pair_shift`` ``[K, len(genes)]`` float32. The model uses a
+    context's own shift where it exists and the all-context average of :func:`perturbation_shifts`
+    elsewhere: the same gene can act differently in different contexts (CRISPRa in K562, CRISPRi in the
+    glioma lines of the sample data), so averaging across contexts would blur a combination's prior.
+    """
+    pert, ctx, _ = obs_labels(adata)
+    gather = RowGatherer(adata.X, gene_indices(adata, genes))
+    index = {name: i for i, name in enumerate(vocab.names)}
+    cpos = {c: i for i, c in enumerate(map(str, contexts))}
+    pair_index = np.full((len(cpos), len(vocab.names)), -1, dtype=np.int64)
+    rows_out: list[np.ndarray] = []
+    for context, perts in train_pairs.items():
+        singles = [p for p in perts if p in index and p != vocab.control]
+        if not singles or context not in cpos:
+            continue
+        in_ctx = ctx == context
+        ctrl_rows = np.flatnonzero(in_ctx & (pert == vocab.control))
+        if len(ctrl_rows) == 0:
+            continue
+        ctrl_mean = _group_mean(gather, ctrl_rows)
+        for p in singles:
+            rows = np.flatnonzero(in_ctx & (pert == p))
+            if len(rows) == 0:
+                continue
+            pair_index[cpos[context], index[p]] = len(rows_out)
+            rows_out.append(_group_mean(gather, rows) - ctrl_mean)
+    pair_shift = (np.stack(rows_out) if rows_out else np.zeros((0, len(genes)))).astype(np.float32)
+    return pair_index, pair_shift

@@ -289,6 +289,11 @@ class SetDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.n_sets = len(self.plan(0))
 
+    def context_index(self, gids: Sequence[int], contexts: Sequence[str]) -> torch.Tensor:
+        """Long ``[len(gids)]``: position in ``contexts`` of each group's context (-1 if absent)."""
+        pos = {c: i for i, c in enumerate(map(str, contexts))}
+        return torch.tensor([pos.get(str(self.groups[g].context), -1) for g in gids], dtype=torch.long)
+
     def plan(self, epoch: int) -> list:
         if epoch not in self._plans:
             if len(self._plans) > 2:

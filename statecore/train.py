@@ -155,7 +155,8 @@ class _StopFlag:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data: SetDataset, loss_fn, device, batch_size: int, max_sets: int = 256) -> float:
+def evaluate_loss(model, data: SetDataset, loss_fn, device, batch_size: int, max_sets: int = 256,
+                  contexts: list[str] | None = None) -> float:
     """Mean per-set loss over the first ``max_sets`` sets of the dataset's epoch-0 plan (fixed)."""
     was_training = model.training
     model.eval()
@@ -165,7 +166,9 @@ def evaluate_loss(model, data: SetDataset, loss_fn, device, batch_size: int, max
         torch.manual_seed(0)
         for b in data.iter_epoch(batch_size, epoch=0, max_sets=max_sets):
             b = b.to(device)
-            pred = model(b.x_ctrl, b.z_pert, b.batch_idx)
+            kw = ({"context": data.context_index(b.groups, contexts).to(device)}
+                  if contexts is not None and getattr(model, "pair_shift", None) is not None else {})
+            pred = model(b.x_ctrl, b.z_pert, b.batch_idx, **kw)
             total += float(set_loss(pred, b)[0]) * b.x_target.shape[0]  # mean over the batch's sets -> sum
             n += b.x_target.shape[0]
     model.train(was_training)
@@ -221,6 +224,9 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: TrainConfig = TrainConfig(
 
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_fn = torch.compile(wrapped) if cfg.compile else wrapped
+    # the shift prior's per-context table needs each set's context; other models never see it
+    ctx_of = ((lambda b: {"context": data.train.context_index(b.groups, data.contexts).to(device)})
+              if getattr(model, "pair_shift", None) is not None else (lambda b: {}))
 
     started = time.time()
     deadline = started + cfg.max_minutes * 60.0 if cfg.max_minutes else None
@@ -267,10 +273,10 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: TrainConfig = TrainConfig(
                                          world_size=dinfo.world_size).to(device)
                 if autocast is not None:
                     with autocast:
-                        pred = step_fn(batch.x_ctrl, batch.z_pert, batch.batch_idx)
+                        pred = step_fn(batch.x_ctrl, batch.z_pert, batch.batch_idx, **ctx_of(batch))
                     loss_value, extra = step_loss(pred.float(), batch)
                 else:
-                    pred = step_fn(batch.x_ctrl, batch.z_pert, batch.batch_idx)
+                    pred = step_fn(batch.x_ctrl, batch.z_pert, batch.batch_idx, **ctx_of(batch))
                     loss_value, extra = step_loss(pred, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss_value.backward()
@@ -289,7 +295,7 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: TrainConfig = TrainConfig(
                 val_loss = None
                 if (writer and data.val is not None and cfg.val_every
                         and (step % cfg.val_every == 0 or step == total)):
-                    val_loss = evaluate_loss(model, data.val, loss_fn, device, cfg.batch_size)
+                    val_loss = evaluate_loss(model, data.val, loss_fn, device, cfg.batch_size, contexts=data.contexts)
                     result.val_losses.append((step, val_loss))
                     if best_val is None or val_loss < best_val:
                         best_val = val_loss
@@ -345,6 +351,22 @@ def _vocab_meta(data: TrainData, split) -> dict[str, Any]:
             "split": split.to_dict() if split is not None else None}
 
 
+def _shift_prior_tables(adata, data: TrainData, split):
+    """(all-context shift [P, G], pair index [C, P], per-context pair shifts [K, G]) for the shift prior.
+
+    Training and validation pairs (never test), as the baselines use: validation pairs then only guide the
+    choice of checkpoint, and the prior of a pair measured in few contexts is less noisy."""
+    from statecore.priors import context_pair_shifts, perturbation_shifts
+
+    if data.vocab.features is not None:
+        raise DataError("shift_prior needs one-hot perturbations; use --shift-prior off when giving features")
+    pairs = {c: [*split.train.get(c, []), *split.val.get(c, [])] for c in {*split.train, *split.val}}
+    table = perturbation_shifts(adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs)
+    index, pair_shift = context_pair_shifts(adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs,
+                                            contexts=data.contexts)
+    return table, index, pair_shift
+
+
 def train_run(adata, run_cfg: RunConfig, run_dir: str | os.PathLike, *,
               hook: Callable[[Progress], None] | None = None, pert_features=None) -> FitResult:
     """Train (or resume) a run directory on a prepared AnnData.
@@ -394,21 +416,21 @@ def train_run(adata, run_cfg: RunConfig, run_dir: str | os.PathLike, *,
                                    batches=data.batches)
     if run_cfg.track == "embedding":  # Track B: sets of SE embeddings + a gene decoder to data.genes
         data, run_cfg = embedding_track.to_embedding_data(adata, data, run_cfg)
+    prior = None
+    fresh = not (run_dir / ckpt.LAST).exists()  # a resumed run loads its prior tables with the weights
+    if run_cfg.model.shift_prior and run_cfg.model.decoder_dim == 0 and fresh:
+        prior = _shift_prior_tables(adata, data, split)
+        run_cfg = run_cfg.replace(model=run_cfg.model.replace(n_contexts=len(data.contexts),
+                                                              n_prior_pairs=len(prior[2])))
     if writer:
         runs.atomic_write_json(run_dir / "config.json", run_cfg.to_dict())
     torch.manual_seed(run_cfg.train.seed)  # initial weights from the seed, not from the process's RNG history
     model = StateTransitionModel(run_cfg.model)
-    if getattr(model, "pert_shift", None) is not None and not (run_dir / ckpt.LAST).exists():
-        # A resumed run loads its shift table with the weights; a fresh one computes it from training pairs only.
-        if data.vocab.features is not None:
-            raise DataError("shift_prior needs one-hot perturbations; drop --shift-prior when giving features")
-        from statecore.priors import perturbation_shifts
-
-        # Training and validation pairs (never test), as the baselines use: validation pairs then only
-        # guide the choice of checkpoint, and the prior of a pair measured in few contexts is less noisy.
-        pairs = {c: [*split.train.get(c, []), *split.val.get(c, [])] for c in {*split.train, *split.val}}
-        table = perturbation_shifts(adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs)
-        model.pert_shift.copy_(torch.from_numpy(table))
+    if prior is not None:
+        model.pert_shift.copy_(torch.from_numpy(prior[0]))
+        if model.pair_index is not None:
+            model.pair_index.copy_(torch.from_numpy(prior[1]))
+            model.pair_shift.copy_(torch.from_numpy(prior[2]))
     if run_cfg.track == "embedding" and not (run_dir / ckpt.LAST).exists():  # a resumed run loads its decoder
         embedding_track.warm_up_decoder(model, data.train, seed=run_cfg.train.seed)
     return fit(model, data, run_cfg.train, run_dir=run_dir, loss=run_cfg.model.loss, hook=hook,

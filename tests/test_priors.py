@@ -91,3 +91,27 @@ def test_prior_cells_match_the_shift_in_the_set_mean_and_stay_non_negative():
     torch.testing.assert_close(moved.mean(dim=1), target, rtol=1e-5, atol=1e-6)
     assert (moved >= 0).all()
     assert torch.equal(moved[..., 3], x[..., 3])
+
+
+def test_context_pairs_override_the_average_for_measured_pairs():
+    from statecore.priors import context_pair_shifts
+
+    adata = _tiny()
+    vocab = PerturbationVocab.from_labels(["ctrl", "A", "B"], "ctrl")
+    pairs = {"a": ["A", "B"], "b": ["A"]}
+    index, pair_shift = context_pair_shifts(adata, genes=["g0", "g1"], vocab=vocab, train_pairs=pairs,
+                                            contexts=["a", "b"])
+    assert index.tolist() == [[-1, 0, 1], [-1, 2, -1]]
+    np.testing.assert_allclose(pair_shift, [[2, 0], [0, 2], [1, 1]])
+    model = StateTransitionModel(num_genes=2, hidden_dim=8, transformer_heads=2, transformer_layers=1,
+                                 mlp_hidden_dim=16, perturbation_dim=3, residual="expression", shift_prior=True,
+                                 prior_mode="add", relu_output=False, n_contexts=2, n_prior_pairs=3)
+    model.pert_shift.copy_(torch.from_numpy(perturbation_shifts(adata, genes=["g0", "g1"], vocab=vocab,
+                                                                train_pairs=pairs)))
+    model.pair_index.copy_(torch.from_numpy(index))
+    model.pair_shift.copy_(torch.from_numpy(pair_shift))
+    x = torch.zeros(3, 2, 2)
+    z = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])  # "A+B"
+    out = model(x, z, context=torch.tensor([0, 1, -1]))
+    # context a: its own A (2, 0) and B (0, 2); b: its own A (1, 1) + B's average (0, 2); unknown: averages
+    torch.testing.assert_close(out[:, 0], torch.tensor([[2.0, 2.0], [1.0, 3.0], [1.5, 2.5]]))

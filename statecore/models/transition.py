@@ -52,15 +52,23 @@ class StateTransitionModel(nn.Module):
             self.register_buffer("pert_shift", torch.zeros(cfg.perturbation_dim, G))
         else:
             self.pert_shift = None
+        if self.pert_shift is not None and cfg.n_prior_pairs > 0 and cfg.n_contexts > 0:
+            # a context's own shift of a single, where training measured that pair (statecore.priors)
+            self.register_buffer("pair_index", torch.full((cfg.n_contexts, cfg.perturbation_dim), -1,
+                                                         dtype=torch.long))
+            self.register_buffer("pair_shift", torch.zeros(cfg.n_prior_pairs, G))
+        else:
+            self.pair_index = self.pair_shift = None
         if cfg.residual == "expression":
             # Start as the identity map on expression: the model then only has to learn the shift.
             nn.init.zeros_(self.project_out[-1].weight)
             nn.init.zeros_(self.project_out[-1].bias)
 
     def forward(self, x_ctrl: torch.Tensor, z_pert: torch.Tensor, batch: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+                noise: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
         """``x_ctrl [B, S, G]``, ``z_pert [B, S, P]`` or ``[B, P]``, ``batch`` long ``[B, S]`` or ``[B]``
-        (index -1: unknown batch, no embedding added) -> predicted perturbed cells ``[B, S, G]``."""
+        (index -1: unknown batch, no embedding added), ``context`` long ``[B]`` (index into the training
+        contexts, -1 unknown; used by the shift prior only) -> predicted perturbed cells ``[B, S, G]``."""
         if x_ctrl.dim() != 3:
             raise ValueError(f"x_ctrl must be [B, S, G]; got shape {tuple(x_ctrl.shape)}")
         B, S, G = x_ctrl.shape
@@ -89,22 +97,45 @@ class StateTransitionModel(nn.Module):
         if self.cfg.residual == "expression":
             out = out + x_ctrl
         if self.pert_shift is not None:
-            out = out + self.prior_cells(x_ctrl, z_pert.to(out.dtype) @ self.pert_shift) - x_ctrl
+            shift = z_pert.to(out.dtype) @ self.pert_shift  # [B, S, P] @ [P, G]
+            if context is not None and self.pair_shift is not None:
+                shift = shift + self._context_correction(z_pert[:, 0].to(out.dtype), context)[:, None]
+            out = out + self.prior_cells(x_ctrl, shift, self.cfg.prior_mode) - x_ctrl
         if self.cfg.relu_output:
             out = torch.relu(out)
         return out
 
+    def _context_correction(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``[B, G]``: for each single of each set's perturbation ``z [B, P]`` that its context measured in
+        training, that context's own shift minus the all-context average (already in the prior)."""
+        B, G = z.shape[0], self.pert_shift.shape[1]
+        context = context.to(device=z.device, dtype=torch.long).reshape(B)
+        rows = self.pair_index[context.clamp_min(0)]  # [B, P]
+        rows = torch.where(context[:, None] >= 0, rows, torch.full_like(rows, -1))
+        b, j = ((rows >= 0) & (z != 0)).nonzero(as_tuple=True)
+        corr = torch.zeros(B, G, dtype=z.dtype, device=z.device)
+        if b.numel():
+            corr.index_add_(0, b, z[b, j, None] * (self.pair_shift[rows[b, j]] - self.pert_shift[j]))
+        return corr
+
     @staticmethod
-    def prior_cells(x_ctrl: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    def prior_cells(x_ctrl: torch.Tensor, shift: torch.Tensor, mode: str = "scale_down") -> torch.Tensor:
         """Control cells ``[B, S, G]`` moved so that the set's mean expression changes by ``shift`` ``[B, S, G]``.
 
-        Up-shifts are added to every cell. Down-shifts scale the cells by (m + shift) / m, m the set's mean:
-        subtracting them instead would push the many zero entries below zero, where the ReLU clips them
-        and the set's mean would fall by less than the shift (on the synthetic validation screen this
-        cost 0.03 of discrimination score)."""
+        ``scale_down``: up-shifts are added to every cell, down-shifts scale the cells by (m + shift) / m, m the
+        set's mean: subtracting them instead would push the many zero entries below zero, where the ReLU clips
+        them and the set's mean would fall by less than the shift (on the synthetic validation screen this cost
+        0.03 of discrimination score). ``scale``: up-shifts scale too where the gene is expressed in the set
+        (m >= 0.1), so that zeros stay zeros, as in real cells, and are added only to genes the set barely
+        expresses. ``add``: every shift added to every cell."""
+        if mode == "add":
+            return x_ctrl + shift
         m = x_ctrl.mean(dim=1, keepdim=True)  # [B, 1, G]
         ratio = (m + shift).clamp_min(0) / m.clamp_min(1e-6)  # [B, S, G]
-        return torch.where(shift < 0, x_ctrl * ratio, x_ctrl + shift)
+        scale = shift < 0
+        if mode == "scale":
+            scale = scale | (m >= 0.1)
+        return torch.where(scale, x_ctrl * ratio, x_ctrl + shift)
 
     def decode(self, pred: torch.Tensor) -> torch.Tensor:
         """Embedding track: predicted embeddings ``[..., D]`` -> log1p expression ``[..., decoder_dim]``."""
