@@ -115,3 +115,5 @@ def test_context_pairs_override_the_average_for_measured_pairs():
     out = model(x, z, context=torch.tensor([0, 1, -1]))
     # context a: its own A (2, 0) and B (0, 2); b: its own A (1, 1) + B's average (0, 2); unknown: averages
     torch.testing.assert_close(out[:, 0], torch.tensor([[2.0, 2.0], [1.0, 3.0], [1.5, 2.5]]))
+    single = model(x[:1], torch.tensor([[0.0, 1.0, 0.0]]), context=torch.tensor([0]))
+    torch.testing.assert_close(single[0, 0], torch.tensor([1.5, 0.5]))  # singles keep the average

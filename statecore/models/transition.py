@@ -106,13 +106,17 @@ class StateTransitionModel(nn.Module):
         return out
 
     def _context_correction(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``[B, G]``: for each single of each set's perturbation ``z [B, P]`` that its context measured in
-        training, that context's own shift minus the all-context average (already in the prior)."""
+        """``[B, G]``: for each single of each set's combination ``z [B, P]`` that its context measured in
+        training, that context's own shift minus the all-context average (already in the prior), so a
+        combination's prior is the sum of its singles as measured in that context (the additive baseline)."""
         B, G = z.shape[0], self.pert_shift.shape[1]
         context = context.to(device=z.device, dtype=torch.long).reshape(B)
         rows = self.pair_index[context.clamp_min(0)]  # [B, P]
         rows = torch.where(context[:, None] >= 0, rows, torch.full_like(rows, -1))
-        b, j = ((rows >= 0) & (z != 0)).nonzero(as_tuple=True)
+        # Combinations only: a single keeps the all-context average, so the model still learns each
+        # context's deviation from it (and can apply it to pairs no context-specific shift exists for).
+        combo = ((z != 0).sum(dim=1) >= 2)[:, None]  # [B, 1]
+        b, j = ((rows >= 0) & (z != 0) & combo).nonzero(as_tuple=True)
         corr = torch.zeros(B, G, dtype=z.dtype, device=z.device)
         if b.numel():
             corr.index_add_(0, b, z[b, j, None] * (self.pair_shift[rows[b, j]] - self.pert_shift[j]))
