@@ -6,23 +6,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from statecore.ui import analysis, figures, loaders, results, state, training, widgets
+from statecore.ui import analysis, figures, loaders, results, state, widgets
 
 state.init_page("Predict", "🔮")
 st.title("Predict")
 
-runs = training.model_runs(state.runs_dir())
-if not runs:
-    st.info("No trained model yet. Start a run on **Train** (the defaults train in a few minutes).")
-    st.page_link(state.PAGES["train"], label="Go to Train", icon="🏋️")
-    st.stop()
-names = [r.name for r in runs]
-chosen_run = state.current_run()
-if st.session_state.get("pred_run") not in names:
-    st.session_state["pred_run"] = chosen_run.name if chosen_run and chosen_run.name in names else names[0]
-run_name = st.selectbox("Run", names, key="pred_run")
-run_dir = runs[names.index(run_name)].run_dir
-st.session_state[state.RUN] = str(run_dir)
+run_dir = widgets.pick_run("pred_run", "No trained model yet. Start a run on **Train** (the defaults train in a few minutes).")
 
 run = widgets.attempt(loaders.load_run, run_dir, what="Loading the model")
 if widgets.failed(run):

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from statecore.ui import analysis, figures, results, state, training, widgets
+from statecore.ui import analysis, figures, results, state, widgets
 
 state.init_page("Evaluate", "📊")
 st.title("Evaluate")
 
-runs = training.model_runs(state.runs_dir())
-if not runs:
-    st.info("No trained model yet. Start a run on **Train**, then come back to score its test split.")
-    st.page_link(state.PAGES["train"], label="Go to Train", icon="🏋️")
-    st.stop()
-names = [r.name for r in runs]
-chosen_run = state.current_run()
-if st.session_state.get("eval_run") not in names:
-    st.session_state["eval_run"] = chosen_run.name if chosen_run and chosen_run.name in names else names[0]
-run_name = st.selectbox("Run", names, key="eval_run")
-run_dir = runs[names.index(run_name)].run_dir
-st.session_state[state.RUN] = str(run_dir)
+run_dir = widgets.pick_run("eval_run", "No trained model yet. Start a run on **Train**, then come back to score its test split.")
+run_name = run_dir.name
 key = results.run_key(run_dir)
 done = st.session_state.setdefault("eval_done", [])
 if key not in done:

@@ -76,3 +76,24 @@ def format_seconds(seconds: float | None) -> str:
     minutes, sec = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {sec:02d}s"
+
+
+def pick_run(key: str, empty_message: str) -> Any:
+    """The run selector of Predict and Evaluate: runs with a model, the session's current run preselected.
+
+    Stops the page with ``empty_message`` and a link to Train when no run has a model yet."""
+    from statecore.ui import training
+
+    runs = training.model_runs(state.runs_dir())
+    if not runs:
+        st.info(empty_message)
+        st.page_link(state.PAGES["train"], label="Go to Train", icon="🏋️")
+        st.stop()
+    names = [r.name for r in runs]
+    chosen = state.current_run()
+    if st.session_state.get(key) not in names:
+        st.session_state[key] = chosen.name if chosen and chosen.name in names else names[0]
+    name = st.selectbox("Run", names, key=key)
+    run_dir = runs[names.index(name)].run_dir
+    st.session_state[state.RUN] = str(run_dir)
+    return run_dir
