@@ -17,7 +17,10 @@ COMMANDS = ("prepare", "train", "predict", "baseline", "evaluate", "embed", "sim
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m statecore", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m statecore",
+        description="Train and run the State model on Perturb-seq data: prepare -> train -> predict / baseline "
+                    "-> evaluate (embed: the State Embedding model). `python -m statecore COMMAND -h` for options.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
