@@ -220,6 +220,8 @@ TASKS = {
 TASKS.update({f"{k}B": dict(TASKS[k], track="embedding",
                             embed=["--steps", "150", "--batch-size", "32", "--num-threads", "1"])
               for k in ("T1", "T2", "K1")})
+# Track B with the residual decode at prediction (`train --decoder-residual on`)
+TASKS.update({f"{k}BR": dict(TASKS[f"{k}B"], extra=["--decoder-residual", "on"]) for k in ("T1", "K1")})
 
 
 def fmt(v: float) -> str:

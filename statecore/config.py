@@ -95,6 +95,9 @@ class STConfig(_Serializable):
     noise_dim: int = 0  # >0 adds a per-cell Gaussian noise input
     decoder_dim: int = 0  # >0: embedding track, decode hidden state to this many genes
     decoder_weight: float = 0.1  # alpha in loss = loss_emb + alpha * loss_expr
+    # Track B at prediction: control cells' expression + decode(pred) - decode(control embeddings), so the
+    # decoder's systematic error cancels and the predicted cells keep the controls' cell-to-cell spread
+    decoder_residual: bool = False
     residual: str = "hidden"  # hidden (reference ST) | expression (add x_ctrl to the output) | none
     shift_prior: bool = False  # add each perturbation's mean training shift (statecore.priors)
     prior_mode: str = "scale_down"  # how cells take the prior's shift: add | scale_down | scale

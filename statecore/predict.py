@@ -111,6 +111,8 @@ def predict(run, adata, *, context: str, perturbations: Sequence[str] | str, n_c
             out = model(x, zt, bidx, noise=noise, context=ctx_t)
             if getattr(model, "gene_decoder", None) is not None:
                 out = model.decode(out)  # embedding track: back to the run's genes
+                if model.cfg.decoder_residual:  # predicted change in gene space, applied to the real controls
+                    out = torch.from_numpy(gather(chunk)).to(device) + out - model.decode(x)
             # After normalize_total(target_sum) + log1p no value can exceed log1p(target_sum); a model
             # extrapolating past it (rare, early in training) would produce impossible cells.
             out = out.clamp(0.0, max_log)

@@ -182,6 +182,25 @@ def test_track_b_end_to_end_and_checkpoint_round_trip(data_path, se_run, tmp_pat
     np.testing.assert_array_equal(a.X, b.X)
     assert a.n_vars == 100 and int(a.obs["predicted"].sum()) == 20
 
+    # residual decode: a model that predicts its input embeddings unchanged returns the control cells themselves
+    import torch
+
+    from statecore.models.transition import StateTransitionModel
+
+    ident = StateTransitionModel(one.model.cfg.replace(decoder_residual=True, residual="expression",
+                                                       relu_output=False))
+    with torch.no_grad():
+        ident.project_out[-1].weight.zero_()
+        ident.project_out[-1].bias.zero_()
+    ident.gene_decoder.load_state_dict(one.model.gene_decoder.state_dict())
+    one.model = ident.eval()
+    ctrl_rows = np.flatnonzero((adata.obs["context"].astype(str) == "c1").to_numpy()
+                               & (adata.obs["perturbation"].astype(str) == "ctrl").to_numpy())
+    res = predict(one, adata, context="c1", perturbations=["P001"], control_cells=ctrl_rows, seed=3)
+    moved = res.X[res.obs["predicted"].to_numpy()]
+    controls = res.X[~res.obs["predicted"].to_numpy()]
+    np.testing.assert_allclose(np.sort(moved, axis=0), np.sort(controls, axis=0), atol=1e-5)
+
 
 def test_embedding_track_errors(data_path, tmp_path, capsys):
     base = ["train", "--data", str(data_path), "--run-dir", str(tmp_path / "r"), "--context", "c0", "--steps", "1",

@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sets per step (default 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
     p.add_argument("--loss", default="energy", choices=["energy", "mmd", "energy_mean"])
+    p.add_argument("--decoder-residual", default=None, choices=["on", "off"],
+                   help="embedding track: predict control expression + decode(pred) - decode(control) "
+                        "(default off)")
     p.add_argument("--shift-prior", default=None, choices=["on", "off"],
                    help="add each perturbation's mean training shift to the prediction (default: the preset's)")
     p.add_argument("--residual", default=None, choices=["hidden", "expression", "none"],
@@ -92,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         model = model.replace(residual=args.residual)
     if args.shift_prior:
         model = model.replace(shift_prior=args.shift_prior == "on")
+    if args.decoder_residual:
+        model = model.replace(decoder_residual=args.decoder_residual == "on")
     train = TrainConfig(seed=args.seed, device=args.device, max_minutes=args.max_minutes, num_threads=args.threads,
                         bf16=args.bf16, compile=args.compile)
     for name, value in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)):
