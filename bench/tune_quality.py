@@ -21,6 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from quality import split_halves, spread_ratio, summarise  # noqa: E402  (bench/ is not a package)
 
 TEST_CONTEXT = "CD14+Mono"
 
@@ -92,8 +95,6 @@ def synthetic_validation_data(workdir: Path, seed: int):
 
 def run_one(adata, name: str, context: str, steps: int, seed: int, workdir: Path,
             task: str = "zeroshot") -> dict:
-    import numpy as np
-
     from statecore.checkpoint import load_run
     from statecore.config import ST_PRESETS, RunConfig, SplitConfig, STConfig, TrainConfig
     from statecore.io import control_label
@@ -118,32 +119,21 @@ def run_one(adata, name: str, context: str, steps: int, seed: int, workdir: Path
     pred, real = predict_split(run, adata, seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = evaluate(pred, real, control=cfg.spec.control).results
-    pds = float(r["discrimination_score_l1"].mean()) if "discrimination_score_l1" in r else float("nan")
-
-    def spread(a):
-        m = a.obs["perturbation"].astype(str).to_numpy() != cfg.spec.control
-        return float(np.asarray(a.X[m]).std(axis=0).mean())
-
+        m = summarise(evaluate(pred, real, control=cfg.spec.control))
     return {"variant": name, "task": task, "context": context, "steps": steps, "seed": seed, "done_steps": res.step,
-            "train_s": round(train_s, 1), "pearson_delta": float(r["pearson_delta"].mean()),
-            "overlap_at_N": float(r["overlap_at_N"].mean()), "mae": float(r["mae"].mean()), "pds": pds,
-            "spread_ratio": spread(pred) / spread(real), "best_val": res.best_val}
+            "train_s": round(train_s, 1), "pearson_delta": m["pearson_delta"], "overlap_at_N": m["overlap_at_N"],
+            "mae": m["mae"], "pds": m.get("discrimination_score_l1", float("nan")),
+            "spread_ratio": spread_ratio(pred, real, cfg.spec.control), "best_val": res.best_val}
 
 
 def reference_rows(adata, context: str, seed: int, task: str = "zeroshot") -> list[dict]:
     """perturbation_mean and the two-halves ceiling on the validation context (for scale)."""
-    import numpy as np
-
     from statecore.baselines import predict_baseline
     from statecore.config import SplitConfig
     from statecore.metrics import evaluate
     from statecore.predict import real_for_split
     from statecore.sets import select_genes
     from statecore.splits import make_split
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from quality import split_halves
 
     split = make_split(adata, SplitConfig(task=task, context=context, seed=seed))
     genes = select_genes(adata)
@@ -157,12 +147,10 @@ def reference_rows(adata, context: str, seed: int, task: str = "zeroshot") -> li
                  "ceiling": split_halves(real, seed)}
         for name, pred in cands.items():
             a, b = (pred, real) if name != "ceiling" else pred
-            r = evaluate(a, b, control=split.control).results
-            pds = float(r["discrimination_score_l1"].mean()) if "discrimination_score_l1" in r else float("nan")
-            out.append({"variant": name, "context": context, "pearson_delta": float(r["pearson_delta"].mean()),
-                        "pds": pds,
-                        "overlap_at_N": float(r["overlap_at_N"].mean()), "mae": float(r["mae"].mean())})
-    del np
+            m = summarise(evaluate(a, b, control=split.control))
+            out.append({"variant": name, "context": context, "pearson_delta": m["pearson_delta"],
+                        "pds": m.get("discrimination_score_l1", float("nan")),
+                        "overlap_at_N": m["overlap_at_N"], "mae": m["mae"]})
     return out
 
 

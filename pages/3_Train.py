@@ -14,7 +14,7 @@ st.title("Train")
 root = state.runs_dir()
 
 
-def _new_run_form() -> None:
+def _new_run_form(runs: list[jobs.RunStatus]) -> None:
     prepared = widgets.need_data("prepared")
     if not prepared:
         return
@@ -81,7 +81,7 @@ def _new_run_form() -> None:
     c3.caption(training.gpu_summary())
     name = st.text_input("Run name", value=f"{context}-{task}", key="train_name")
 
-    live = [r for r in jobs.list_runs(root) if r.live]
+    live = [r for r in runs if r.live]
     threads = jobs.worker_threads(len(live))
     st.caption(
         f"The run uses {threads} CPU thread(s), leaving one core to this app"
@@ -166,7 +166,7 @@ def _run_view(run_dir) -> None:
 
 runs = jobs.list_runs(root)
 with st.expander("New run", expanded=not runs):
-    _new_run_form()
+    _new_run_form(runs)
 st.subheader("Runs")
 if not runs:
     st.info("No runs yet: configure one above and press **Start training**.")

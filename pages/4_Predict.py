@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 
 from statecore.ui import analysis, figures, loaders, results, state, widgets
@@ -11,7 +9,9 @@ from statecore.ui import analysis, figures, loaders, results, state, widgets
 state.init_page("Predict", "🔮")
 st.title("Predict")
 
-run_dir = widgets.pick_run("pred_run", "No trained model yet. Start a run on **Train** (the defaults train in a few minutes).")
+run_dir = widgets.pick_run(
+    "pred_run", "No trained model yet. Start a run on **Train** (the defaults train in a few minutes)."
+)
 
 run = widgets.attempt(loaders.load_run, run_dir, what="Loading the model")
 if widgets.failed(run):
@@ -28,14 +28,9 @@ control = widgets.attempt(control_label, adata, what="Reading the control label"
 if widgets.failed(control):
     st.stop()
 obs = adata.obs
-has_ctrl = obs.loc[obs["perturbation"].astype(str) == control, "context"].astype(str).unique()
-contexts = sorted(set(map(str, run.contexts)) & set(has_ctrl)) or sorted(has_ctrl)
-sep = run.config.spec.combo_sep
-vocab = [str(p) for p in run.perturbations if str(p) != control]
-measured = sorted({str(p) for p in obs["perturbation"].astype(str).unique() if p != control})
-trainable = [p for p in measured if all(part in vocab for part in analysis.split_combo(p, sep))]
-combos = analysis.unmeasured_combos(measured, control, sep)
-combos = [c for c in combos if all(part in vocab for part in analysis.split_combo(c, sep))]
+contexts, trainable, combos = analysis.prediction_choices(
+    obs, control, run.contexts, run.perturbations, run.config.spec.combo_sep
+)
 
 split = run.split
 default_ctx = split.context if split is not None and split.context in contexts else contexts[0]
@@ -62,8 +57,9 @@ pred_key = f"{results.run_key(run_dir)}|{context}|{'|'.join(perts)}|{int(n_cells
 labels = pred.obs["perturbation"].astype(str).to_numpy()
 shown = st.selectbox("Show", [p for p in perts if p in set(labels)], key="pred_show")
 genes = [str(g) for g in pred.var_names]
-ctrl_mean = analysis.dense(pred.X[labels == control]).mean(axis=0)
-pert_mean = analysis.dense(pred.X[labels == shown]).mean(axis=0)
+pred_ctrl, pred_shown = pred.X[labels == control], pred.X[labels == shown]
+ctrl_mean = analysis.dense(pred_ctrl).mean(axis=0)
+pert_mean = analysis.dense(pred_shown).mean(axis=0)
 st.success(
     f"Predicted {int((labels != control).sum()):,} cells for {len(perts)} perturbation(s) in {context}."
 )
@@ -76,9 +72,7 @@ left.plotly_chart(
 )
 de = widgets.attempt(results.de_table, pred_key, pred, control, what="Differential expression")
 if not widgets.failed(de):
-    one = de[de["target"].astype(str) == shown].copy()
-    one["abs_lfc"] = one["log2_fold_change"].abs()
-    ranked = one.sort_values(["fdr", "abs_lfc"], ascending=[True, False]).drop(columns="abs_lfc")
+    ranked = analysis.ranked_de(de, shown)
     right.plotly_chart(
         figures.volcano(
             ranked,
@@ -102,8 +96,8 @@ real_mask = (obs["context"].astype(str).to_numpy() == context) & (
     obs["perturbation"].astype(str).to_numpy() == shown
 )
 blocks = [
-    (f"predicted {shown}", pred.X[labels == shown]),
-    (f"control ({context})", pred.X[labels == control]),
+    (f"predicted {shown}", pred_shown),
+    (f"control ({context})", pred_ctrl),
 ]
 if real_mask.any():
     real = adata[real_mask][:, genes].X  # the model's genes, in its order
@@ -125,19 +119,7 @@ if not widgets.failed(coords):
 st.subheader("Downloads")
 d1, d2 = st.columns(2)
 payload = widgets.attempt(results.h5ad_bytes, pred_key, pred, what="Writing the predicted AnnData")
-if not widgets.failed(payload):
-    d1.download_button(
-        "Predicted cells (.h5ad)",
-        payload,
-        file_name=f"pred-{Path(run_dir).name}-{context}.h5ad",
-        mime="application/octet-stream",
-        key="pred_dl_h5ad",
-    )
-if not widgets.failed(de):
-    d2.download_button(
-        "DE table (.csv)",
-        de.to_csv(index=False).encode(),
-        file_name=f"de-{context}.csv",
-        mime="text/csv",
-        key="pred_dl_csv",
-    )
+widgets.download(
+    d1, "Predicted cells (.h5ad)", payload, f"pred-{run_dir.name}-{context}.h5ad", key="pred_dl_h5ad"
+)
+widgets.download(d2, "DE table (.csv)", de, f"de-{context}.csv", key="pred_dl_csv")

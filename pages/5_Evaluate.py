@@ -9,7 +9,9 @@ from statecore.ui import analysis, figures, results, state, widgets
 state.init_page("Evaluate", "📊")
 st.title("Evaluate")
 
-run_dir = widgets.pick_run("eval_run", "No trained model yet. Start a run on **Train**, then come back to score its test split.")
+run_dir = widgets.pick_run(
+    "eval_run", "No trained model yet. Start a run on **Train**, then come back to score its test split."
+)
 run_name = run_dir.name
 key = results.run_key(run_dir)
 done = st.session_state.setdefault("eval_done", [])
@@ -91,11 +93,12 @@ st.subheader("Pearson Δ for one perturbation")
 common = [p for p in pred_delta.index if p in real_delta.index]
 shown = st.selectbox("Perturbation", common, key="eval_pert")
 genes = [g for g in pred_delta.columns if g in set(real_delta.columns)]
-r = analysis.pearson(real_delta.loc[shown, genes].to_numpy(), pred_delta.loc[shown, genes].to_numpy())
+real_d, pred_d = real_delta.loc[shown, genes].to_numpy(), pred_delta.loc[shown, genes].to_numpy()
+r = analysis.pearson(real_d, pred_d)
 st.plotly_chart(
     figures.delta_scatter(
-        real_delta.loc[shown, genes].to_numpy(),
-        pred_delta.loc[shown, genes].to_numpy(),
+        real_d,
+        pred_d,
         genes,
         title=f"{shown}: predicted vs real Δ (Pearson r = {r:.3f})",
     ),
@@ -123,27 +126,9 @@ if not widgets.failed(coords):
 
 st.subheader("Downloads")
 d1, d2, d3 = st.columns(3)
-d1.download_button(
-    "Summary (.csv)",
-    summary.to_csv(index=False).encode(),
-    file_name=f"summary-{run_name}.csv",
-    mime="text/csv",
-    key="eval_dl_summary",
+widgets.download(d1, "Summary (.csv)", summary, f"summary-{run_name}.csv", key="eval_dl_summary")
+widgets.download(
+    d2, "Per perturbation, model (.csv)", model_res, f"results-{run_name}.csv", key="eval_dl_results"
 )
-if model_res is not None:
-    d2.download_button(
-        "Per perturbation, model (.csv)",
-        model_res.to_csv(index=False).encode(),
-        file_name=f"results-{run_name}.csv",
-        mime="text/csv",
-        key="eval_dl_results",
-    )
 payload = widgets.attempt(results.h5ad_bytes, f"{key}|eval", pred, what="Writing the predictions")
-if not widgets.failed(payload):
-    d3.download_button(
-        "Predicted test cells (.h5ad)",
-        payload,
-        file_name=f"pred-{run_name}.h5ad",
-        mime="application/octet-stream",
-        key="eval_dl_h5ad",
-    )
+widgets.download(d3, "Predicted test cells (.h5ad)", payload, f"pred-{run_name}.h5ad", key="eval_dl_h5ad")

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.special import ndtr
+from scipy.stats import false_discovery_control
 
 from statecore.errors import DataError
 
@@ -66,17 +67,8 @@ class DEArrays:
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """BH adjusted p-values along the last axis (scipy.stats.false_discovery_control, method 'bh')."""
-    p = np.asarray(p, dtype=np.float64)
-    m = p.shape[-1]
-    if m == 0:
-        return p.copy()
-    order = np.argsort(p, axis=-1, kind="stable")
-    ps = np.take_along_axis(p, order, axis=-1) * m / np.arange(1, m + 1)
-    ps = np.minimum.accumulate(ps[..., ::-1], axis=-1)[..., ::-1]
-    out = np.empty_like(ps)
-    np.put_along_axis(out, order, ps, axis=-1)
-    return np.clip(out, 0.0, 1.0)
+    """BH adjusted p-values along the last axis: scipy's ``false_discovery_control``, which pdex calls."""
+    return false_discovery_control(np.asarray(p, dtype=np.float64), axis=-1)
 
 
 def _float_keys(block: np.ndarray) -> np.ndarray:

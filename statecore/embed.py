@@ -17,7 +17,6 @@ through ``statecore.runs`` and ``statecore.checkpoint``.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +31,10 @@ import torch
 from statecore import checkpoint, runs
 from statecore.config import SEConfig, TrainConfig
 from statecore.errors import CheckpointError, DataError
-from statecore.gene_features import build_gene_features
+from statecore.gene_features import GENE_FEATURE_KINDS, build_gene_features
 from statecore.models.embedding import StateEmbeddingModel, sample_loss_genes, top_l_indices
+from statecore.sets import RowGatherer
+from statecore.train import lr_at, resolve_device
 
 TARGET_SUM = 1e4
 OBSM_KEY = "X_state"
@@ -73,12 +74,17 @@ class ExpressionRows:
             raise DataError(f"the data lacks {len(missing)} of the model's {len(self.genes)} genes (e.g. {missing[:5]}); "
                             "pass allow_missing_genes=True (CLI --allow-missing-genes) to treat them as unexpressed")
         self.n_missing = len(missing)
+        self._present = self.pos >= 0
+        # Only the model's genes are gathered (and densified); row totals cover every gene of X.
+        self._gather = RowGatherer(self.X, self.pos[self._present])
         self.totals = _row_sums(self.X) if self.is_counts else None
-        counts = adata.layers["counts"] if "counts" in adata.layers else (self.X if self.is_counts else None)
         # Read depth for the decoder: total counts when known; otherwise the number of expressed
         # genes, the depth proxy that survives normalisation.
-        if counts is not None:
-            self.depth = np.log1p(_row_sums(counts)).astype(np.float32)
+        if "counts" in adata.layers:
+            self.depth = np.log1p(_row_sums(adata.layers["counts"])).astype(np.float32)
+            self.depth_kind = "counts"
+        elif self.is_counts:
+            self.depth = np.log1p(self.totals).astype(np.float32)  # X is the counts: reuse its totals
             self.depth_kind = "counts"
         else:
             self.depth = np.log1p(_row_nnz(self.X)).astype(np.float32)
@@ -91,16 +97,15 @@ class ExpressionRows:
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """``[len(idx), n_genes]`` float32 log1p-normalised expression of the chosen cells."""
         idx = np.asarray(idx)
-        block = self.X[idx]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        block = block.astype(np.float32, copy=False)
+        block = self._gather(idx)  # [len(idx), n present genes] float32
         if self.is_counts:
             tot = self.totals[idx].astype(np.float32)
             scale = np.divide(TARGET_SUM, tot, out=np.zeros_like(tot), where=tot > 0)
             block = np.log1p(block * scale[:, None])
+        if self._present.all():
+            return block
         out = np.zeros((len(idx), len(self.genes)), dtype=np.float32)
-        present = self.pos >= 0
-        out[:, present] = block[:, self.pos[present]]
+        out[:, self._present] = block
         return out
 
 
@@ -157,21 +162,6 @@ class EmbeddingRun:
         return int(self.meta.get("tiebreak_seed", 0))
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))  # cosine to 10%
-
-
 def _batch_tensors(model, rows, values: np.ndarray, cells: np.ndarray, rng: np.random.Generator, device):
     """One batch: token features/values of the top-L genes, loss gene indices/targets, depth."""
     cfg = model.config
@@ -204,8 +194,8 @@ def fit_embedding(
     ``train_cfg.batch_size`` counts cells per step. ``genes`` restricts the model to those genes
     (default: every gene of the data). Up to 10% of the cells (at most 256) are held out for a
     validation loss logged every ``val_every`` steps. ``run_dir=None`` trains without writing.
-    The run stops early, saving what it has (state "cancelled"), when ``<run_dir>/STOP`` appears
-    or ``max_minutes`` pass. ``callback`` receives every logged metrics row.
+    The run stops early, saving what it has, when ``<run_dir>/STOP`` appears (state "cancelled")
+    or ``max_minutes`` pass (state "done", as for ST). ``callback`` receives every logged metrics row.
     """
     cfg = cfg or SEConfig(**SE_PRESETS["small"])
     train_cfg = train_cfg or DEFAULT_SE_TRAIN
@@ -213,7 +203,7 @@ def fit_embedding(
         raise DataError(f"steps and batch_size must be >= 1, got {train_cfg.steps} and {train_cfg.batch_size}")
     if adata.n_obs < 2:
         raise DataError(f"an embedding needs at least 2 cells, got {adata.n_obs}")
-    if cfg.gene_features not in ("learned", "random", "pca", "file"):
+    if cfg.gene_features not in GENE_FEATURE_KINDS:
         raise DataError(f"unknown gene features {cfg.gene_features!r}; choose learned, random, pca or file")
     rows = ExpressionRows(adata, genes)
     genes = rows.genes
@@ -221,7 +211,7 @@ def fit_embedding(
     torch.manual_seed(train_cfg.seed)
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
-    device = _resolve_device(train_cfg.device)
+    device = resolve_device(train_cfg.device)
 
     order = rng.permutation(rows.n_cells)
     n_val = min(256, rows.n_cells // 10) if rows.n_cells >= 50 else 0
@@ -253,7 +243,6 @@ def fit_embedding(
         runs.atomic_write_json(run_dir / "config.json", meta)
         runs.write_lines(run_dir / "genes.txt", list(genes))
         writer = _RunWriter(run_dir, train_cfg.steps)
-        writer.update()
 
     try:
         state = _train_loop(model, rows, train_cells, val_cells, train_cfg, rng, device, writer, callback)
@@ -281,7 +270,7 @@ def _train_loop(model, rows, train_cells, val_cells, tc: TrainConfig, rng, devic
         model.train()
         cells = rng.choice(train_cells, size=tc.batch_size, replace=len(train_cells) < tc.batch_size)
         batch = _batch_tensors(model, rows, rows.rows(cells), cells, rng, device)
-        lr = _lr_at(step, tc)
+        lr = lr_at(step, tc, tc.steps)
         for group in opt.param_groups:
             group["lr"] = lr
         loss = _step_loss(model, batch)

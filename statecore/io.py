@@ -354,3 +354,15 @@ def file_signature(path) -> str:
     """(path, size, mtime) string: a cache key that changes when the file does."""
     st = os.stat(path)
     return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def obs_labels(adata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(perturbation, context, batch) labels of a prepared AnnData as str arrays (batch "all" when absent)."""
+    missing = [c for c in ("perturbation", "context") if c not in adata.obs.columns]
+    if missing:
+        raise DataError(f"obs column(s) {missing} not found; run `python -m statecore prepare` first")
+    pert = adata.obs["perturbation"].astype(str).to_numpy()
+    ctx = adata.obs["context"].astype(str).to_numpy()
+    batch = (adata.obs["batch"].astype(str).to_numpy() if "batch" in adata.obs.columns
+             else np.full(adata.n_obs, "all", dtype=object))
+    return pert, ctx, batch

@@ -225,6 +225,11 @@ def worker_threads(n_live: int = 0) -> int:
     return max(1, (cores - 1) // (n_live + 1))
 
 
+def _default_threads(root: Path) -> int:
+    """``worker_threads`` shared with the runs live under ``root`` now."""
+    return worker_threads(sum(1 for r in list_runs(root) if r.live))
+
+
 def _launch(run_dir: Path, argv: list[str], threads: int, env: dict[str, str] | None) -> tuple[int, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "STOP").unlink(missing_ok=True)
@@ -264,10 +269,10 @@ def start(
     the usual thread environment variables (and ``train_args`` may carry the CLI's own flag).
     """
     run_dir = Path(run_dir)
-    if (run_dir / "status.json").exists() or (run_dir / "job.json").exists():
+    if is_run_dir(run_dir):
         raise JobError(f"{run_dir} already holds a run; resume it or pick a new name")
     if threads is None:
-        threads = worker_threads(sum(1 for r in list_runs(run_dir.parent) if r.live))
+        threads = _default_threads(run_dir.parent)
     argv = [*(worker or TRAIN_WORKER), "--run-dir", str(run_dir), *map(str, train_args)]
     pid, launched_ts = _launch(run_dir, argv, threads, env)
     job = {"argv": argv, "pid": pid, "threads": threads, "env": env or {}, "launches": 1}
@@ -286,7 +291,7 @@ def resume(run_dir: str | Path, *, threads: int | None = None) -> RunStatus:
     if not job or not job.get("argv"):
         raise JobError(f"run {run_dir.name} was not started by the app (no job.json); resume it from the CLI")
     if threads is None:
-        threads = worker_threads(sum(1 for r in list_runs(run_dir.parent) if r.live))
+        threads = _default_threads(run_dir.parent)
     pid, launched_ts = _launch(run_dir, list(job["argv"]), threads, job.get("env"))
     launches = int(job.get("launches", 1)) + 1
     job.update(pid=pid, threads=threads, launched=_now(), launched_ts=launched_ts, launches=launches)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from scipy.stats import rankdata
 
 from statecore.de import DEArrays, rank_sum_arrays
 from statecore.errors import DataError
@@ -97,24 +98,12 @@ def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, np.clip(r, -1.0, 1.0), np.nan)
 
 
-def _avg_ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based) of a 1-D array."""
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], xs.size]
-    avg = (starts + ends + 1) / 2.0
-    ranks = np.empty(x.size)
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman rho (Pearson of average ranks); NaN for < 2 points or a constant side."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.size < 2:
         return float("nan")
-    return float(_pearson_rows(_avg_ranks(x)[None], _avg_ranks(y)[None])[0])
+    return float(_pearson_rows(rankdata(x)[None], rankdata(y)[None])[0])
 
 
 def pseudobulk_metrics(pb: PseudobulkArrays) -> dict[str, np.ndarray]:

@@ -84,10 +84,13 @@ def predict(run, adata, *, context: str, perturbations: Sequence[str] | str, n_c
     device = next(model.parameters()).device
     _, _, batch_labels = obs_labels(adata)
     bmap = {b: i for i, b in enumerate(run.batches or [])}
+    cell_batch = np.full(adata.n_obs, -1, dtype=np.int64)  # batch index of each row we may perturb, once
+    cell_batch[rows] = [bmap.get(b, -1) for b in batch_labels[rows]]
     model.eval()
     target_sum = float(adata.uns.get("statecore", {}).get("qc", {}).get("target_sum", 1e4))
     max_log = float(np.log1p(target_sum))
-    ctx_pos = list(map(str, run.contexts or [])).index(str(context)) if str(context) in map(str, run.contexts or []) else -1
+    contexts = [str(c) for c in run.contexts or []]
+    ctx_pos = contexts.index(str(context)) if str(context) in contexts else -1  # -1: unseen in training
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(seed))
     blocks = []
@@ -100,8 +103,7 @@ def predict(run, adata, *, context: str, perturbations: Sequence[str] | str, n_c
             chunk = padded[i:i + SETS_PER_FORWARD]
             x = torch.from_numpy(model_in(chunk)).to(device)  # [b, S, G] (or [b, S, D] embeddings)
             zt = torch.from_numpy(np.broadcast_to(z, (len(chunk), len(z))).copy()).to(device)  # [b, P]
-            bidx = torch.as_tensor(np.vectorize(lambda b: bmap.get(b, -1), otypes=[np.int64])(batch_labels[chunk]),
-                                   device=device)
+            bidx = torch.from_numpy(cell_batch[chunk]).to(device)  # [b, S]
             noise = None
             if model.cfg.noise_dim > 0:
                 noise = torch.randn(*chunk.shape, model.cfg.noise_dim, generator=gen).to(device)
@@ -118,10 +120,8 @@ def predict(run, adata, *, context: str, perturbations: Sequence[str] | str, n_c
             out = out.clamp(0.0, max_log)
             preds.append(out.float().cpu().numpy().reshape(-1, len(run.genes)))
         blocks.append(np.concatenate(preds)[:n])
-    ctrl_rows = control_rows(adata, context, control, control_cells)
-    ctrl_X = gather(ctrl_rows)
-    return make_prediction_adata(blocks, list(perturbations), ctrl_X, context=context, control=control,
-                                 genes=run.genes, ctrl_names=adata.obs_names[ctrl_rows].astype(str))
+    return make_prediction_adata(blocks, list(perturbations), gather(rows), context=context, control=control,
+                                 genes=run.genes, ctrl_names=adata.obs_names[rows].astype(str))
 
 
 def real_for_split(adata, split, genes: Sequence[str]) -> ad.AnnData:

@@ -74,7 +74,7 @@ def prepare(adata, *, spec: DataSpec, qc: QCConfig = QCConfig(), source: str = "
     keep_cells, keep_genes = _qc_masks(src, qc, report)
     if not keep_cells.all() or not keep_genes.all():
         out = out[keep_cells, keep_genes].copy()  # no matrix in it yet: obs, var, obsm... only
-    _check_controls_left(out, spec.control, qc)
+    _check_controls_left(out, spec.control, report["min_genes_applied"])
     matrix = _owned_float32(src, keep_cells, keep_genes)
     if log_input:
         out.X = matrix
@@ -89,8 +89,7 @@ def prepare(adata, *, spec: DataSpec, qc: QCConfig = QCConfig(), source: str = "
                   else "counts", cells_out=int(out.n_obs), genes_out=int(out.n_vars))
     if qc.umap:
         _umap(out)
-    for key in ("hvg",):
-        out.uns.pop(key, None)
+    out.uns.pop("hvg", None)
     out.uns["statecore"] = {
         "control": spec.control,
         "columns": {"perturbation": spec.pert_col, "context": spec.context_col, "batch": spec.batch_col},
@@ -200,12 +199,12 @@ def _qc_masks(X, qc: QCConfig, report: dict) -> tuple[np.ndarray, np.ndarray]:
     return keep_cells, keep_genes
 
 
-def _check_controls_left(out, control: str, qc: QCConfig) -> None:
+def _check_controls_left(out, control: str, min_genes: int) -> None:
     pert = out.obs["perturbation"].astype(str).to_numpy()
     ctx = out.obs["context"].astype(str).to_numpy()
     is_ctrl = pert == control
     if not is_ctrl.any():
-        raise DataError(f"QC (min_genes={effective_min_genes(qc, out.n_vars)}) removed every control cell ({control!r}); lower --min-genes")
+        raise DataError(f"QC (min_genes={min_genes}) removed every control cell ({control!r}); lower --min-genes")
     lost = sorted(set(ctx[~is_ctrl]) - set(ctx[is_ctrl]))
     if lost:
         warnings.warn(f"after QC, context(s) {lost} have no control cells left; they cannot be predicted "
@@ -296,25 +295,19 @@ def _cells_per_gene(X, keep_cells: np.ndarray) -> np.ndarray:
 
 def _owned_float32(X, keep_cells: np.ndarray, keep_genes: np.ndarray):
     """float32 (CSR when sparse) copy of X restricted to the kept cells and genes, sharing no memory with X."""
-    src = X
-    if sp.issparse(X):
-        X = sp.csr_matrix(X)
-        if not keep_cells.all():
-            X = X[keep_cells]
-        if not keep_genes.all():
-            X = X[:, keep_genes]
-        X = X.astype(np.float32, copy=False)
-        src_arrays = [getattr(src, a) for a in ("data", "indices", "indptr") if hasattr(src, a)]
-        if any(np.may_share_memory(a, b) for a in (X.data, X.indices, X.indptr) for b in src_arrays):
-            X = X.copy()
-        return X
-    X = np.asarray(X)
+    sparse = sp.issparse(X)
+    out = sp.csr_matrix(X) if sparse else np.asarray(X)
     if not keep_cells.all():
-        X = X[keep_cells]
+        out = out[keep_cells]
     if not keep_genes.all():
-        X = X[:, keep_genes]
-    X = X.astype(np.float32, copy=False)
-    return X.copy() if np.may_share_memory(X, src) else X
+        out = out[:, keep_genes]
+    out = out.astype(np.float32, copy=False)
+    if sparse:
+        src_arrays = [getattr(X, a) for a in ("data", "indices", "indptr") if hasattr(X, a)]
+        shares = any(np.may_share_memory(a, b) for a in (out.data, out.indices, out.indptr) for b in src_arrays)
+    else:
+        shares = np.may_share_memory(out, X)
+    return out.copy() if shares else out
 
 
 def _log_normalize(counts, target_sum: float | None, log1p: bool):

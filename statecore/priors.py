@@ -31,6 +31,54 @@ def _group_mean(gather: RowGatherer, rows: np.ndarray, block: int = 4096) -> np.
     return total / max(len(rows), 1)
 
 
+def _pair_shifts(adata, *, genes: Sequence[str], vocab: PerturbationVocab,
+                 train_pairs: Mapping[str, Sequence[str]]) -> dict[tuple[str, int], np.ndarray]:
+    """(context, vocabulary index of a single) -> that single's mean minus the context's control mean, float64,
+    for every single perturbation listed in ``train_pairs`` that has cells; each group mean is computed once."""
+    if vocab.features is not None:
+        raise ValueError("the shift prior needs the one-hot perturbation vocabulary, not feature vectors")
+    pert, ctx, _ = obs_labels(adata)
+    gather = RowGatherer(adata.X, gene_indices(adata, genes))
+    index = {name: i for i, name in enumerate(vocab.names)}
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for context, perts in train_pairs.items():
+        singles = [p for p in perts if p in index and p != vocab.control]
+        in_ctx = ctx == context
+        ctrl_rows = np.flatnonzero(in_ctx & (pert == vocab.control))
+        if not singles or len(ctrl_rows) == 0:
+            continue
+        ctrl_mean = _group_mean(gather, ctrl_rows)
+        for p in singles:
+            rows = np.flatnonzero(in_ctx & (pert == p))
+            if len(rows):
+                out[(context, index[p])] = _group_mean(gather, rows) - ctrl_mean
+    return out
+
+
+def _average(pairs: Mapping[tuple[str, int], np.ndarray], n_names: int, n_genes: int) -> np.ndarray:
+    sums = np.zeros((n_names, n_genes), dtype=np.float64)
+    counts = np.zeros(n_names, dtype=np.int64)
+    for (_, i), shift in pairs.items():
+        sums[i] += shift
+        counts[i] += 1
+    seen = counts > 0
+    sums[seen] /= counts[seen, None]
+    return sums.astype(np.float32)
+
+
+def _index_pairs(pairs: Mapping[tuple[str, int], np.ndarray], contexts: Sequence[str], n_names: int,
+                 n_genes: int) -> tuple[np.ndarray, np.ndarray]:
+    cpos = {c: i for i, c in enumerate(map(str, contexts))}
+    pair_index = np.full((len(cpos), n_names), -1, dtype=np.int64)
+    rows_out: list[np.ndarray] = []
+    for (context, i), shift in pairs.items():
+        if context in cpos:
+            pair_index[cpos[context], i] = len(rows_out)
+            rows_out.append(shift)
+    pair_shift = np.stack(rows_out) if rows_out else np.zeros((0, n_genes))
+    return pair_index, pair_shift.astype(np.float32)
+
+
 def perturbation_shifts(adata, *, genes: Sequence[str], vocab: PerturbationVocab,
                         train_pairs: Mapping[str, Sequence[str]]) -> np.ndarray:
     """``[len(vocab.names), len(genes)]`` float32: row 0 (control) zeros; row i the mean over training
@@ -39,34 +87,8 @@ def perturbation_shifts(adata, *, genes: Sequence[str], vocab: PerturbationVocab
     ``train_pairs``: context -> training perturbations (``Split.train``); only single perturbations that
     are listed there contribute, so held-out cells never enter the prior.
     """
-    if vocab.features is not None:
-        raise ValueError("the shift prior needs the one-hot perturbation vocabulary, not feature vectors")
-    pert, ctx, _ = obs_labels(adata)
-    gather = RowGatherer(adata.X, gene_indices(adata, genes))
-    index = {name: i for i, name in enumerate(vocab.names)}
-    sums = np.zeros((len(vocab.names), len(genes)), dtype=np.float64)
-    counts = np.zeros(len(vocab.names), dtype=np.int64)
-    ctrl_means: dict[str, np.ndarray] = {}
-    for context, perts in train_pairs.items():
-        singles = [p for p in perts if p in index and p != vocab.control]
-        if not singles:
-            continue
-        in_ctx = ctx == context
-        ctrl_rows = np.flatnonzero(in_ctx & (pert == vocab.control))
-        if len(ctrl_rows) == 0:
-            continue
-        if context not in ctrl_means:
-            ctrl_means[context] = _group_mean(gather, ctrl_rows)
-        for p in singles:
-            rows = np.flatnonzero(in_ctx & (pert == p))
-            if len(rows) == 0:
-                continue
-            sums[index[p]] += _group_mean(gather, rows) - ctrl_means[context]
-            counts[index[p]] += 1
-    shifts = np.zeros_like(sums)
-    seen = counts > 0
-    shifts[seen] = sums[seen] / counts[seen, None]
-    return shifts.astype(np.float32)
+    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
+    return _average(pairs, len(vocab.names), len(genes))
 
 
 def context_pair_shifts(adata, *, genes: Sequence[str], vocab: PerturbationVocab,
@@ -80,26 +102,14 @@ def context_pair_shifts(adata, *, genes: Sequence[str], vocab: PerturbationVocab
     elsewhere: the same gene can act differently in different contexts (CRISPRa in K562, CRISPRi in the
     glioma lines of the sample data), so averaging across contexts would blur a combination's prior.
     """
-    pert, ctx, _ = obs_labels(adata)
-    gather = RowGatherer(adata.X, gene_indices(adata, genes))
-    index = {name: i for i, name in enumerate(vocab.names)}
-    cpos = {c: i for i, c in enumerate(map(str, contexts))}
-    pair_index = np.full((len(cpos), len(vocab.names)), -1, dtype=np.int64)
-    rows_out: list[np.ndarray] = []
-    for context, perts in train_pairs.items():
-        singles = [p for p in perts if p in index and p != vocab.control]
-        if not singles or context not in cpos:
-            continue
-        in_ctx = ctx == context
-        ctrl_rows = np.flatnonzero(in_ctx & (pert == vocab.control))
-        if len(ctrl_rows) == 0:
-            continue
-        ctrl_mean = _group_mean(gather, ctrl_rows)
-        for p in singles:
-            rows = np.flatnonzero(in_ctx & (pert == p))
-            if len(rows) == 0:
-                continue
-            pair_index[cpos[context], index[p]] = len(rows_out)
-            rows_out.append(_group_mean(gather, rows) - ctrl_mean)
-    pair_shift = (np.stack(rows_out) if rows_out else np.zeros((0, len(genes)))).astype(np.float32)
-    return pair_index, pair_shift
+    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
+    return _index_pairs(pairs, contexts, len(vocab.names), len(genes))
+
+
+def shift_prior_tables(adata, *, genes: Sequence[str], vocab: PerturbationVocab,
+                       train_pairs: Mapping[str, Sequence[str]], contexts: Sequence[str]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(:func:`perturbation_shifts`, *:func:`context_pair_shifts`) from one pass over the group means."""
+    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
+    return (_average(pairs, len(vocab.names), len(genes)),
+            *_index_pairs(pairs, contexts, len(vocab.names), len(genes)))

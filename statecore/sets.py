@@ -21,6 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from statecore.errors import DataError
+from statecore.io import obs_labels  # noqa: F401  (re-exported: sets.obs_labels is used across the package)
 
 # --------------------------------------------------------------------------- perturbation encoding
 
@@ -175,17 +176,6 @@ class Group:
     controls: np.ndarray  # row indices of the control pool it is paired with
 
 
-def obs_labels(adata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    missing = [c for c in ("perturbation", "context") if c not in adata.obs.columns]
-    if missing:
-        raise DataError(f"obs column(s) {missing} not found; run `python -m statecore prepare` first")
-    pert = adata.obs["perturbation"].astype(str).to_numpy()
-    ctx = adata.obs["context"].astype(str).to_numpy()
-    batch = (adata.obs["batch"].astype(str).to_numpy() if "batch" in adata.obs.columns
-             else np.full(adata.n_obs, "all", dtype=object))
-    return pert, ctx, batch
-
-
 def build_groups(adata, *, control: str, pairs: set[tuple[str, str]] | None = None,
                  include_controls: bool = True, contexts: Sequence[str] | None = None) -> list[Group]:
     """Groups of cells by (context, perturbation, batch), each with its control pool.
@@ -291,8 +281,12 @@ class SetDataset(torch.utils.data.Dataset):
 
     def context_index(self, gids: Sequence[int], contexts: Sequence[str]) -> torch.Tensor:
         """Long ``[len(gids)]``: position in ``contexts`` of each group's context (-1 if absent)."""
-        pos = {c: i for i, c in enumerate(map(str, contexts))}
-        return torch.tensor([pos.get(str(self.groups[g].context), -1) for g in gids], dtype=torch.long)
+        key = tuple(map(str, contexts))
+        if getattr(self, "_ctx_key", None) != key:  # per-group indices once, not at every training step
+            pos = {c: i for i, c in enumerate(key)}
+            self._ctx_key = key
+            self._ctx_idx = torch.tensor([pos.get(str(g.context), -1) for g in self.groups], dtype=torch.long)
+        return self._ctx_idx[torch.as_tensor(list(gids), dtype=torch.long)]
 
     def plan(self, epoch: int) -> list:
         if epoch not in self._plans:

@@ -18,6 +18,7 @@ import numpy as np
 
 from statecore.config import SplitConfig
 from statecore.errors import DataError
+from statecore.io import obs_labels
 
 TASKS = ("zeroshot", "underrepresented", "explicit")
 ROLES = ("train", "val", "test", "controls")
@@ -81,7 +82,7 @@ class Split:
         controls = control cells of every context."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}; got {role!r}")
-        pert, ctx = _labels(adata)
+        pert, ctx, _ = obs_labels(adata)
         is_ctrl = pert == self.control
         if role == "controls":
             return is_ctrl
@@ -194,14 +195,6 @@ def _carve_val(train: dict[str, list[str]], target: str, val_fraction: float, rn
     return {c: sorted(ps) for c, ps in val.items()}
 
 
-def _labels(adata) -> tuple[np.ndarray, np.ndarray]:
-    missing = [c for c in ("perturbation", "context") if c not in adata.obs.columns]
-    if missing:
-        raise DataError(f"obs column(s) {missing} not found; splits need prepared data "
-                        "(run `python -m statecore prepare` first)")
-    return (adata.obs["perturbation"].astype(str).to_numpy(), adata.obs["context"].astype(str).to_numpy())
-
-
 def _contexts(adata) -> list[str]:
     return sorted(adata.obs["context"].astype(str).unique()) if "context" in adata.obs.columns else []
 
@@ -211,7 +204,7 @@ def _pert_table(adata, target_context: str) -> tuple[dict[str, list[str]], str]:
     from statecore.io import control_label
 
     control = control_label(adata)
-    pert, ctx = _labels(adata)
+    pert, ctx, _ = obs_labels(adata)
     contexts = sorted(set(ctx))
     target_context = str(target_context)
     if target_context not in contexts:

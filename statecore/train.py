@@ -356,15 +356,12 @@ def _shift_prior_tables(adata, data: TrainData, split):
 
     Training and validation pairs (never test), as the baselines use: validation pairs then only guide the
     choice of checkpoint, and the prior of a pair measured in few contexts is less noisy."""
-    from statecore.priors import context_pair_shifts, perturbation_shifts
+    from statecore.priors import shift_prior_tables
 
     if data.vocab.features is not None:
         raise DataError("shift_prior needs one-hot perturbations; use --shift-prior off when giving features")
     pairs = {c: [*split.train.get(c, []), *split.val.get(c, [])] for c in {*split.train, *split.val}}
-    table = perturbation_shifts(adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs)
-    index, pair_shift = context_pair_shifts(adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs,
-                                            contexts=data.contexts)
-    return table, index, pair_shift
+    return shift_prior_tables(adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts)
 
 
 def train_run(adata, run_cfg: RunConfig, run_dir: str | os.PathLike, *,

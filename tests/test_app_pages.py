@@ -212,15 +212,14 @@ def test_train_running_without_worker_is_interrupted(env):
     assert "stopped without finishing" in _texts(at.warning)
 
 
+def _prepared_info(adata, path: Path) -> dict:
+    """The session's ``sc_prepared`` entry for ``adata`` written to ``path``."""
+    adata.write_h5ad(path)
+    return {"path": str(path), "qc": {}, "n_obs": adata.n_obs, "n_vars": adata.n_vars}
+
+
 def test_train_form_with_prepared_data(env, prepared_synthetic, tmp_path):
-    path = tmp_path / "prep.h5ad"
-    prepared_synthetic.write_h5ad(path)
-    prepared = {
-        "path": str(path),
-        "qc": {},
-        "n_obs": prepared_synthetic.n_obs,
-        "n_vars": prepared_synthetic.n_vars,
-    }
+    prepared = _prepared_info(prepared_synthetic, tmp_path / "prep.h5ad")
     at = _app("3_Train.py", sc_prepared=prepared)
     _clean(at)
     assert at.selectbox(key="train_context").options == ["c0", "c1", "c2"]
@@ -311,14 +310,7 @@ def test_train_page_starts_and_cancels_a_run(env, prepared_synthetic, tmp_path):
     from statecore import jobs
 
     path = tmp_path / "prep.h5ad"
-    prepared_synthetic.write_h5ad(path)
-    prepared = {
-        "path": str(path),
-        "qc": {},
-        "n_obs": prepared_synthetic.n_obs,
-        "n_vars": prepared_synthetic.n_vars,
-    }
-    at = _app("3_Train.py", sc_prepared=prepared)
+    at = _app("3_Train.py", sc_prepared=_prepared_info(prepared_synthetic, path))
     at.number_input(key="train_steps").set_value(100_000)
     at.number_input(key="train_set_size").set_value(16)
     at.button(key="train_start").click().run()
@@ -377,6 +369,55 @@ def test_unmeasured_combos_and_crosstab():
     table = analysis.crosstab(obs, "p", "c")
     assert table.loc["A", "y"] == 1 and table.loc["ctrl"].sum() == 2
     assert list(analysis.crosstab(obs, "p", None).columns) == ["all"]
+
+
+def test_prediction_choices_offer_only_what_the_run_can_encode():
+    import pandas as pd
+
+    from statecore.ui import analysis
+
+    obs = pd.DataFrame(
+        {
+            "perturbation": ["ctrl", "ctrl", "A", "B", "C", "A+B", "Z"],
+            "context": ["x", "y", "x", "x", "y", "x", "y"],
+        }
+    )
+    contexts, measured, combos = analysis.prediction_choices(obs, "ctrl", ["y", "w"], ["A", "B", "C", "ctrl"])
+    assert contexts == ["y"]  # the run's contexts that have control cells
+    assert measured == ["A", "A+B", "B", "C"]  # "Z" is not in the run's vocabulary
+    assert combos == ["A+C", "B+C"]
+    assert analysis.prediction_choices(obs, "ctrl", ["w"], ["A"])[0] == ["x", "y"]  # none known: all
+
+
+def test_ranked_de_sorts_one_target():
+    import pandas as pd
+
+    from statecore.ui import analysis
+
+    de = pd.DataFrame(
+        {
+            "target": ["A", "A", "A", "B"],
+            "feature": ["g1", "g2", "g3", "g1"],
+            "log2_fold_change": [0.5, -2.0, 1.0, 9.0],
+            "fdr": [0.01, 0.01, 0.001, 0.0],
+        }
+    )
+    ranked = analysis.ranked_de(de, "A")
+    assert list(ranked["feature"]) == ["g3", "g2", "g1"] and list(ranked.columns) == list(de.columns)
+
+
+def test_cached_loaders_reread_a_rewritten_file(tmp_path, synthetic_counts):
+    """The file's mtime is part of the cache key: a rewritten file is read again, not served stale."""
+    import os
+
+    from statecore.ui import loaders
+
+    path = tmp_path / "d.h5ad"
+    synthetic_counts.write_h5ad(path)
+    assert loaders.read_h5ad(path).n_obs == synthetic_counts.n_obs
+    synthetic_counts[:10].copy().write_h5ad(path)
+    os.utime(path, (1_000_000_000, 1_000_000_000))  # a distinct mtime even on a coarse clock
+    assert loaders.read_h5ad(path).n_obs == 10
 
 
 def test_pds_matrix_ranks_the_true_perturbation():

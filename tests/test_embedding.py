@@ -182,6 +182,22 @@ def test_counts_and_log1p_inputs_give_the_same_rows(counts):
         ExpressionRows(ad.AnnData(X=-np.ones((3, 4), dtype=np.float32)))
 
 
+def test_gene_subsets_gather_the_same_values_and_missing_genes_read_zero(counts):
+    full = ExpressionRows(counts)
+    cells = np.array([4, 0, 9])
+    want = full.rows(cells)
+    names = list(full.genes)
+    picked = [names[7], names[2], names[30]]
+    sub = ExpressionRows(counts, picked)
+    np.testing.assert_array_equal(sub.rows(cells), want[:, [7, 2, 30]])  # normalised over every gene
+    holes = ExpressionRows(counts, [names[3], "absent", names[1]], allow_missing=True)
+    got = holes.rows(cells)
+    assert holes.n_missing == 1 and got.shape == (3, 3)
+    np.testing.assert_array_equal(got[:, [0, 2]], want[:, [3, 1]])
+    assert not got[:, 1].any()
+    np.testing.assert_array_equal(sub.depth, full.depth)  # depth is the cell's, whatever the genes
+
+
 # ------------------------------------------------------------------ training and transform
 
 

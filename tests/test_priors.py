@@ -117,3 +117,13 @@ def test_context_pairs_override_the_average_for_measured_pairs():
     torch.testing.assert_close(out[:, 0], torch.tensor([[2.0, 2.0], [1.0, 3.0], [1.5, 2.5]]))
     single = model(x[:1], torch.tensor([[0.0, 1.0, 0.0]]), context=torch.tensor([0]))
     torch.testing.assert_close(single[0, 0], torch.tensor([1.5, 0.5]))  # singles keep the average
+
+
+def test_prior_cells_scale_mode_keeps_zeros_of_expressed_genes():
+    x = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [1.0, 0.02]]])  # gene 0 expressed (mean 1), gene 1 barely (0.0067)
+    shift = torch.tensor([0.5, 0.3]).expand(1, 3, 2)
+    moved = StateTransitionModel.prior_cells(x, shift, mode="scale")
+    torch.testing.assert_close(moved.mean(dim=1), x.mean(dim=1) + torch.tensor([0.5, 0.3]))
+    assert moved[0, 0, 0] == 0  # an expressed gene's zero stays zero when scaled
+    assert torch.all(moved[0, :, 1] > 0)  # a barely expressed gene takes the shift additively
+    torch.testing.assert_close(StateTransitionModel.prior_cells(x, shift, mode="add"), x + shift)

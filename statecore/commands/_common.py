@@ -1,4 +1,4 @@
-"""Helpers shared by the train / predict / baseline commands."""
+"""Helpers shared by the commands."""
 
 from __future__ import annotations
 
@@ -46,9 +46,12 @@ def _read_backed(path: Path):
                       uns=read_elem(f["uns"]) if "uns" in f else {})
 
 
-def write_h5ad(adata, path: str) -> None:
+def write_h5ad(adata, path) -> None:
+    """Write ``adata`` to ``path`` (.h5ad) atomically: a reader never sees a half-written file."""
     out = Path(path)
     if out.suffix != ".h5ad":
-        raise DataError(f"output {path!r} must end in .h5ad")
+        raise DataError(f"output {str(path)!r} must end in .h5ad")
     out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
+    tmp = out.with_name(out.name + ".tmp")
+    adata.write_h5ad(tmp)
+    tmp.replace(out)

@@ -49,16 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _read(path: str):
     from pathlib import Path
 
-    import anndata as ad
-
     from statecore.errors import DataError
+    from statecore.io import read_data
 
     p = Path(path)
     if p.suffix != ".h5ad":
         raise DataError(f"{path!r}: embed reads .h5ad files; convert other formats with `python -m statecore prepare`")
     if not p.exists():
         raise DataError(f"data file {path!r} does not exist")
-    return ad.read_h5ad(p)
+    return read_data(p)  # one-line DataError for a damaged or non-HDF5 file
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +72,7 @@ def _fit(args: argparse.Namespace) -> int:
     from statecore.embed import DEFAULT_SE_TRAIN, SE_PRESETS, fit_embedding
     from statecore.errors import CheckpointError, DataError
     from statecore.models.embedding import check_config
+    from statecore.sets import select_genes
 
     run_dir = Path(args.run_dir)
     if (run_dir / "model.safetensors").exists() and not args.overwrite:
@@ -95,7 +95,7 @@ def _fit(args: argparse.Namespace) -> int:
     if args.hvg_only:
         if "highly_variable" not in adata.var:
             raise DataError("--hvg-only: the data has no var['highly_variable']; run `python -m statecore prepare` first")
-        genes = list(adata.var_names[adata.var["highly_variable"].to_numpy(bool)])
+        genes = select_genes(adata, use_hvg=True)  # DataError when the column selects no gene
 
     run_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM (jobs.cancel) becomes the STOP file the training loop checks, so the model is saved.
@@ -114,18 +114,16 @@ def _fit(args: argparse.Namespace) -> int:
 def _transform(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from statecore.commands._common import write_h5ad
     from statecore.embed import embed_adata, load_embedding
     from statecore.errors import DataError
 
     out = Path(args.output)
-    if out.suffix != ".h5ad":
+    if out.suffix != ".h5ad":  # before the work, not only when writing
         raise DataError(f"output {str(out)!r} must end in .h5ad")
     run = load_embedding(args.run_dir, device=args.device)
     adata = _read(args.data)
     result = embed_adata(run, adata, batch_size=args.batch_size, allow_missing_genes=args.allow_missing_genes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.h5ad")
-    result.write_h5ad(tmp)
-    tmp.replace(out)  # atomic: a reader never sees a half-written file
+    write_h5ad(result, out)  # atomic: a reader never sees a half-written file
     print(f"wrote {out}: obsm['X_state'] {result.obsm['X_state'].shape[0]} cells x {result.obsm['X_state'].shape[1]}")
     return 0

@@ -32,9 +32,11 @@ def _column(value: str | None, detected: str | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     import warnings
     from pathlib import Path
 
+    from statecore.commands._common import write_h5ad
     from statecore.config import QCConfig
     from statecore.errors import DataError
     from statecore.io import detect_spec, read_data
@@ -69,15 +71,10 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prepared = prepare(adata, spec=spec, qc=qc, source=str(src))
-    import sys
-
     for w in caught:
         if issubclass(w.category, UserWarning) and "statecore" in str(w.filename):
             print(f"warning: {w.message}", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    prepared.write_h5ad(tmp)
-    tmp.replace(out)  # atomic: a reader never sees a half-written file
+    write_h5ad(prepared, out)
     r = prepared.uns["statecore"]["qc_report"]
     n_perts = prepared.obs["perturbation"].nunique() - 1
     print(f"wrote {out}: {r['cells_out']}/{r['cells_in']} cells ({r['cells_removed_min_genes']} removed by "

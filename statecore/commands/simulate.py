@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from statecore.commands._common import write_h5ad
     from statecore.errors import DataError
     from statecore.synthetic import make_perturbation_adata
 
@@ -37,10 +38,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise DataError(str(exc)) from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    adata.write_h5ad(tmp)
-    tmp.replace(out)  # atomic: a reader never sees a half-written file
+    write_h5ad(adata, out)
     n_labels = adata.obs["perturbation"].nunique()
     print(f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes, {n_labels - 1} perturbations "
           f"(+ control 'ctrl'), {adata.obs['context'].nunique()} contexts, "

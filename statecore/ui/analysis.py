@@ -73,6 +73,34 @@ def unmeasured_combos(measured: list[str], control: str, sep: str = "+", limit: 
     return out[:limit]
 
 
+def prediction_choices(
+    obs: pd.DataFrame, control: str, run_contexts, vocab, sep: str = "+"
+) -> tuple[list[str], list[str], list[str]]:
+    """What the Predict page offers: ``(contexts, measured, combos)``.
+
+    Contexts are those with control cells (the ones the run knows, if any); perturbations are the
+    measured ones and the unmeasured pairs of measured singles whose every part is in the run's
+    perturbation ``vocab``."""
+    perts = obs["perturbation"].astype(str)
+    has_ctrl = obs.loc[perts == control, "context"].astype(str).unique()
+    contexts = sorted(set(map(str, run_contexts)) & set(has_ctrl)) or sorted(has_ctrl)
+    known = {str(p) for p in vocab if str(p) != control}
+
+    def encodable(pert: str) -> bool:
+        return all(part in known for part in split_combo(pert, sep))
+
+    measured = sorted(p for p in perts.unique() if p != control)
+    combos = unmeasured_combos(measured, control, sep)
+    return contexts, [p for p in measured if encodable(p)], [c for c in combos if encodable(c)]
+
+
+def ranked_de(de: pd.DataFrame, target: str) -> pd.DataFrame:
+    """One target's rows of a ``compute_de`` table, most significant first (ties: larger |log2 FC|)."""
+    one = de[de["target"].astype(str) == target].copy()
+    one["abs_lfc"] = one["log2_fold_change"].abs()
+    return one.sort_values(["fdr", "abs_lfc"], ascending=[True, False]).drop(columns="abs_lfc")
+
+
 def group_means(x, labels: np.ndarray) -> tuple[list[str], np.ndarray]:
     """Mean expression per label (pseudobulk): ``(labels, means [n_labels, n_genes])``."""
     labels = np.asarray(labels).astype(str)

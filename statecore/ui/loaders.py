@@ -1,5 +1,8 @@
 """Cached loaders. AnnData cannot be hashed, so caches key on (path, mtime) strings; what they hand
-out is shared across sessions and must be treated as read-only (``.copy()`` before mutating)."""
+out is shared across sessions and must be treated as read-only (``.copy()`` before mutating).
+
+Streamlit leaves parameters named with a leading underscore out of the cache key, so the mtimes
+are named ``stamp`` (no underscore): they must be part of the key for a rewritten file to be read again."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ def mtime(path: str | Path | None) -> float:
 
 
 @st.cache_resource(max_entries=3, show_spinner="Reading data…")
-def _read_data(path: str, _mtime: float, metadata: str | None, _meta_mtime: float, cell_id_col: str | None):
+def _read_data(path: str, stamp: float, metadata: str | None, meta_stamp: float, cell_id_col: str | None):
     from statecore.io import read_data
 
     return read_data(path, metadata=metadata, cell_id_col=cell_id_col)
@@ -31,7 +34,7 @@ def read_data(info: dict):
 
 
 @st.cache_resource(max_entries=3, show_spinner="Reading prepared data…")
-def _read_h5ad(path: str, _mtime: float):
+def _read_h5ad(path: str, stamp: float):
     import anndata as ad
 
     return ad.read_h5ad(path)
@@ -42,7 +45,7 @@ def read_h5ad(path: str | Path):
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
-def _load_run(run_dir: str, _mtime: float):
+def _load_run(run_dir: str, stamp: float):
     from statecore.checkpoint import load_run
 
     return load_run(run_dir, device="cpu")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+import pandas as pd
 import streamlit as st
 
 from statecore.errors import StatecoreError
@@ -78,7 +80,19 @@ def format_seconds(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {sec:02d}s"
 
 
-def pick_run(key: str, empty_message: str) -> Any:
+def download(col: Any, label: str, data: Any, file_name: str, *, key: str) -> None:
+    """A download button in ``col``; nothing when ``data`` is missing (``None`` or a failed ``attempt``).
+
+    A DataFrame is offered as CSV; the mime type follows the file name's extension."""
+    if data is None or failed(data):
+        return
+    if isinstance(data, pd.DataFrame):
+        data = data.to_csv(index=False).encode()
+    mime = "text/csv" if file_name.endswith(".csv") else "application/octet-stream"
+    col.download_button(label, data, file_name=file_name, mime=mime, key=key)
+
+
+def pick_run(key: str, empty_message: str) -> Path:
     """The run selector of Predict and Evaluate: runs with a model, the session's current run preselected.
 
     Stops the page with ``empty_message`` and a link to Train when no run has a model yet."""
