@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from statecore import jobs
+from statecore.runs import jobs
 from statecore.ui import state
 
 state.init_page("Home", "🧬")

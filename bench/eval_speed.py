@@ -66,23 +66,54 @@ def make_data(tmp: Path, n_perts: int, n_cells: int, n_ctrl: int, n_genes: int, 
 
 
 def run_statecore(real: Path, pred: Path, outdir: Path) -> dict:
-    cmd = [sys.executable, "-m", "statecore", "evaluate", "--pred", str(pred), "--real", str(real),
-           "--control", "ctrl", "-o", str(outdir), "--timings"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "statecore",
+        "evaluate",
+        "--pred",
+        str(pred),
+        "--real",
+        str(real),
+        "--control",
+        "ctrl",
+        "-o",
+        str(outdir),
+        "--timings",
+    ]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     wall = time.perf_counter() - t
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("timings ")][-1]
-    phases = json.loads(line[len("timings "):])
+    phases = json.loads(line[len("timings ") :])
     return {"wall_s": wall, "phases_s": phases}
 
 
 def run_cell_eval(real: Path, pred: Path, outdir: Path, threads: int) -> dict:
-    cmd = [sys.executable, "-c", CELL_EVAL_WRAPPER, "run", "-ap", str(pred), "-ar", str(real),
-           "--control-pert", "ctrl", "--pert-col", "perturbation", "--profile", "full",
-           "--num-threads", str(threads), "-o", str(outdir)]
+    cmd = [
+        sys.executable,
+        "-c",
+        CELL_EVAL_WRAPPER,
+        "run",
+        "-ap",
+        str(pred),
+        "-ar",
+        str(real),
+        "--control-pert",
+        "ctrl",
+        "--pert-col",
+        "perturbation",
+        "--profile",
+        "full",
+        "--num-threads",
+        str(threads),
+        "-o",
+        str(outdir),
+    ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -153,19 +184,26 @@ def _agreement(ours: Path, ref: Path) -> dict:
     b = pd.read_csv(ref).set_index("statistic").loc["mean"]
     common = [c for c in b.index if c in a.index]
     diff = {c: float(abs(a[c] - b[c])) for c in common if not (np.isnan(a[c]) and np.isnan(b[c]))}
-    return {"n_metrics": len(common), "max": max(diff.values()) if diff else None,
-            "worst": max(diff, key=diff.get) if diff else None}
+    return {
+        "n_metrics": len(common),
+        "max": max(diff.values()) if diff else None,
+        "worst": max(diff, key=diff.get) if diff else None,
+    }
 
 
 def _print(r: dict) -> None:
-    print(f"data: {r['data']}  threads: {r['cpu_threads']}  "
-          f"load avg before/after: {r['load_avg_1min_before_after']}")
+    print(
+        f"data: {r['data']}  threads: {r['cpu_threads']}  "
+        f"load avg before/after: {r['load_avg_1min_before_after']}"
+    )
     print(f"{'tool':<34}{'wall s':>10}")
     print(f"{'statecore evaluate':<34}{r['statecore']['wall_s']:>10.1f}")
     print(f"{'cell-eval run --profile full':<34}{r['cell_eval_full']['wall_s']:>10.1f}")
     print(f"{'cell-eval, same metrics only':<34}{r['cell_eval_same_metrics_s']:>10.1f}")
-    print(f"speedup: {r['speedup_vs_full']:.1f}x vs full profile, "
-          f"{r['speedup_same_metrics']:.1f}x on the metrics both compute")
+    print(
+        f"speedup: {r['speedup_vs_full']:.1f}x vs full profile, "
+        f"{r['speedup_same_metrics']:.1f}x on the metrics both compute"
+    )
     print(f"agg mean agreement: {r['max_abs_diff_agg_mean']}")
     for name in ("statecore", "cell_eval_full"):
         print(f"\nwhere the time goes ({name}):")

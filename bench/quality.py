@@ -1,7 +1,7 @@
 """Quality benchmark: State Transition vs baselines vs the data ceiling, with cell-eval's metrics.
 
 Every step goes through the public CLI (``python -m statecore prepare|train|predict|baseline``) so the
-benchmark measures exactly what a user runs; scoring uses ``statecore.metrics.evaluate``.
+benchmark measures exactly what a user runs; scoring uses ``statecore.evaluation.metrics.evaluate``.
 
 Tasks (see docs/RESULTS.md):
   K1  Kang 2018 PBMC IFN-beta, zero-shot context CD14+Mono, 2,000 HVGs
@@ -35,7 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SAMPLE = ROOT / "sample_data"
-METRICS = ("pearson_delta", "mae", "discrimination_score_l1", "overlap_at_N", "overlap_at_100", "precision_at_N")
+METRICS = (
+    "pearson_delta",
+    "mae",
+    "discrimination_score_l1",
+    "overlap_at_N",
+    "overlap_at_100",
+    "precision_at_N",
+)
 BASELINES = ("control", "context_mean", "perturbation_mean", "cell_mean")
 
 
@@ -46,8 +53,9 @@ def sh(args: list[str], log: Path, *, env_extra: dict[str, str] | None = None) -
     with open(log, "a") as fh:
         fh.write("\n$ " + " ".join(args) + "\n")
         fh.flush()
-        proc = subprocess.run([sys.executable, "-m", "statecore", *args], stdout=fh, stderr=subprocess.STDOUT,
-                              env=env, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "statecore", *args], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+        )
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-15:]
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(args)}\n" + "\n".join(tail))
@@ -55,10 +63,11 @@ def sh(args: list[str], log: Path, *, env_extra: dict[str, str] | None = None) -
 
 
 def make_synthetic(path: Path, seed: int) -> None:
-    from statecore.synthetic import make_perturbation_adata
+    from statecore.data.synthetic import make_perturbation_adata
 
-    adata = make_perturbation_adata(n_cells=12000, n_genes=1000, n_perturbations=36,
-                                    contexts=("c0", "c1", "c2", "c3"), seed=seed)
+    adata = make_perturbation_adata(
+        n_cells=12000, n_genes=1000, n_perturbations=36, contexts=("c0", "c1", "c2", "c3"), seed=seed
+    )
     adata.write_h5ad(path)
 
 
@@ -97,7 +106,7 @@ def summarise(result) -> dict[str, float]:
 
 
 def celleval_diff(pred, real, control: str, ours: dict[str, float]) -> dict[str, float]:
-    """|statecore.metrics - cell-eval| per metric on the same files (they should agree)."""
+    """|statecore.evaluation.metrics - cell-eval| per metric on the same files (they should agree)."""
     import logging
     import tempfile
     import warnings
@@ -107,8 +116,9 @@ def celleval_diff(pred, real, control: str, ours: dict[str, float]) -> dict[str,
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ev = MetricsEvaluator(pred.copy(), real.copy(), control_pert=control, pert_col="perturbation",
-                              num_threads=1, outdir=d)
+        ev = MetricsEvaluator(
+            pred.copy(), real.copy(), control_pert=control, pert_col="perturbation", num_threads=1, outdir=d
+        )
         res, _ = ev.compute(profile="full")
     logging.disable(logging.NOTSET)
     ref = res.to_pandas()
@@ -117,6 +127,7 @@ def celleval_diff(pred, real, control: str, ours: dict[str, float]) -> dict[str,
 
 def spread_ratio(pred, real, control: str) -> float:
     """Mean per-gene std of predicted perturbed cells over that of real ones (1 = realistic spread)."""
+
     def std(a):
         mask = a.obs["perturbation"].astype(str).to_numpy() != control
         x = a.X[mask]
@@ -129,7 +140,7 @@ def spread_ratio(pred, real, control: str) -> float:
 def run_task(name: str, cfg: dict, args, workdir: Path) -> dict:
     import anndata as ad
 
-    from statecore.metrics import evaluate
+    from statecore.evaluation.metrics import evaluate
 
     tdir = workdir / name
     tdir.mkdir(parents=True, exist_ok=True)
@@ -142,13 +153,38 @@ def run_task(name: str, cfg: dict, args, workdir: Path) -> dict:
         src = raw
     else:
         src = SAMPLE / cfg["data"]
-    sh(["prepare", str(src), "-o", str(prepared), "--n-hvg", str(cfg.get("n_hvg", 2000)), "--no-umap",
-        *cfg.get("prepare", [])], log)
+    sh(
+        [
+            "prepare",
+            str(src),
+            "-o",
+            str(prepared),
+            "--n-hvg",
+            str(cfg.get("n_hvg", 2000)),
+            "--no-umap",
+            *cfg.get("prepare", []),
+        ],
+        log,
+    )
 
     run_dir = tdir / "run"
-    train = ["train", "--data", str(prepared), "--run-dir", str(run_dir), "--task", cfg["task"],
-             "--context", cfg["context"], "--preset", args.preset, "--seed", str(args.seed),
-             "--max-minutes", str(args.minutes)]
+    train = [
+        "train",
+        "--data",
+        str(prepared),
+        "--run-dir",
+        str(run_dir),
+        "--task",
+        cfg["task"],
+        "--context",
+        cfg["context"],
+        "--preset",
+        args.preset,
+        "--seed",
+        str(args.seed),
+        "--max-minutes",
+        str(args.minutes),
+    ]
     if args.steps:
         train += ["--steps", str(args.steps)]
     if cfg["task"] == "underrepresented":
@@ -162,19 +198,60 @@ def run_task(name: str, cfg: dict, args, workdir: Path) -> dict:
         # tasks on the same prepared data share one SE model (T1B and T2B)
         se_dir = workdir / f"se-{Path(cfg['data']).stem}-{cfg.get('n_hvg', 2000)}-seed{args.seed}"
         if not (se_dir / "model.safetensors").exists():  # se_s stays None when an earlier task fitted it
-            se_s = sh(["embed", "fit", "--data", str(prepared), "--run-dir", str(se_dir), "--overwrite",
-                       "--seed", str(args.seed), *cfg.get("embed", [])], log)
+            se_s = sh(
+                [
+                    "embed",
+                    "fit",
+                    "--data",
+                    str(prepared),
+                    "--run-dir",
+                    str(se_dir),
+                    "--overwrite",
+                    "--seed",
+                    str(args.seed),
+                    *cfg.get("embed", []),
+                ],
+                log,
+            )
         train += ["--track", "embedding", "--embedding-run", str(se_dir)]
     train_s = sh(train, log)
     load_avg = os.getloadavg()[0]
 
     pred_p, real_p = tdir / "pred.h5ad", tdir / "real.h5ad"
-    sh(["predict", "--run-dir", str(run_dir), "--data", str(prepared), "--split", "test",
-        "-o", str(pred_p), "--real-out", str(real_p), "--seed", str(args.seed)], log)
+    sh(
+        [
+            "predict",
+            "--run-dir",
+            str(run_dir),
+            "--data",
+            str(prepared),
+            "--split",
+            "test",
+            "-o",
+            str(pred_p),
+            "--real-out",
+            str(real_p),
+            "--seed",
+            str(args.seed),
+        ],
+        log,
+    )
     kinds = list(BASELINES) + (["additive"] if cfg["task"] == "explicit" else [])
     for kind in kinds:
-        sh(["baseline", "--data", str(prepared), "--run-dir", str(run_dir), "--kind", kind,
-            "-o", str(tdir / f"base_{kind}.h5ad")], log)
+        sh(
+            [
+                "baseline",
+                "--data",
+                str(prepared),
+                "--run-dir",
+                str(run_dir),
+                "--kind",
+                kind,
+                "-o",
+                str(tdir / f"base_{kind}.h5ad"),
+            ],
+            log,
+        )
 
     real = ad.read_h5ad(real_p)
     control = str(real.uns.get("statecore", {}).get("control", "ctrl")) if "statecore" in real.uns else "ctrl"
@@ -192,10 +269,16 @@ def run_task(name: str, cfg: dict, args, workdir: Path) -> dict:
     rows["ceiling (two halves)"]["spread_ratio"] = spread_ratio(half_a, half_b, control)
     status = json.loads((run_dir / "status.json").read_text())
     n_test = int((real.obs["perturbation"].astype(str) != control).sum())
-    out = {"task": cfg, "train_seconds": train_s, "train_steps": int(status.get("step", 0)),
-           "load_average_after_training": load_avg, "n_test_cells": n_test,
-           "n_test_perturbations": int(real.obs["perturbation"].astype(str).nunique() - 1),
-           "n_genes": int(real.n_vars), "rows": rows}
+    out = {
+        "task": cfg,
+        "train_seconds": train_s,
+        "train_steps": int(status.get("step", 0)),
+        "load_average_after_training": load_avg,
+        "n_test_cells": n_test,
+        "n_test_perturbations": int(real.obs["perturbation"].astype(str).nunique() - 1),
+        "n_genes": int(real.n_vars),
+        "rows": rows,
+    }
     if check:
         out["celleval_max_abs_diff"] = check
     if se_dir is not None:
@@ -206,8 +289,13 @@ def run_task(name: str, cfg: dict, args, workdir: Path) -> dict:
 TASKS = {
     # min_cells 0: the bar's 2,000 seurat_v3 HVGs are chosen on all 6,998 genes (the default min_cells=50
     # keeps 2,833 genes and shares only 829 of those 2,000 HVGs, a different and easier task)
-    "K1": dict(data="kang2018_pbmc_ifnb.h5ad", task="zeroshot", context="CD14+Mono", n_hvg=2000,
-               prepare=["--min-cells", "0"]),
+    "K1": dict(
+        data="kang2018_pbmc_ifnb.h5ad",
+        task="zeroshot",
+        context="CD14+Mono",
+        n_hvg=2000,
+        prepare=["--min-cells", "0"],
+    ),
     "S1": dict(data="synthetic", task="underrepresented", context="c3", n_hvg=1000),
     "T1": dict(data="perturbench_devel.h5ad", task="underrepresented", context="U87MG", n_hvg=500),
     "T2": dict(data="perturbench_devel.h5ad", task="zeroshot", context="U87MG", n_hvg=500),
@@ -217,9 +305,14 @@ TASKS = {
 # Track B (ST on State Embedding cell embeddings + gene decoder, scored in the same HVG space): the same
 # tasks with an SE model fitted on the task's prepared data (`embed fit`, small preset)
 # 150 steps of 32 cells on one thread: ~3 CPU minutes on the 6k-cell sample (a loaded 2-core box)
-TASKS.update({f"{k}B": dict(TASKS[k], track="embedding",
-                            embed=["--steps", "150", "--batch-size", "32", "--num-threads", "1"])
-              for k in ("T1", "T2", "K1")})
+TASKS.update(
+    {
+        f"{k}B": dict(
+            TASKS[k], track="embedding", embed=["--steps", "150", "--batch-size", "32", "--num-threads", "1"]
+        )
+        for k in ("T1", "T2", "K1")
+    }
+)
 # Track B with the residual decode at prediction (`train --decoder-residual on`)
 TASKS.update({f"{k}BR": dict(TASKS[f"{k}B"], extra=["--decoder-residual", "on"]) for k in ("T1", "K1")})
 
@@ -234,16 +327,24 @@ def table(results: dict) -> str:
         if "error" in res:
             lines.append(f"### {name}: failed: {res['error']}")
             continue
-        cols = ["model"] + [m for m in METRICS if any(m in r for r in res["rows"].values())] + ["spread_ratio"]
-        lines.append(f"### {name} ({res['task']['task']} {res['task']['context']}; {res['n_test_perturbations']} test "
-                     f"perturbation(s), {res['n_genes']} genes; ST trained {res.get('train_steps', '?')} steps in "
-                     f"{res['train_seconds']:.0f} s, load average {res.get('load_average_after_training', 0):.1f})")
+        cols = (
+            ["model"] + [m for m in METRICS if any(m in r for r in res["rows"].values())] + ["spread_ratio"]
+        )
+        lines.append(
+            f"### {name} ({res['task']['task']} {res['task']['context']}; {res['n_test_perturbations']} test "
+            f"perturbation(s), {res['n_genes']} genes; ST trained {res.get('train_steps', '?')} steps in "
+            f"{res['train_seconds']:.0f} s, load average {res.get('load_average_after_training', 0):.1f})"
+        )
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
         for model, row in res["rows"].items():
-            lines.append("| " + " | ".join([model] + [fmt(row.get(c, float("nan"))) for c in cols[1:]]) + " |")
+            lines.append(
+                "| " + " | ".join([model] + [fmt(row.get(c, float("nan"))) for c in cols[1:]]) + " |"
+            )
         if res.get("celleval_max_abs_diff"):
-            worst = max((v, f"{m}/{k}") for m, d in res["celleval_max_abs_diff"].items() for k, v in d.items())
+            worst = max(
+                (v, f"{m}/{k}") for m, d in res["celleval_max_abs_diff"].items() for k, v in d.items()
+            )
             lines.append(f"cell-eval check: largest |statecore - cell-eval| = {worst[0]:.2g} ({worst[1]})")
         lines.append("")
     return "\n".join(lines)
@@ -257,8 +358,13 @@ def merge(paths: list[str], out: Path) -> int:
         metas.append(doc["meta"])
         results.update(doc["results"])
     results = {k: results[k] for k in TASKS if k in results}
-    out.write_text(json.dumps({"meta": metas[0] if len(metas) == 1 else {"parts": metas}, "results": results},
-                              indent=2, default=float))
+    out.write_text(
+        json.dumps(
+            {"meta": metas[0] if len(metas) == 1 else {"parts": metas}, "results": results},
+            indent=2,
+            default=float,
+        )
+    )
     print(table(results))
     print(f"\nwrote {out}")
     return 0
@@ -268,17 +374,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--preset", default="small")
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock cap per task (a safety net)")
-    p.add_argument("--steps", type=int, default=400,
-                   help="optimizer steps (default 400, as in docs/RESULTS.md); the LR schedule spans them, so a "
-                        "fixed step count gives the same model on a loaded machine, only later")
-    p.add_argument("--celleval", action="store_true",
-                   help="also score every prediction with cell-eval itself and report the largest differences")
+    p.add_argument(
+        "--minutes", type=float, default=10.0, help="training wall-clock cap per task (a safety net)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=400,
+        help="optimizer steps (default 400, as in docs/RESULTS.md); the LR schedule spans them, so a "
+        "fixed step count gives the same model on a loaded machine, only later",
+    )
+    p.add_argument(
+        "--celleval",
+        action="store_true",
+        help="also score every prediction with cell-eval itself and report the largest differences",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=str(ROOT / "bench" / "work" / "quality"))
     p.add_argument("--out", default=None)
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="only merge earlier result files (e.g. tasks run in parallel) into --out and print")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="only merge earlier result files (e.g. tasks run in parallel) into --out and print",
+    )
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, Path(args.out or ROOT / "bench" / "results" / "quality.json"))
@@ -295,12 +415,25 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report the failure in the table, keep going with the other tasks
             results[name] = {"task": TASKS[name], "error": str(exc)}
         print(table({name: results[name]}), flush=True)
-    meta = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores", "python": platform.python_version(),
-            "preset": args.preset, "minutes": args.minutes, "steps": args.steps, "seed": args.seed,
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "load_average_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        "quality.json" if len(names) == len(TASKS) else f"quality_{'_'.join(names)}.json")
+    meta = {
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "preset": args.preset,
+        "minutes": args.minutes,
+        "steps": args.steps,
+        "seed": args.seed,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "load_average_end": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT
+        / "bench"
+        / "results"
+        / ("quality.json" if len(names) == len(TASKS) else f"quality_{'_'.join(names)}.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float))
     print(f"\nwrote {out}")

@@ -4,7 +4,7 @@
     nice python bench/train_throughput.py --profile           # + torch.profiler table of one step
     python bench/train_throughput.py --device cuda --threads 4 --bf16   # on a GPU
 
-For each (preset, genes, set size) it times ``statecore.train.fit`` (the real loop: data gathers from
+For each (preset, genes, set size) it times ``statecore.training.engine.fit`` (the real loop: data gathers from
 sparse CSR, forward, energy loss, backward, AdamW) over a few steps after one warm-up step, counts the
 FLOPs of one step with torch's FlopCounterMode (matmuls and attention; elementwise work is not
 counted) and compares FLOP/s against a large float32 torch.matmul timed in the same run on the same
@@ -31,12 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from statecore import losses  # noqa: E402
 from statecore.config import ST_PRESETS, STConfig, TrainConfig  # noqa: E402
+from statecore.data.sets import PerturbationVocab, SetDataset, build_groups  # noqa: E402
+from statecore.data.synthetic import make_perturbation_adata  # noqa: E402
+from statecore.models import losses  # noqa: E402
 from statecore.models.transition import StateTransitionModel  # noqa: E402
-from statecore.sets import PerturbationVocab, SetDataset, build_groups  # noqa: E402
-from statecore.synthetic import make_perturbation_adata  # noqa: E402
-from statecore.train import TrainData, fit  # noqa: E402
+from statecore.training.engine import TrainData, fit  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
 
@@ -75,8 +75,9 @@ def make_data(n_genes: int, set_size: int, n_cells: int, seed: int = 0) -> Train
     vocab = PerturbationVocab.from_labels(a.obs["perturbation"].astype(str), "ctrl")
     genes = a.var_names.astype(str).tolist()
     ds = SetDataset(a, groups, genes=genes, vocab=vocab, set_size=set_size, seed=seed)
-    return TrainData(train=ds, val=None, genes=genes, vocab=vocab, contexts=sorted(set(a.obs["context"])),
-                     batches=["all"])
+    return TrainData(
+        train=ds, val=None, genes=genes, vocab=vocab, contexts=sorted(set(a.obs["context"])), batches=["all"]
+    )
 
 
 def step_flops(model, batch) -> float:
@@ -91,16 +92,38 @@ def step_flops(model, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(preset: str, n_genes: int, set_size: int, *, batch_size: int, steps: int, threads: int,
-            device: str, bf16: bool = False, compile: bool = False, exact_loss: bool = False) -> dict:
+def measure(
+    preset: str,
+    n_genes: int,
+    set_size: int,
+    *,
+    batch_size: int,
+    steps: int,
+    threads: int,
+    device: str,
+    bf16: bool = False,
+    compile: bool = False,
+    exact_loss: bool = False,
+) -> dict:
     data = make_data(n_genes, set_size, n_cells=max(2000, 40 * set_size))
-    cfg = STConfig(**ST_PRESETS[preset]).replace(num_genes=n_genes, perturbation_dim=data.vocab.dim,
-                                                 set_size=set_size)
+    cfg = STConfig(**ST_PRESETS[preset]).replace(
+        num_genes=n_genes, perturbation_dim=data.vocab.dim, set_size=set_size
+    )
     torch.manual_seed(0)
     model = StateTransitionModel(cfg)
-    tcfg = TrainConfig(steps=1, batch_size=batch_size, warmup_steps=0, val_every=0, log_every=10**9,
-                       ckpt_every_steps=10**9, ckpt_every_seconds=0, num_threads=threads, device=device,
-                       bf16=bf16, compile=compile)
+    tcfg = TrainConfig(
+        steps=1,
+        batch_size=batch_size,
+        warmup_steps=0,
+        val_every=0,
+        log_every=10**9,
+        ckpt_every_steps=10**9,
+        ckpt_every_seconds=0,
+        num_threads=threads,
+        device=device,
+        bf16=bf16,
+        compile=compile,
+    )
     saved = losses._dist
     if exact_loss:
         losses._dist = _exact_cdist
@@ -119,19 +142,33 @@ def measure(preset: str, n_genes: int, set_size: int, *, batch_size: int, steps:
     finally:
         losses._dist = saved
     cells = batch_size * set_size
-    return {"preset": preset, "genes": n_genes, "set_size": set_size, "batch_size": batch_size, "steps": steps,
-            "threads": threads, "device": str(device), "bf16": bf16, "compile": compile,
-            "loss_path": "exact-cdist (before)" if exact_loss else "matmul (after)",
-            "params": model.n_parameters(), "step_s": dt, "cells_per_s": cells / dt, "data_s_per_step": data_s,
-            "gflop_per_step": flops / 1e9, "achieved_gflops": flops / dt / 1e9}
+    return {
+        "preset": preset,
+        "genes": n_genes,
+        "set_size": set_size,
+        "batch_size": batch_size,
+        "steps": steps,
+        "threads": threads,
+        "device": str(device),
+        "bf16": bf16,
+        "compile": compile,
+        "loss_path": "exact-cdist (before)" if exact_loss else "matmul (after)",
+        "params": model.n_parameters(),
+        "step_s": dt,
+        "cells_per_s": cells / dt,
+        "data_s_per_step": data_s,
+        "gflop_per_step": flops / 1e9,
+        "achieved_gflops": flops / dt / 1e9,
+    }
 
 
 def profile_one(preset: str, n_genes: int, set_size: int, batch_size: int, threads: int, exact: bool) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     data = make_data(n_genes, set_size, n_cells=max(2000, 40 * set_size))
-    cfg = STConfig(**ST_PRESETS[preset]).replace(num_genes=n_genes, perturbation_dim=data.vocab.dim,
-                                                 set_size=set_size)
+    cfg = STConfig(**ST_PRESETS[preset]).replace(
+        num_genes=n_genes, perturbation_dim=data.vocab.dim, set_size=set_size
+    )
     model = StateTransitionModel(cfg)
     torch.set_num_threads(threads)
     opt = torch.optim.AdamW(model.parameters())
@@ -164,7 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--before", action="store_true", help="also time the old exact-cdist loss (small, 2000 genes)")
+    ap.add_argument(
+        "--before", action="store_true", help="also time the old exact-cdist loss (small, 2000 genes)"
+    )
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -177,8 +216,14 @@ def main(argv=None) -> int:
     for preset in args.presets:
         for genes in args.genes:
             for s in args.set_sizes:
-                kw = dict(batch_size=args.batch_size, steps=args.steps, threads=args.threads, device=args.device,
-                          bf16=args.bf16, compile=args.compile)
+                kw = dict(
+                    batch_size=args.batch_size,
+                    steps=args.steps,
+                    threads=args.threads,
+                    device=args.device,
+                    bf16=args.bf16,
+                    compile=args.compile,
+                )
                 if args.before and preset == "small" and genes == max(args.genes):
                     rows.append(measure(preset, genes, s, exact_loss=True, **kw))
                 rows.append(measure(preset, genes, s, **kw))
@@ -188,27 +233,47 @@ def main(argv=None) -> int:
         r["pct_of_matmul_peak"] = 100.0 * r["achieved_gflops"] * 1e9 / max(peak, peak_after)
     profile_text = None
     if args.profile:
-        profile_text = {"before": profile_one("small", max(args.genes), max(args.set_sizes), args.batch_size,
-                                              args.threads, exact=True),
-                        "after": profile_one("small", max(args.genes), max(args.set_sizes), args.batch_size,
-                                             args.threads, exact=False)}
-    out = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                       "device": str(device), "threads": args.threads, "loadavg_before": load_before,
-                       "loadavg_after": os.getloadavg(),
-                       "matmul_gflops_before": peak / 1e9, "matmul_gflops_after": peak_after / 1e9},
-           "rows": rows, "profile": profile_text}
+        profile_text = {
+            "before": profile_one(
+                "small", max(args.genes), max(args.set_sizes), args.batch_size, args.threads, exact=True
+            ),
+            "after": profile_one(
+                "small", max(args.genes), max(args.set_sizes), args.batch_size, args.threads, exact=False
+            ),
+        }
+    out = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "device": str(device),
+            "threads": args.threads,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "matmul_gflops_before": peak / 1e9,
+            "matmul_gflops_after": peak_after / 1e9,
+        },
+        "rows": rows,
+        "profile": profile_text,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
-    print(f"device {device}, {args.threads} thread(s), load avg {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}; "
-          f"matmul {peak / 1e9:.1f} / {peak_after / 1e9:.1f} GFLOP/s (start / end)")
-    head = f"{'preset':6} {'G':>5} {'S':>4} {'loss path':>20} {'step s':>7} {'cells/s':>8} {'data s':>7} " \
-           f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'%peak':>6}"
+    print(
+        f"device {device}, {args.threads} thread(s), load avg {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}; "
+        f"matmul {peak / 1e9:.1f} / {peak_after / 1e9:.1f} GFLOP/s (start / end)"
+    )
+    head = (
+        f"{'preset':6} {'G':>5} {'S':>4} {'loss path':>20} {'step s':>7} {'cells/s':>8} {'data s':>7} "
+        f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'%peak':>6}"
+    )
     print(head)
     for r in rows:
-        print(f"{r['preset']:6} {r['genes']:>5} {r['set_size']:>4} {r['loss_path']:>20} {r['step_s']:7.3f} "
-              f"{r['cells_per_s']:8.0f} {r['data_s_per_step']:7.4f} {r['gflop_per_step']:10.2f} "
-              f"{r['achieved_gflops']:8.2f} {r['pct_of_matmul_peak']:6.1f}")
+        print(
+            f"{r['preset']:6} {r['genes']:>5} {r['set_size']:>4} {r['loss_path']:>20} {r['step_s']:7.3f} "
+            f"{r['cells_per_s']:8.0f} {r['data_s_per_step']:7.4f} {r['gflop_per_step']:10.2f} "
+            f"{r['achieved_gflops']:8.2f} {r['pct_of_matmul_peak']:6.1f}"
+        )
     if profile_text:
         for k, v in profile_text.items():
             print(f"\n--- profile ({k}) ---\n{v}")

@@ -2,7 +2,7 @@
 
 CD14+Mono (K1's test context) is removed from Kang before anything else (HVGs included); each
 candidate is trained zero-shot on a held-out validation context (default FCGR3A+Mono, the other
-monocytes) and scored with ``statecore.metrics.evaluate`` (cell-eval's definitions). Nothing here
+monocytes) and scored with ``statecore.evaluation.metrics.evaluate`` (cell-eval's definitions). Nothing here
 reads CD14+Mono cells, so choosing the preset from these numbers cannot overfit the K1 test.
 
 Usage:
@@ -53,13 +53,13 @@ def validation_data(workdir: Path):
     """Kang without CD14+Mono, prepared as K1 is (2,000 seurat_v3 HVGs over all genes)."""
     import anndata as ad
 
-    from statecore.commands._common import read_prepared
+    from statecore.cli._common import read_prepared
 
     out = workdir / "kang_noCD14.h5ad"
     if not out.exists():
         from statecore.config import QCConfig
-        from statecore.io import detect_spec, read_data
-        from statecore.preprocess import prepare
+        from statecore.data.io import detect_spec, read_data
+        from statecore.data.preprocess import prepare
 
         raw = read_data(ROOT / "sample_data" / "kang2018_pbmc_ifnb.h5ad")
         raw = raw[raw.obs["context"].astype(str) != TEST_CONTEXT].copy()
@@ -77,14 +77,15 @@ def validation_data(workdir: Path):
 def synthetic_validation_data(workdir: Path, seed: int):
     """A synthetic screen like S1's but drawn with another seed: validation for the S1 settings."""
     from statecore.config import QCConfig
-    from statecore.io import detect_spec
-    from statecore.preprocess import prepare
-    from statecore.synthetic import make_perturbation_adata
+    from statecore.data.io import detect_spec
+    from statecore.data.preprocess import prepare
+    from statecore.data.synthetic import make_perturbation_adata
 
     out = workdir / f"synthetic_seed{seed}.h5ad"
     if not out.exists():
-        raw = make_perturbation_adata(n_cells=12000, n_genes=1000, n_perturbations=36,
-                                      contexts=("c0", "c1", "c2", "c3"), seed=seed)
+        raw = make_perturbation_adata(
+            n_cells=12000, n_genes=1000, n_perturbations=36, contexts=("c0", "c1", "c2", "c3"), seed=seed
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prepare(raw, spec=detect_spec(raw), qc=QCConfig(n_hvg=1000, umap=False)).write_h5ad(out)
@@ -93,19 +94,22 @@ def synthetic_validation_data(workdir: Path, seed: int):
     return ad.read_h5ad(out)
 
 
-def run_one(adata, name: str, context: str, steps: int, seed: int, workdir: Path,
-            task: str = "zeroshot") -> dict:
-    from statecore.checkpoint import load_run
+def run_one(
+    adata, name: str, context: str, steps: int, seed: int, workdir: Path, task: str = "zeroshot"
+) -> dict:
     from statecore.config import ST_PRESETS, RunConfig, SplitConfig, STConfig, TrainConfig
-    from statecore.io import control_label
-    from statecore.metrics import evaluate
-    from statecore.predict import predict_split
-    from statecore.train import train_run
+    from statecore.data.io import control_label
+    from statecore.evaluation.metrics import evaluate
+    from statecore.inference.predict import predict_split
+    from statecore.training.checkpoint import load_run
+    from statecore.training.engine import train_run
 
     model_kw, train_kw = VARIANTS[name]
-    cfg = RunConfig(model=STConfig(**{**ST_PRESETS["small"], **model_kw}),
-                    train=TrainConfig(steps=steps, seed=seed, **train_kw),
-                    split=SplitConfig(task=task, context=context, seed=seed))
+    cfg = RunConfig(
+        model=STConfig(**{**ST_PRESETS["small"], **model_kw}),
+        train=TrainConfig(steps=steps, seed=seed, **train_kw),
+        split=SplitConfig(task=task, context=context, seed=seed),
+    )
     cfg = cfg.replace(spec=cfg.spec.replace(control=control_label(adata)))
     run_dir = workdir / f"{name}_{task}_{context}_{steps}_{seed}".replace("+", "")
     if run_dir.exists():
@@ -120,20 +124,31 @@ def run_one(adata, name: str, context: str, steps: int, seed: int, workdir: Path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = summarise(evaluate(pred, real, control=cfg.spec.control))
-    return {"variant": name, "task": task, "context": context, "steps": steps, "seed": seed, "done_steps": res.step,
-            "train_s": round(train_s, 1), "pearson_delta": m["pearson_delta"], "overlap_at_N": m["overlap_at_N"],
-            "mae": m["mae"], "pds": m.get("discrimination_score_l1", float("nan")),
-            "spread_ratio": spread_ratio(pred, real, cfg.spec.control), "best_val": res.best_val}
+    return {
+        "variant": name,
+        "task": task,
+        "context": context,
+        "steps": steps,
+        "seed": seed,
+        "done_steps": res.step,
+        "train_s": round(train_s, 1),
+        "pearson_delta": m["pearson_delta"],
+        "overlap_at_N": m["overlap_at_N"],
+        "mae": m["mae"],
+        "pds": m.get("discrimination_score_l1", float("nan")),
+        "spread_ratio": spread_ratio(pred, real, cfg.spec.control),
+        "best_val": res.best_val,
+    }
 
 
 def reference_rows(adata, context: str, seed: int, task: str = "zeroshot") -> list[dict]:
     """perturbation_mean and the two-halves ceiling on the validation context (for scale)."""
-    from statecore.baselines import predict_baseline
     from statecore.config import SplitConfig
-    from statecore.metrics import evaluate
-    from statecore.predict import real_for_split
-    from statecore.sets import select_genes
-    from statecore.splits import make_split
+    from statecore.data.sets import select_genes
+    from statecore.data.splits import make_split
+    from statecore.evaluation.metrics import evaluate
+    from statecore.inference.baselines import predict_baseline
+    from statecore.inference.predict import real_for_split
 
     split = make_split(adata, SplitConfig(task=task, context=context, seed=seed))
     genes = select_genes(adata)
@@ -142,15 +157,25 @@ def reference_rows(adata, context: str, seed: int, task: str = "zeroshot") -> li
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cands = {"perturbation_mean": predict_baseline(adata, split, "perturbation_mean", genes=genes,
-                                                       n_cells=n_ctrl, seed=seed),
-                 "ceiling": split_halves(real, seed)}
+        cands = {
+            "perturbation_mean": predict_baseline(
+                adata, split, "perturbation_mean", genes=genes, n_cells=n_ctrl, seed=seed
+            ),
+            "ceiling": split_halves(real, seed),
+        }
         for name, pred in cands.items():
             a, b = (pred, real) if name != "ceiling" else pred
             m = summarise(evaluate(a, b, control=split.control))
-            out.append({"variant": name, "context": context, "pearson_delta": m["pearson_delta"],
-                        "pds": m.get("discrimination_score_l1", float("nan")),
-                        "overlap_at_N": m["overlap_at_N"], "mae": m["mae"]})
+            out.append(
+                {
+                    "variant": name,
+                    "context": context,
+                    "pearson_delta": m["pearson_delta"],
+                    "pds": m.get("discrimination_score_l1", float("nan")),
+                    "overlap_at_N": m["overlap_at_N"],
+                    "mae": m["mae"],
+                }
+            )
     return out
 
 
@@ -160,23 +185,35 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="FCGR3A+Mono")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--synthetic", type=int, default=None, metavar="SEED",
-                   help="validate on a synthetic screen drawn with this seed (underrepresented context) "
-                        "instead of Kang; use a seed other than the benchmark's")
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="validate on a synthetic screen drawn with this seed (underrepresented context) "
+        "instead of Kang; use a seed other than the benchmark's",
+    )
     p.add_argument("--workdir", default=str(ROOT / "bench" / "work" / "tune"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "tune_quality.json"))
     args = p.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    adata = validation_data(workdir) if args.synthetic is None else synthetic_validation_data(workdir, args.synthetic)
+    adata = (
+        validation_data(workdir)
+        if args.synthetic is None
+        else synthetic_validation_data(workdir, args.synthetic)
+    )
     task = "zeroshot" if args.synthetic is None else "underrepresented"
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.exists() else []
     for ctx in [c for c in args.contexts.split(",") if c]:
         for name in [v for v in args.variants.split(",") if v]:
             try:
-                new = (reference_rows(adata, ctx, args.seed, task) if name == "reference"
-                       else [run_one(adata, name, ctx, args.steps, args.seed, workdir, task)])
+                new = (
+                    reference_rows(adata, ctx, args.seed, task)
+                    if name == "reference"
+                    else [run_one(adata, name, ctx, args.steps, args.seed, workdir, task)]
+                )
             except Exception as exc:  # e.g. a prediction outside the log1p range: record it, go on
                 new = [{"variant": name, "context": ctx, "steps": args.steps, "error": str(exc)}]
             rows += new

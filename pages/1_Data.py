@@ -21,7 +21,7 @@ def _load(info: dict) -> None:
     adata = widgets.attempt(loaders.read_data, info, what="Reading the data")
     if widgets.failed(adata):
         return
-    from statecore.io import detect_spec
+    from statecore.data.io import detect_spec
 
     spec = widgets.attempt(detect_spec, adata, what="Detecting the columns")
     if widgets.failed(spec):
@@ -146,7 +146,7 @@ if spec.to_dict() != info["spec"]:
     st.session_state[state.PREPARED] = None  # prepared data no longer matches the mapping
 
 st.subheader("Validation")
-from statecore.io import check  # noqa: E402 - after the page shell renders
+from statecore.data.io import check  # noqa: E402 - after the page shell renders
 
 report = widgets.attempt(check, adata, spec, what="Validating the data")
 if not widgets.failed(report):

@@ -23,8 +23,8 @@ if widgets.failed(adata):
     st.stop()
 spec = DataSpec.from_dict(info["spec"])
 
-from statecore import preprocess  # noqa: E402 - scanpy import after the page shell renders
-from statecore.io import check  # noqa: E402
+from statecore.data import preprocess  # noqa: E402 - scanpy import after the page shell renders
+from statecore.data.io import check  # noqa: E402
 
 report = widgets.attempt(check, adata, spec, what="Validating the data")
 if not widgets.failed(report) and report.errors:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from statecore import jobs
 from statecore.config import ST_PRESETS, TrainConfig
+from statecore.runs import jobs
 from statecore.ui import figures, loaders, state, training, widgets
 
 state.init_page("Train", "🏋️")
@@ -22,7 +22,7 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
     if widgets.failed(adata):
         return
     obs = adata.obs
-    from statecore.io import control_label
+    from statecore.data.io import control_label
 
     control = widgets.attempt(control_label, adata, what="Reading the control label")
     if widgets.failed(control):

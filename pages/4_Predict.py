@@ -22,7 +22,7 @@ if widgets.failed(data_path):
 adata = widgets.attempt(loaders.read_h5ad, data_path, what="Reading the run's data")
 if widgets.failed(adata):
     st.stop()
-from statecore.io import control_label  # noqa: E402
+from statecore.data.io import control_label  # noqa: E402
 
 control = widgets.attempt(control_label, adata, what="Reading the control label")
 if widgets.failed(control):

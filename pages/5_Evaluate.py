@@ -29,7 +29,7 @@ if key not in done:
     done.append(key)
     st.rerun()  # redraw without the button (the result is cached)
 
-from statecore.metrics import CHALLENGE_METRICS, METRICS  # noqa: E402
+from statecore.evaluation.metrics import CHALLENGE_METRICS, METRICS  # noqa: E402
 
 for name, msg in out["errors"].items():
     if name == results.MODEL:

@@ -99,7 +99,7 @@ class STConfig(_Serializable):
     # decoder's systematic error cancels and the predicted cells keep the controls' cell-to-cell spread
     decoder_residual: bool = False
     residual: str = "hidden"  # hidden (reference ST) | expression (add x_ctrl to the output) | none
-    shift_prior: bool = False  # add each perturbation's mean training shift (statecore.priors)
+    shift_prior: bool = False  # add each perturbation's mean training shift (statecore.training.priors)
     prior_mode: str = "scale_down"  # how cells take the prior's shift: add | scale_down | scale
     n_contexts: int = 0  # shift prior: contexts of the per-context table (set by training)
     n_prior_pairs: int = 0  # shift prior: measured (context, single perturbation) pairs
@@ -108,14 +108,28 @@ class STConfig(_Serializable):
 # Presets predict expression as control + a learned shift (residual="expression"): chosen on a
 # validation context (bench/tune_quality.py, docs/RESULTS.md). The hidden-space residual of the
 # reference fitted as well but let a few predicted values run far outside the log1p range.
-# shift_prior (statecore.priors) starts every prediction from the perturbation's mean training shift:
+# shift_prior (statecore.training.priors) starts every prediction from the perturbation's mean training shift:
 # on the synthetic validation screen it lifted pearson_delta 0.15 -> 0.57 and PDS 0.53 -> 0.96, and it was
 # neutral on the Kang validation context (0.909 -> 0.911 pearson_delta).
 ST_PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(hidden_dim=256, transformer_heads=8, transformer_layers=4, mlp_hidden_dim=512, set_size=64,
-                  residual="expression", shift_prior=True),
-    "base": dict(hidden_dim=672, transformer_heads=8, transformer_layers=4, mlp_hidden_dim=1344, set_size=128,
-                 residual="expression", shift_prior=True),
+    "small": dict(
+        hidden_dim=256,
+        transformer_heads=8,
+        transformer_layers=4,
+        mlp_hidden_dim=512,
+        set_size=64,
+        residual="expression",
+        shift_prior=True,
+    ),
+    "base": dict(
+        hidden_dim=672,
+        transformer_heads=8,
+        transformer_layers=4,
+        mlp_hidden_dim=1344,
+        set_size=128,
+        residual="expression",
+        shift_prior=True,
+    ),
 }
 
 

@@ -7,8 +7,15 @@ import numpy as np
 import pandas as pd
 
 
-def make_pair(seed: int, n_perts: int = 6, n_genes: int = 50, n_cells: int = 30,
-              n_ctrl: int = 60, control: str = "ctrl", mix: float = 0.0):
+def make_pair(
+    seed: int,
+    n_perts: int = 6,
+    n_genes: int = 50,
+    n_cells: int = 30,
+    n_ctrl: int = 60,
+    control: str = "ctrl",
+    mix: float = 0.0,
+):
     """Return (pred, real) AnnData with log1p X. Edge cases built in: integer-valued (tied) counts,
     a zero-variance gene and a constant non-zero gene, one perturbation with no effect (usually no
     significant genes), and perturbation ``g1`` named like a gene (target-gene exclusion in PDS).
@@ -36,8 +43,8 @@ def make_pair(seed: int, n_perts: int = 6, n_genes: int = 50, n_cells: int = 30,
             blocks.append(counts(base * mult, n_cells))
             labels += [p] * n_cells
         x = np.log1p(np.vstack(blocks).astype(np.float64))
-        x[:, 3] = 0.0                      # zero-variance gene (all zero)
-        x[:, 4] = np.log1p(2.0)            # constant non-zero gene
+        x[:, 3] = 0.0  # zero-variance gene (all zero)
+        x[:, 4] = np.log1p(2.0)  # constant non-zero gene
         if continuous:  # model-like predictions: continuous values, still some exact zeros
             x = np.clip(x + rng.normal(0, 0.05, x.shape), 0, None)
             x[:, 3] = 0.0

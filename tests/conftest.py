@@ -12,16 +12,17 @@ SAMPLE = ROOT / "sample_data" / "perturbench_devel.h5ad"
 
 @pytest.fixture(scope="session")
 def _synthetic_counts_master():
-    from statecore.synthetic import make_perturbation_adata
+    from statecore.data.synthetic import make_perturbation_adata
 
-    return make_perturbation_adata(n_cells=400, n_genes=120, n_perturbations=8, contexts=("c0", "c1", "c2"),
-                                   n_batches=2, seed=0)
+    return make_perturbation_adata(
+        n_cells=400, n_genes=120, n_perturbations=8, contexts=("c0", "c1", "c2"), n_batches=2, seed=0
+    )
 
 
 @pytest.fixture(scope="session")
 def _prepared_synthetic_master(_synthetic_counts_master):
     from statecore.config import DataSpec, QCConfig
-    from statecore.preprocess import prepare
+    from statecore.data.preprocess import prepare
 
     spec = DataSpec(pert_col="perturbation", control="ctrl", context_col="context", batch_col="batch")
     qc = QCConfig(min_genes=0, min_cells=0, n_hvg=100, umap=False)

@@ -307,7 +307,7 @@ def test_evaluate_page_with_a_trained_run(env, trained_run):
 
 
 def test_train_page_starts_and_cancels_a_run(env, prepared_synthetic, tmp_path):
-    from statecore import jobs
+    from statecore.runs import jobs
 
     path = tmp_path / "prep.h5ad"
     at = _app("3_Train.py", sc_prepared=_prepared_info(prepared_synthetic, path))
@@ -450,7 +450,7 @@ def test_deltas_and_group_means(prepared_synthetic):
 
 def test_evaluate_page_when_the_model_cannot_be_scored(env, trained_run, monkeypatch):
     """The model's scoring fails (e.g. out-of-range predictions): one error, the baselines still shown."""
-    import statecore.metrics as metrics
+    import statecore.evaluation.metrics as metrics
     from statecore.errors import DataError
 
     real_evaluate = metrics.evaluate

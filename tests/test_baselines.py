@@ -3,29 +3,41 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from statecore.baselines import predict_baseline
-from statecore.splits import Split
+from statecore.data.splits import Split
+from statecore.inference.baselines import predict_baseline
 
 
 def _tiny():
     # 2 genes; contexts A (target) and B. Values chosen so every mean is exact by hand.
     rows = [
-        ("A", "ctrl", [1, 1]), ("A", "ctrl", [3, 1]),          # ctrl mean A = [2, 1]
-        ("A", "p1", [4, 4]),                                   # p1 in A: training  -> shift [2, 3]
-        ("A", "p2", [9, 9]),                                   # test (never read)
-        ("A", "p1+p3", [9, 9]),                                # test (never read)
-        ("B", "ctrl", [0, 2]),                                 # ctrl mean B = [0, 2]
-        ("B", "p2", [1, 4]), ("B", "p2", [3, 4]),              # p2 in B: mean [2, 4] -> shift [2, 2]
-        ("B", "p3", [0, 5]),                                   # p3 in B: shift [0, 3]
+        ("A", "ctrl", [1, 1]),
+        ("A", "ctrl", [3, 1]),  # ctrl mean A = [2, 1]
+        ("A", "p1", [4, 4]),  # p1 in A: training  -> shift [2, 3]
+        ("A", "p2", [9, 9]),  # test (never read)
+        ("A", "p1+p3", [9, 9]),  # test (never read)
+        ("B", "ctrl", [0, 2]),  # ctrl mean B = [0, 2]
+        ("B", "p2", [1, 4]),
+        ("B", "p2", [3, 4]),  # p2 in B: mean [2, 4] -> shift [2, 2]
+        ("B", "p3", [0, 5]),  # p3 in B: shift [0, 3]
     ]
-    obs = pd.DataFrame({"context": [r[0] for r in rows], "perturbation": [r[1] for r in rows]},
-                       index=[f"c{i}" for i in range(len(rows))])
+    obs = pd.DataFrame(
+        {"context": [r[0] for r in rows], "perturbation": [r[1] for r in rows]},
+        index=[f"c{i}" for i in range(len(rows))],
+    )
     obs["batch"] = "all"
-    a = ad.AnnData(X=np.array([r[2] for r in rows], dtype=np.float32), obs=obs,
-                   var=pd.DataFrame(index=["g0", "g1"]))
+    a = ad.AnnData(
+        X=np.array([r[2] for r in rows], dtype=np.float32), obs=obs, var=pd.DataFrame(index=["g0", "g1"])
+    )
     a.uns["statecore"] = {"control": "ctrl"}
-    split = Split(task="explicit", context="A", control="ctrl", seed=0,
-                  train={"A": ["p1"], "B": ["p2", "p3"]}, val={"A": [], "B": []}, test={"A": ["p2", "p1+p3"]})
+    split = Split(
+        task="explicit",
+        context="A",
+        control="ctrl",
+        seed=0,
+        train={"A": ["p1"], "B": ["p2", "p3"]},
+        val={"A": [], "B": []},
+        test={"A": ["p2", "p1+p3"]},
+    )
     return a, split
 
 
@@ -54,8 +66,15 @@ def test_hand_computed_baselines():
 
 def test_zero_shot_context_mean_uses_other_contexts():
     a, split = _tiny()
-    z = Split(task="zeroshot", context="A", control="ctrl", seed=0, train={"A": [], "B": ["p2", "p3"]},
-              val={}, test={"A": ["p1", "p2"]})
+    z = Split(
+        task="zeroshot",
+        context="A",
+        control="ctrl",
+        seed=0,
+        train={"A": [], "B": ["p2", "p3"]},
+        val={},
+        test={"A": ["p1", "p2"]},
+    )
     out = predict_baseline(a, z, "context_mean", genes=["g0", "g1"], n_cells=3)
     # ctrl A [2,1] + mean perturbed B [(1+3+0)/3, (4+4+5)/3] - ctrl B [0,2]
     expect = [2 + 4 / 3, 1 + 13 / 3 - 2]

@@ -100,7 +100,7 @@ def server(tmp_path):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
-    from statecore import jobs
+    from statecore.runs import jobs
 
     for run in jobs.list_runs(tmp_path / "runs"):  # never leave a worker behind
         if run.live:

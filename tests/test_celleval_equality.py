@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from statecore.metrics import evaluate, score_against_baseline
+from statecore.evaluation.metrics import evaluate, score_against_baseline
 from tests.celleval_data import make_pair
 
 cell_eval = pytest.importorskip("cell_eval")
@@ -26,8 +26,14 @@ CASES = [(0, 0.0, False), (1, 0.3, False), (2, 0.6, True), (3, 0.9, False)]
 
 
 def _cell_eval(pred, real, tmp_path):
-    ev = cell_eval.MetricsEvaluator(pred.copy(), real.copy(), control_pert="ctrl",
-                                    pert_col="perturbation", num_threads=1, outdir=str(tmp_path))
+    ev = cell_eval.MetricsEvaluator(
+        pred.copy(),
+        real.copy(),
+        control_pert="ctrl",
+        pert_col="perturbation",
+        num_threads=1,
+        outdir=str(tmp_path),
+    )
     res, agg = ev.compute(profile="full", skip_metrics=SKIP, write_csv=False)
     return res.to_pandas().set_index("perturbation").sort_index(), agg.to_pandas()
 
@@ -46,7 +52,9 @@ def _assert_frames_equal(ref, ours, atol=1e-6):
         assert ok.all(), f"{c}: cell-eval {a[~ok]} vs ours {b[~ok]}"
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"seed{c[0]}-mix{c[1]}-{'csr' if c[2] else 'dense'}")
+@pytest.fixture(
+    scope="module", params=CASES, ids=lambda c: f"seed{c[0]}-mix{c[1]}-{'csr' if c[2] else 'dense'}"
+)
 def case(request, tmp_path_factory):
     seed, mix, sparse = request.param
     pred, real = make_pair(seed, mix=mix)
@@ -108,11 +116,12 @@ def test_score_equal_to_cell_eval(tmp_path):
 def test_de_table_equal_to_pdex():
     from pdex import pdex
 
-    from statecore.de import compute_de
+    from statecore.evaluation.de import compute_de
 
     pred, _ = make_pair(3, mix=0.5)
-    ref = pdex(pred, groupby="perturbation", mode="ref", reference="ctrl", threads=1,
-               is_log1p=True, epsilon=0.0).to_pandas()
+    ref = pdex(
+        pred, groupby="perturbation", mode="ref", reference="ctrl", threads=1, is_log1p=True, epsilon=0.0
+    ).to_pandas()
     ours = compute_de(pred, control="ctrl", pert_col="perturbation")
     assert list(ref.columns) == list(ours.columns)
     assert (ref["target"].to_numpy() == ours["target"].to_numpy()).all()
@@ -133,7 +142,7 @@ def test_single_perturbation_documented_difference(tmp_path):
     ours = _ours(pred, real)
     res = ours.results.set_index("perturbation").sort_index()
     pds = [c for c in res.columns if c.startswith("discrimination_score")]
-    assert (ref[pds].to_numpy() == 1.0).all()      # cell-eval: trivially 1 with one candidate
-    assert np.isnan(res[pds].to_numpy()).all()     # ours: undefined
+    assert (ref[pds].to_numpy() == 1.0).all()  # cell-eval: trivially 1 with one candidate
+    assert np.isnan(res[pds].to_numpy()).all()  # ours: undefined
     _assert_frames_equal(ref.drop(columns=pds), res.drop(columns=pds))
     assert any("only one perturbation" in m for m in ours.messages)

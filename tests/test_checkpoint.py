@@ -4,12 +4,18 @@ import pickle
 import pytest
 import torch
 
-from statecore.checkpoint import load_model_weights, read_weights, save_weights
 from statecore.errors import CheckpointError
 from statecore.models.transition import StateTransitionModel
+from statecore.training.checkpoint import load_model_weights, read_weights, save_weights
 
-SMALL = dict(num_genes=12, hidden_dim=8, transformer_heads=2, transformer_layers=1, mlp_hidden_dim=16,
-             perturbation_dim=3)
+SMALL = dict(
+    num_genes=12,
+    hidden_dim=8,
+    transformer_heads=2,
+    transformer_layers=1,
+    mlp_hidden_dim=16,
+    perturbation_dim=3,
+)
 
 
 def test_round_trip_identical_predictions(tmp_path):

@@ -30,15 +30,34 @@ def _write(tmp_path, with_context=False):
 def test_evaluate_with_baseline(tmp_path, capsys):
     p = _write(tmp_path)
     out = tmp_path / "out"
-    rc = main(["evaluate", "--pred", str(p["pred"]), "--real", str(p["real"]), "--control", "ctrl",
-               "--baseline", str(p["base"]), "-o", str(out), "--timings"])
+    rc = main(
+        [
+            "evaluate",
+            "--pred",
+            str(p["pred"]),
+            "--real",
+            str(p["real"]),
+            "--control",
+            "ctrl",
+            "--baseline",
+            str(p["base"]),
+            "-o",
+            str(out),
+            "--timings",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "overlap_at_N" in text and "avg_score" in text and "score vs baseline" in text
     timings = json.loads([ln for ln in text.splitlines() if ln.startswith("timings ")][0][8:])
     assert {"read", "de_real", "de_pred", "save"} <= set(timings)
-    assert {f.name for f in out.iterdir()} == {"results.csv", "agg_results.csv", "real_de.csv",
-                                               "pred_de.csv", "score.csv"}
+    assert {f.name for f in out.iterdir()} == {
+        "results.csv",
+        "agg_results.csv",
+        "real_de.csv",
+        "pred_de.csv",
+        "score.csv",
+    }
     results = pd.read_csv(out / "results.csv")
     assert len(results) == 6 and "discrimination_score_l1" in results.columns
     score = pd.read_csv(out / "score.csv").set_index("metric")["from_baseline"]
@@ -47,20 +66,73 @@ def test_evaluate_with_baseline(tmp_path, capsys):
 
 def test_evaluate_contexts_and_no_contexts(tmp_path, capsys):
     p = _write(tmp_path, with_context=True)
-    assert main(["evaluate", "--pred", str(p["pred"]), "--real", str(p["real"]), "--control", "ctrl",
-                 "-o", str(tmp_path / "a")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(p["pred"]),
+                "--real",
+                str(p["real"]),
+                "--control",
+                "ctrl",
+                "-o",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     assert "context" in pd.read_csv(tmp_path / "a" / "results.csv").columns
     assert not (tmp_path / "a" / "score.csv").exists()
-    assert main(["evaluate", "--pred", str(p["pred"]), "--real", str(p["real"]), "--control", "ctrl",
-                 "--no-contexts", "-o", str(tmp_path / "b")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(p["pred"]),
+                "--real",
+                str(p["real"]),
+                "--control",
+                "ctrl",
+                "--no-contexts",
+                "-o",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     assert "context" not in pd.read_csv(tmp_path / "b" / "results.csv").columns
 
 
 def test_errors_exit_2(tmp_path):
     p = _write(tmp_path)
-    cmd = [sys.executable, "-m", "statecore", "evaluate", "--pred", str(p["pred"]), "--real",
-           str(p["real"]), "--control", "nope", "-o", str(tmp_path / "o")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "statecore",
+        "evaluate",
+        "--pred",
+        str(p["pred"]),
+        "--real",
+        str(p["real"]),
+        "--control",
+        "nope",
+        "-o",
+        str(tmp_path / "o"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.startswith("error: control 'nope'")
-    assert main(["evaluate", "--pred", str(tmp_path / "missing.h5ad"), "--real", str(p["real"]),
-                 "-o", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(tmp_path / "missing.h5ad"),
+                "--real",
+                str(p["real"]),
+                "-o",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )

@@ -1,4 +1,4 @@
-"""statecore.de: the vectorised rank-sum DE against scipy, per gene and group."""
+"""statecore.evaluation.de: the vectorised rank-sum DE against scipy, per gene and group."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 from scipy.stats import false_discovery_control, mannwhitneyu
 
-from statecore.de import DE_COLUMNS, benjamini_hochberg, compute_de, rank_sum_arrays, rank_sum_de
 from statecore.errors import DataError
+from statecore.evaluation.de import DE_COLUMNS, benjamini_hochberg, compute_de, rank_sum_arrays, rank_sum_de
 
 
 def _data(seed=0, n_genes=40, float64=False):
@@ -18,10 +18,10 @@ def _data(seed=0, n_genes=40, float64=False):
     labels = np.array(["ctrl"] * 50 + ["a"] * 20 + ["b"] * 7 + ["c"] * 1 + ["d"] * 30)
     x = np.log1p(rng.poisson(0.8, (labels.size, n_genes))).astype(np.float32)  # many ties, zeros
     x[labels == "a", :5] += 1.0
-    x[:, 6] = 0.0                                # zero everywhere
-    x[:, 7] = 2.0                                # constant non-zero
-    x[:, 8] = rng.normal(0, 1, labels.size)      # negative values
-    x[:5, 8] = -0.0                              # -0.0 must tie with 0.0
+    x[:, 6] = 0.0  # zero everywhere
+    x[:, 7] = 2.0  # constant non-zero
+    x[:, 8] = rng.normal(0, 1, labels.size)  # negative values
+    x[:5, 8] = -0.0  # -0.0 must tie with 0.0
     x[5:10, 8] = 0.0
     if float64:
         x = x.astype(np.float64) + rng.normal(0, 1e-9, x.shape)  # not representable in float32
@@ -53,8 +53,8 @@ def test_matches_scipy_mannwhitneyu(sparse, float64):
 def test_fold_change_conventions():
     x = np.zeros((6, 3), np.float32)
     labels = np.array(["ctrl"] * 3 + ["a"] * 3)
-    x[3:, 0] = 1.0          # zero in control only -> +inf
-    x[:3, 1] = 1.0          # zero in group only -> -inf; gene 2 zero in both -> 0
+    x[3:, 0] = 1.0  # zero in control only -> +inf
+    x[:3, 1] = 1.0  # zero in group only -> -inf; gene 2 zero in both -> 0
     de = rank_sum_arrays(x, labels, "ctrl")
     assert de.lfc[0, 0] == np.inf and de.lfc[0, 1] == -np.inf and de.lfc[0, 2] == 0.0
     frame = de.to_frame()
@@ -78,7 +78,7 @@ def test_frame_columns_and_order():
 def test_compute_de_on_anndata_ignores_missing_labels():
     x, labels = _data()
     obs = pd.DataFrame({"perturbation": labels}, index=[str(i) for i in range(labels.size)])
-    obs.loc[obs.index[-3:], "perturbation"] = None      # unlabeled cells are ignored (pdex)
+    obs.loc[obs.index[-3:], "perturbation"] = None  # unlabeled cells are ignored (pdex)
     a = ad.AnnData(x, obs=obs)
     df = compute_de(a, control="ctrl")
     assert df.loc[df.target == "d", "target_membership"].iloc[0] == 27

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from statecore.decoder import GeneDecoder, embedding_track_loss
-from statecore.losses import energy_distance
+from statecore.models.decoder import GeneDecoder, embedding_track_loss
+from statecore.models.losses import energy_distance
 
 
 @pytest.fixture

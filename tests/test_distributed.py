@@ -10,19 +10,28 @@ import numpy as np
 import pytest
 import torch
 
-from statecore import distributed
-from statecore.checkpoint import read_weights
 from statecore.config import RunConfig, SplitConfig, STConfig, TrainConfig
+from statecore.data.sets import PerturbationVocab, SetDataset, build_groups
 from statecore.errors import DataError
-from statecore.runs import read_metrics, read_status
-from statecore.sets import PerturbationVocab, SetDataset, build_groups
+from statecore.runs.files import read_metrics, read_status
+from statecore.training import distributed
+from statecore.training.checkpoint import read_weights
 
 MODEL = STConfig(hidden_dim=16, transformer_heads=2, transformer_layers=1, mlp_hidden_dim=32, set_size=8)
 
 
 def _cfg(steps: int) -> RunConfig:
-    t = TrainConfig(steps=steps, batch_size=4, val_every=3, log_every=1, num_threads=1, warmup_steps=2, lr=3e-3,
-                    device="cpu", ckpt_every_steps=100)
+    t = TrainConfig(
+        steps=steps,
+        batch_size=4,
+        val_every=3,
+        log_every=1,
+        num_threads=1,
+        warmup_steps=2,
+        lr=3e-3,
+        device="cpu",
+        ckpt_every_steps=100,
+    )
     return RunConfig(split=SplitConfig(task="underrepresented", context="c0"), model=MODEL, train=t)
 
 
@@ -36,10 +45,15 @@ def _worker(rank: int, world: int, port: int, h5ad: str, out: str) -> None:
     """One rank: a full 6-step run, then a 3-step run resumed to 6 steps, and a flag agreement."""
     import anndata as ad
 
-    from statecore.train import train_run
+    from statecore.training.engine import train_run
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     adata = ad.read_h5ad(h5ad)
     with distributed.session("cpu") as info:
@@ -59,11 +73,13 @@ def _losses(run_dir) -> list[float]:
 
 
 def test_two_gloo_ranks_match_single_process(prepared_synthetic, tmp_path):
-    from statecore.train import train_run
+    from statecore.training.engine import train_run
 
     h5ad = tmp_path / "data.h5ad"
     prepared_synthetic.write_h5ad(h5ad)
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(h5ad), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        _worker, args=(2, _free_port(), str(h5ad), str(tmp_path)), nprocs=2, join=True
+    )
 
     torch.set_num_threads(1)
     single = train_run(prepared_synthetic, _cfg(6), tmp_path / "single")

@@ -7,18 +7,28 @@ import pytest
 import torch
 
 from statecore.config import SEConfig, TrainConfig
-from statecore.embed import ExpressionRows, embed_adata, fit_embedding, load_embedding, transform
-from statecore.errors import CheckpointError, DataError
-from statecore.gene_features import (
+from statecore.data.gene_features import (
     build_gene_features,
     file_gene_features,
     pca_gene_features,
     random_gene_features,
 )
+from statecore.embedding.se import ExpressionRows, embed_adata, fit_embedding, load_embedding, transform
+from statecore.errors import CheckpointError, DataError
 from statecore.models.embedding import SoftBinning, StateEmbeddingModel, sample_loss_genes, top_l_indices
 
-TINY = SEConfig(gene_feature_dim=16, hidden_dim=32, L=24, heads=4, layers=1, n_bins=6, output_dim=16,
-                n_loss_genes=32, decoder_hidden_dim=32, gene_features="pca")
+TINY = SEConfig(
+    gene_feature_dim=16,
+    hidden_dim=32,
+    L=24,
+    heads=4,
+    layers=1,
+    n_bins=6,
+    output_dim=16,
+    n_loss_genes=32,
+    decoder_hidden_dim=32,
+    gene_features="pca",
+)
 # 200 steps: fewer leave the embeddings nearly collapsed (measured spread 0.01 at 60 steps, 0.2 at 200)
 TRAIN = TrainConfig(steps=200, batch_size=32, lr=3e-3, warmup_steps=5, val_every=20, log_every=20, seed=0)
 
@@ -30,7 +40,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def counts():
-    from statecore.synthetic import make_perturbation_adata
+    from statecore.data.synthetic import make_perturbation_adata
 
     return make_perturbation_adata(n_cells=300, n_genes=80, n_perturbations=6, contexts=("c0", "c1"), seed=1)
 
@@ -92,8 +102,7 @@ def test_soft_binning_weights_sum_to_one_and_are_differentiable():
 
 
 def test_top_l_picks_highest_breaks_ties_by_key_and_pads_with_unexpressed():
-    values = np.array([[0.0, 2.0, 2.0, 5.0, 0.0, 0.0],
-                       [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    values = np.array([[0.0, 2.0, 2.0, 5.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
     a = top_l_indices(values, 4, np.arange(6)[::-1].copy())  # higher index wins ties
     assert a[0].tolist() == [3, 2, 1, 5]
     assert a[1].tolist() == [2, 5, 4, 3]  # one expressed gene, padded with unexpressed ones
@@ -215,10 +224,14 @@ def test_fixed_gene_features_stay_fixed_learned_ones_train(counts):
     small = TrainConfig(steps=3, batch_size=16, warmup_steps=1, seed=0)
     fixed = fit_embedding(counts.copy(), TINY.replace(gene_features="random"), small)
     assert not fixed.model.gene_table.requires_grad
-    np.testing.assert_array_equal(fixed.model.gene_table.numpy(), random_gene_features(fixed.genes, 16, seed=0))
+    np.testing.assert_array_equal(
+        fixed.model.gene_table.numpy(), random_gene_features(fixed.genes, 16, seed=0)
+    )
     learned = fit_embedding(counts.copy(), TINY.replace(gene_features="learned"), small)
     assert learned.model.gene_table.requires_grad
-    assert not np.allclose(learned.model.gene_table.detach().numpy(), random_gene_features(learned.genes, 16, seed=0))
+    assert not np.allclose(
+        learned.model.gene_table.detach().numpy(), random_gene_features(learned.genes, 16, seed=0)
+    )
 
 
 def test_transform_is_deterministic_and_order_independent(fitted, counts):

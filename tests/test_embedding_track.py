@@ -1,4 +1,4 @@
-"""Track B: ST on State Embedding cell embeddings with a gene decoder (statecore.embedding_track)."""
+"""Track B: ST on State Embedding cell embeddings with a gene decoder (statecore.embedding.track)."""
 
 import json
 
@@ -9,7 +9,7 @@ import torch
 
 from statecore.cli import main
 from statecore.config import SEConfig, STConfig, TrainConfig
-from statecore.losses import get_loss
+from statecore.models.losses import get_loss
 
 
 @pytest.fixture(autouse=True)
@@ -29,12 +29,16 @@ def data_path(prepared_synthetic, tmp_path):
 
 @pytest.fixture
 def se_run(prepared_synthetic, tmp_path):
-    from statecore.embed import fit_embedding
+    from statecore.embedding.se import fit_embedding
 
     cfg = SEConfig(L=16, hidden_dim=16, gene_feature_dim=8, heads=2, layers=1, output_dim=12, n_loss_genes=16)
     run_dir = tmp_path / "se"
-    fit_embedding(prepared_synthetic, cfg, TrainConfig(steps=5, batch_size=32, lr=1e-3, warmup_steps=1,
-                                                      val_every=5, log_every=5, num_threads=1), run_dir)
+    fit_embedding(
+        prepared_synthetic,
+        cfg,
+        TrainConfig(steps=5, batch_size=32, lr=1e-3, warmup_steps=1, val_every=5, log_every=5, num_threads=1),
+        run_dir,
+    )
     return run_dir
 
 
@@ -42,23 +46,39 @@ def _tiny_model(D=6, G=5, alpha=0.1):
     from statecore.models.transition import StateTransitionModel
 
     torch.manual_seed(0)
-    return StateTransitionModel(STConfig(num_genes=D, hidden_dim=8, transformer_heads=2, transformer_layers=1,
-                                         mlp_hidden_dim=16, perturbation_dim=3, decoder_dim=G, decoder_weight=alpha,
-                                         relu_output=False, set_size=4))
+    return StateTransitionModel(
+        STConfig(
+            num_genes=D,
+            hidden_dim=8,
+            transformer_heads=2,
+            transformer_layers=1,
+            mlp_hidden_dim=16,
+            perturbation_dim=3,
+            decoder_dim=G,
+            decoder_weight=alpha,
+            relu_output=False,
+            set_size=4,
+        )
+    )
 
 
 def _batch(D=6, G=5, B=2, S=4):
-    from statecore.embedding_track import EmbeddingSetBatch
+    from statecore.embedding.track import EmbeddingSetBatch
 
     g = torch.Generator().manual_seed(1)
-    return EmbeddingSetBatch(torch.randn(B, S, D, generator=g), torch.eye(3)[:B], torch.randn(B, S, D, generator=g),
-                             torch.full((B, S), -1, dtype=torch.long), [0] * B,
-                             torch.rand(B, S, G, generator=g) * 3)
+    return EmbeddingSetBatch(
+        torch.randn(B, S, D, generator=g),
+        torch.eye(3)[:B],
+        torch.randn(B, S, D, generator=g),
+        torch.full((B, S), -1, dtype=torch.long),
+        [0] * B,
+        torch.rand(B, S, G, generator=g) * 3,
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 2.5])
 def test_step_loss_is_emb_plus_alpha_expr(alpha):
-    from statecore.embedding_track import step_loss_fn
+    from statecore.embedding.track import step_loss_fn
 
     model, b = _tiny_model(alpha=alpha), _batch()
     energy = get_loss("energy")
@@ -92,10 +112,10 @@ def test_step_loss_is_emb_plus_alpha_expr(alpha):
 def test_decoder_warm_up_fits_true_embeddings(prepared_synthetic, se_run):
     """The decoder alone learns (embedding, expression) pairs of the training cells; ST is untouched."""
     from statecore.config import RunConfig
-    from statecore.embedding_track import decoder_reconstruction_loss, to_embedding_data, warm_up_decoder
+    from statecore.data.splits import make_split
+    from statecore.embedding.track import decoder_reconstruction_loss, to_embedding_data, warm_up_decoder
     from statecore.models.transition import StateTransitionModel
-    from statecore.splits import make_split
-    from statecore.train import make_train_data
+    from statecore.training.engine import make_train_data
 
     run_cfg = RunConfig().replace(track="embedding", embedding_run=str(se_run))
     run_cfg = run_cfg.replace(split=run_cfg.split.replace(context="c2"))
@@ -103,9 +123,18 @@ def test_decoder_warm_up_fits_true_embeddings(prepared_synthetic, se_run):
     data = make_train_data(prepared_synthetic, split, set_size=8, seed=0)
     data, run_cfg = to_embedding_data(prepared_synthetic, data, run_cfg)
     torch.manual_seed(0)
-    model = StateTransitionModel(run_cfg.model.replace(perturbation_dim=data.vocab.dim, hidden_dim=16,
-                                                       mlp_hidden_dim=32, transformer_heads=2, transformer_layers=1))
-    st_before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("gene_decoder.")}
+    model = StateTransitionModel(
+        run_cfg.model.replace(
+            perturbation_dim=data.vocab.dim,
+            hidden_dim=16,
+            mlp_hidden_dim=32,
+            transformer_heads=2,
+            transformer_layers=1,
+        )
+    )
+    st_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("gene_decoder.")
+    }
     rows = np.arange(prepared_synthetic.n_obs)
     emb = torch.from_numpy(data.train.gather(rows))
     expr = torch.from_numpy(data.train.expr_gather(rows))
@@ -122,11 +151,19 @@ def test_decoder_warm_up_fits_true_embeddings(prepared_synthetic, se_run):
 
 
 def test_hvg_model_has_no_decoder_and_plain_loss():
-    from statecore.embedding_track import step_loss_fn
+    from statecore.embedding.track import step_loss_fn
     from statecore.models.transition import StateTransitionModel
 
-    model = StateTransitionModel(STConfig(num_genes=6, hidden_dim=8, transformer_heads=2, transformer_layers=1,
-                                          mlp_hidden_dim=16, perturbation_dim=3))
+    model = StateTransitionModel(
+        STConfig(
+            num_genes=6,
+            hidden_dim=8,
+            transformer_heads=2,
+            transformer_layers=1,
+            mlp_hidden_dim=16,
+            perturbation_dim=3,
+        )
+    )
     assert model.gene_decoder is None
     b = _batch()
     with torch.no_grad():
@@ -138,14 +175,37 @@ def test_hvg_model_has_no_decoder_and_plain_loss():
 
 
 def test_track_b_end_to_end_and_checkpoint_round_trip(data_path, se_run, tmp_path, capsys):
-    from statecore.checkpoint import load_run
-    from statecore.predict import predict
-    from statecore.runs import read_lines, read_metrics
+    from statecore.inference.predict import predict
+    from statecore.runs.files import read_lines, read_metrics
+    from statecore.training.checkpoint import load_run
 
     run = tmp_path / "run"
-    argv = ["train", "--data", str(data_path), "--run-dir", str(run), "--task", "underrepresented", "--context",
-            "c0", "--steps", "6", "--set-size", "8", "--batch-size", "2", "--threads", "1", "--quiet",
-            "--track", "embedding", "--embedding-run", str(se_run), "--decoder-weight", "0.5"]
+    argv = [
+        "train",
+        "--data",
+        str(data_path),
+        "--run-dir",
+        str(run),
+        "--task",
+        "underrepresented",
+        "--context",
+        "c0",
+        "--steps",
+        "6",
+        "--set-size",
+        "8",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--quiet",
+        "--track",
+        "embedding",
+        "--embedding-run",
+        str(se_run),
+        "--decoder-weight",
+        "0.5",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.startswith("done: step 6")
     cfg = json.loads((run / "config.json").read_text())
@@ -158,12 +218,26 @@ def test_track_b_end_to_end_and_checkpoint_round_trip(data_path, se_run, tmp_pat
         assert r["loss"] == pytest.approx(r["loss_emb"] + 0.5 * r["loss_expr"] + r["loss_dec"], rel=1e-4)
 
     # resume extends the same run (embeddings recomputed deterministically)
-    assert main([*argv[:argv.index("--steps")], "--steps", "8", *argv[argv.index("--steps") + 2:]]) == 0
+    assert main([*argv[: argv.index("--steps")], "--steps", "8", *argv[argv.index("--steps") + 2 :]]) == 0
     assert "step 8" in capsys.readouterr().out
 
     pred_p, real_p = tmp_path / "pred.h5ad", tmp_path / "real.h5ad"
-    assert main(["predict", "--run-dir", str(run), "--split", "test", "-o", str(pred_p), "--real-out",
-                 str(real_p)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run-dir",
+                str(run),
+                "--split",
+                "test",
+                "-o",
+                str(pred_p),
+                "--real-out",
+                str(real_p),
+            ]
+        )
+        == 0
+    )
     pred, real = ad.read_h5ad(pred_p), ad.read_h5ad(real_p)
     genes = read_lines(run / "genes.txt")
     assert list(pred.var_names) == list(real.var_names) == genes and len(genes) == 100
@@ -187,15 +261,18 @@ def test_track_b_end_to_end_and_checkpoint_round_trip(data_path, se_run, tmp_pat
 
     from statecore.models.transition import StateTransitionModel
 
-    ident = StateTransitionModel(one.model.cfg.replace(decoder_residual=True, residual="expression",
-                                                       relu_output=False))
+    ident = StateTransitionModel(
+        one.model.cfg.replace(decoder_residual=True, residual="expression", relu_output=False)
+    )
     with torch.no_grad():
         ident.project_out[-1].weight.zero_()
         ident.project_out[-1].bias.zero_()
     ident.gene_decoder.load_state_dict(one.model.gene_decoder.state_dict())
     one.model = ident.eval()
-    ctrl_rows = np.flatnonzero((adata.obs["context"].astype(str) == "c1").to_numpy()
-                               & (adata.obs["perturbation"].astype(str) == "ctrl").to_numpy())
+    ctrl_rows = np.flatnonzero(
+        (adata.obs["context"].astype(str) == "c1").to_numpy()
+        & (adata.obs["perturbation"].astype(str) == "ctrl").to_numpy()
+    )
     res = predict(one, adata, context="c1", perturbations=["P001"], control_cells=ctrl_rows, seed=3)
     moved = res.X[res.obs["predicted"].to_numpy()]
     controls = res.X[~res.obs["predicted"].to_numpy()]
@@ -203,8 +280,18 @@ def test_track_b_end_to_end_and_checkpoint_round_trip(data_path, se_run, tmp_pat
 
 
 def test_embedding_track_errors(data_path, tmp_path, capsys):
-    base = ["train", "--data", str(data_path), "--run-dir", str(tmp_path / "r"), "--context", "c0", "--steps", "1",
-            "--quiet"]
+    base = [
+        "train",
+        "--data",
+        str(data_path),
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--context",
+        "c0",
+        "--steps",
+        "1",
+        "--quiet",
+    ]
     assert main([*base, "--track", "embedding"]) == 2
     assert "--embedding-run" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -222,7 +309,7 @@ def test_train_page_offers_and_starts_the_embedding_track(se_run, data_path, tmp
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    from statecore import jobs
+    from statecore.runs import jobs
 
     root = Path(__file__).resolve().parents[1]
     runs = tmp_path / "runs"
@@ -254,8 +341,18 @@ def test_train_page_offers_and_starts_the_embedding_track(se_run, data_path, tmp
 
 
 def test_decoder_weight_is_validated(data_path, se_run, tmp_path, capsys):
-    base = ["train", "--data", str(data_path), "--run-dir", str(tmp_path / "r"), "--context", "c0", "--steps", "1",
-            "--quiet"]
+    base = [
+        "train",
+        "--data",
+        str(data_path),
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--context",
+        "c0",
+        "--steps",
+        "1",
+        "--quiet",
+    ]
     assert main([*base, "--embedding-run", str(se_run), "--decoder-weight", "-1"]) == 2
     assert "--decoder-weight" in capsys.readouterr().err
     assert main([*base, "--decoder-weight", "0.3"]) == 2  # HVG track: no decoder to weigh

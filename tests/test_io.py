@@ -8,8 +8,8 @@ import scipy.io
 import scipy.sparse as sp
 
 from statecore.config import DataSpec
+from statecore.data.io import check, control_label, detect_spec, read_data, validate
 from statecore.errors import DataError
-from statecore.io import check, control_label, detect_spec, read_data, validate
 
 SPEC = DataSpec(pert_col="perturbation", control="ctrl", context_col="context", batch_col="batch")
 
@@ -22,7 +22,11 @@ def _bundle(folder, X, *, genes_x_cells=True, gz=False, gene_cols=2, features="f
     with op(folder / "matrix.mtx") as fh:
         scipy.io.mmwrite(fh, m)
     bcs = [f"BC{i}" for i in range(n_cells)]
-    cols = [[f"ENSG{i}" for i in range(n_genes)], [f"GENE{i}" for i in range(n_genes)], ["Gene Expression"] * n_genes]
+    cols = [
+        [f"ENSG{i}" for i in range(n_genes)],
+        [f"GENE{i}" for i in range(n_genes)],
+        ["Gene Expression"] * n_genes,
+    ]
     lines = ["\t".join(c[i] for c in cols[:gene_cols]) for i in range(n_genes)]
     for name, text in (("barcodes.tsv", bcs), (features, lines)):
         with op(folder / name) as fh:
@@ -45,7 +49,9 @@ def test_mtx_bundle_both_orientations(tmp_path, genes_x_cells, gz):
 def test_mtx_gene_columns_and_metadata_join(tmp_path, gene_cols):
     X = np.arange(12, dtype=np.float32).reshape(4, 3)
     _bundle(tmp_path / "b", X, gene_cols=gene_cols, features="genes.tsv")
-    meta = pd.DataFrame({"cell": ["BC3", "BC0", "BC2", "BC1"], "target_gene": ["A", "non-targeting", "A", "B"]})
+    meta = pd.DataFrame(
+        {"cell": ["BC3", "BC0", "BC2", "BC1"], "target_gene": ["A", "non-targeting", "A", "B"]}
+    )
     meta.to_csv(tmp_path / "meta.csv", index=False)
     a = read_data(tmp_path / "b" / "matrix.mtx", metadata=tmp_path / "meta.csv")
     assert list(a.obs["target_gene"]) == ["non-targeting", "B", "A", "A"]
@@ -91,13 +97,23 @@ def test_h5ad_read_does_not_modify_and_bad_files(tmp_path, synthetic_counts):
 @pytest.mark.parametrize(
     "obs, expected",
     [
-        ({"perturbation": ["ctrl", "A"], "cell_type": ["t", "t"], "batch": ["1", "2"]},
-         ("perturbation", "ctrl", "cell_type", "batch")),
-        ({"gene": ["NT", "KLF1"], "cell_line": ["k", "k"], "gem_group": ["1", "1"]},
-         ("gene", "NT", "cell_line", "gem_group")),
+        (
+            {"perturbation": ["ctrl", "A"], "cell_type": ["t", "t"], "batch": ["1", "2"]},
+            ("perturbation", "ctrl", "cell_type", "batch"),
+        ),
+        (
+            {"gene": ["NT", "KLF1"], "cell_line": ["k", "k"], "gem_group": ["1", "1"]},
+            ("gene", "NT", "cell_line", "gem_group"),
+        ),
         ({"Condition": ["DMSO", "drugX"], "Tissue": ["a", "b"]}, ("Condition", "DMSO", "Tissue", None)),
-        ({"guide_target": ["non-targeting_2", "X"], "donor": ["d", "d"]}, ("guide_target", "non-targeting_2", None, "donor")),
-        ({"condition": ["stim", "stim"], "target_gene": ["control", "B"]}, ("target_gene", "control", None, None)),
+        (
+            {"guide_target": ["non-targeting_2", "X"], "donor": ["d", "d"]},
+            ("guide_target", "non-targeting_2", None, "donor"),
+        ),
+        (
+            {"condition": ["stim", "stim"], "target_gene": ["control", "B"]},
+            ("target_gene", "control", None, None),
+        ),
     ],
 )
 def test_detect_spec_naming_schemes(obs, expected):
@@ -125,14 +141,16 @@ def test_validation_messages():
     assert "no control cells: label 'ctrl'" in _errors(_small(perturbation=["NT", "A", "NT", "A"]))
     assert "--control NT" in _errors(_small(perturbation=["NT", "A", "NT", "A"]))
     assert "context(s) ['y'] have perturbed cells but no control" in _errors(
-        _small(perturbation=["ctrl", "A", "A", "A"]))
+        _small(perturbation=["ctrl", "A", "A", "A"])
+    )
     bad = np.array([[1, np.nan, 0], [0, np.inf, 1], [2, 0, 1], [1, 1, 1]], dtype=np.float32)
     assert "1 NaN and 1 infinite" in _errors(_small(bad))
     neg = np.array([[1, -2, 0], [0, 3, 1], [2, 0, 1], [1, 1, 1]], dtype=np.float32)
     assert "negative values (minimum -2)" in _errors(_small(neg))
     frac = np.array([[1.5, 2, 0], [0, 3, 1], [2, 0, 1], [1, 1, 1]], dtype=np.float32)
-    assert "raw counts are required but X holds non-integer values (e.g. 1.5)" in _errors(_small(frac),
-                                                                                           require_counts=True)
+    assert "raw counts are required but X holds non-integer values (e.g. 1.5)" in _errors(
+        _small(frac), require_counts=True
+    )
     assert "neither counts nor log" in _errors(_small(frac * 40 + 0.25))
     assert "empty" in _errors(_small(np.zeros((4, 0), dtype=np.float32)))
     assert "only zeros" in _errors(_small(np.zeros((4, 3), dtype=np.float32)))

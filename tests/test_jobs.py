@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from statecore import jobs
+from statecore.runs import jobs
 
 FAKE_WORKER = textwrap.dedent(
     """
@@ -166,7 +166,7 @@ def test_reattach_after_app_restart(tmp_path, worker):
     root = tmp_path / "runs"
     run = root / "r"
     code = (
-        "import sys; from statecore import jobs; "
+        "import sys; from statecore.runs import jobs; "
         f"jobs.start({str(run)!r}, ['--steps', '400', '--sleep', '0.02'], worker={worker!r}, threads=1)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # the "old app" exits

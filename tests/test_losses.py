@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from statecore.losses import compute_mmd, energy_distance, get_loss
+from statecore.models.losses import compute_mmd, energy_distance, get_loss
 
 torch.set_num_threads(1)
 
@@ -11,13 +11,16 @@ torch.set_num_threads(1)
 def _energy_ref(x, y):
     def md(a, b):
         return sum(torch.linalg.norm(ai - bj) for ai, bj in itertools.product(a, b)) / (len(a) * len(b))
+
     return md(x, y) - 0.5 * md(x, x) - 0.5 * md(y, y)
 
 
 def _mmd_ref(x, y, sigma, scales):
     def k(a, b, s):
-        return sum(torch.exp(-torch.sum((ai - bj) ** 2) / (2 * s * s)) for ai, bj in itertools.product(a, b)) / (
-            len(a) * len(b))
+        return sum(
+            torch.exp(-torch.sum((ai - bj) ** 2) / (2 * s * s)) for ai, bj in itertools.product(a, b)
+        ) / (len(a) * len(b))
+
     return sum(k(x, x, sigma * s) + k(y, y, sigma * s) - 2 * k(x, y, sigma * s) for s in scales) / len(scales)
 
 
@@ -30,8 +33,9 @@ def _median_ref(x, y):
 @pytest.fixture
 def sets():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(3, 6, 4, generator=g, dtype=torch.float64), torch.randn(3, 5, 4, generator=g,
-                                                                                dtype=torch.float64) + 0.5
+    return torch.randn(3, 6, 4, generator=g, dtype=torch.float64), torch.randn(
+        3, 5, 4, generator=g, dtype=torch.float64
+    ) + 0.5
 
 
 def test_energy_matches_loop_reference(sets):

@@ -1,4 +1,4 @@
-"""statecore.metrics: pure array metrics against scipy/sklearn/polars definitions, and the adapter."""
+"""statecore.evaluation.metrics: pure array metrics against scipy/sklearn/polars definitions, and the adapter."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import auc, average_precision_score, roc_curve
 
 from statecore.errors import DataError
-from statecore.metrics import (
+from statecore.evaluation.metrics import (
     METRICS,
     EvalResult,
     PseudobulkArrays,
@@ -44,9 +44,14 @@ def test_spearman_and_pearson_match_scipy():
     x, y = rng.integers(0, 5, 30).astype(float), rng.normal(size=30)
     assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
     assert np.isnan(spearman([1.0], [2.0])) and np.isnan(spearman([1, 1, 1], [1, 2, 3]))
-    pb = PseudobulkArrays(perts=np.array(["a", "b"]), genes=np.array(["g0", "g1", "g2"]),
-                          real=rng.normal(size=(2, 3)), pred=rng.normal(size=(2, 3)),
-                          real_ctrl=np.zeros(3), pred_ctrl=np.ones(3))
+    pb = PseudobulkArrays(
+        perts=np.array(["a", "b"]),
+        genes=np.array(["g0", "g1", "g2"]),
+        real=rng.normal(size=(2, 3)),
+        pred=rng.normal(size=(2, 3)),
+        real_ctrl=np.zeros(3),
+        pred_ctrl=np.ones(3),
+    )
     m = pseudobulk_metrics(pb)
     assert m["pearson_delta"][0] == pytest.approx(pearsonr(pb.pred[0] - 1, pb.real[0]).statistic)
     assert m["mae"][1] == pytest.approx(np.abs(pb.pred[1] - pb.real[1]).mean())
@@ -66,20 +71,24 @@ def test_auc_matches_sklearn_with_ties():
 
 def test_discrimination_excludes_target_gene():
     genes = np.array(["A", "g1", "g2"])
-    real = np.array([[5.0, 0.0, 0.0], [0.0, 1.0, 0.0]])     # pert "A" knocks its own gene
-    pred = np.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])     # ... which the prediction misses
+    real = np.array([[5.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # pert "A" knocks its own gene
+    pred = np.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])  # ... which the prediction misses
     pb = PseudobulkArrays(np.array(["A", "B"]), genes, real, pred, np.zeros(3), np.zeros(3))
     # With gene "A" excluded, pred "A" is equidistant; B's pred matches B exactly.
     assert discrimination_score(pb, "l1")[1] == 1.0
     assert discrimination_score(pb, "l1", exclude_target_gene=False)[0] == 0.5
-    assert np.isnan(discrimination_score(PseudobulkArrays(np.array(["A"]), genes, real[:1], pred[:1],
-                                                          np.zeros(3), np.zeros(3)))).all()
+    assert np.isnan(
+        discrimination_score(
+            PseudobulkArrays(np.array(["A"]), genes, real[:1], pred[:1], np.zeros(3), np.zeros(3))
+        )
+    ).all()
 
 
 def test_aggregate_matches_polars_describe():
     pl = pytest.importorskip("polars")
-    res = pd.DataFrame({"perturbation": list("abcde"), "m1": [1.0, np.nan, 3.0, 4.0, 0.5],
-                        "m2": [1.0, 2.0, 3.0, 4.0, 10.0]})
+    res = pd.DataFrame(
+        {"perturbation": list("abcde"), "m1": [1.0, np.nan, 3.0, 4.0, 0.5], "m2": [1.0, 2.0, 3.0, 4.0, 10.0]}
+    )
     missing = pd.DataFrame({"m1": [False] * 5, "m2": [False, True, False, False, False]})
     ours = aggregate(res, missing).set_index("statistic")
     ref_df = pl.DataFrame({"m1": [1.0, float("nan"), 3.0, 4.0, 0.5], "m2": [1.0, None, 3.0, 4.0, 10.0]})
@@ -89,15 +98,29 @@ def test_aggregate_matches_polars_describe():
 
 
 def test_score_formula():
-    agg = pd.DataFrame({"statistic": ["mean"], "mae": [0.5], "overlap_at_N": [0.4],
-                        "discrimination_score_l1": [0.9], "pearson_delta": [np.nan]})
-    base = pd.DataFrame({"statistic": ["mean"], "mae": [1.0], "overlap_at_N": [0.6],
-                         "discrimination_score_l1": [0.5], "pearson_delta": [0.2]})
+    agg = pd.DataFrame(
+        {
+            "statistic": ["mean"],
+            "mae": [0.5],
+            "overlap_at_N": [0.4],
+            "discrimination_score_l1": [0.9],
+            "pearson_delta": [np.nan],
+        }
+    )
+    base = pd.DataFrame(
+        {
+            "statistic": ["mean"],
+            "mae": [1.0],
+            "overlap_at_N": [0.6],
+            "discrimination_score_l1": [0.5],
+            "pearson_delta": [0.2],
+        }
+    )
     s = score_against_baseline(agg, base).set_index("metric")["from_baseline"]
-    assert s["mae"] == pytest.approx(0.5)                       # 1 - 0.5/1
-    assert s["overlap_at_N"] == 0.0                             # worse than baseline: clipped
-    assert s["discrimination_score_l1"] == pytest.approx(0.8)   # (0.9-0.5)/(1-0.5)
-    assert s["pearson_delta"] == 0.0                            # NaN -> 0
+    assert s["mae"] == pytest.approx(0.5)  # 1 - 0.5/1
+    assert s["overlap_at_N"] == 0.0  # worse than baseline: clipped
+    assert s["discrimination_score_l1"] == pytest.approx(0.8)  # (0.9-0.5)/(1-0.5)
+    assert s["pearson_delta"] == 0.0  # NaN -> 0
     assert s["avg_score"] == pytest.approx((0.5 + 0.0 + 0.8) / 3)
 
 
@@ -181,6 +204,11 @@ def test_contexts_are_evaluated_separately(tmp_path):
     pooled = _quiet_eval(pred, real, context_col=None)
     assert "context" not in pooled.results.columns
     res.save(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"results.csv", "agg_results.csv", "real_de.csv",
-                                                    "pred_de.csv", "score.csv"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "results.csv",
+        "agg_results.csv",
+        "real_de.csv",
+        "pred_de.csv",
+        "score.csv",
+    }
     assert isinstance(res, EvalResult)

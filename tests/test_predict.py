@@ -1,20 +1,23 @@
 import numpy as np
 import pytest
 
-from statecore.checkpoint import load_run
 from statecore.config import RunConfig, SplitConfig, STConfig, TrainConfig
 from statecore.errors import DataError
-from statecore.predict import predict, predict_split
-from statecore.train import train_run
+from statecore.inference.predict import predict, predict_split
+from statecore.training.checkpoint import load_run
+from statecore.training.engine import train_run
 
 
 @pytest.fixture(scope="module")
 def trained(_prepared_synthetic_master, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pred") / "run"
-    cfg = RunConfig(split=SplitConfig(task="underrepresented", context="c0"),
-                    model=STConfig(hidden_dim=16, transformer_heads=2, transformer_layers=1, mlp_hidden_dim=32,
-                                   set_size=8),
-                    train=TrainConfig(steps=5, batch_size=2, num_threads=1))
+    cfg = RunConfig(
+        split=SplitConfig(task="underrepresented", context="c0"),
+        model=STConfig(
+            hidden_dim=16, transformer_heads=2, transformer_layers=1, mlp_hidden_dim=32, set_size=8
+        ),
+        train=TrainConfig(steps=5, batch_size=2, num_threads=1),
+    )
     train_run(_prepared_synthetic_master, cfg, run_dir)
     return run_dir
 
@@ -26,7 +29,9 @@ def test_predict_split_contract(trained, prepared_synthetic):
     assert (prepared_synthetic.X != before).nnz == 0  # caller's object untouched
     assert list(pred.var_names) == run.genes == list(real.var_names)
     test = set(run.split.test["c0"])
-    n_ctrl = int(((prepared_synthetic.obs.context == "c0") & (prepared_synthetic.obs.perturbation == "ctrl")).sum())
+    n_ctrl = int(
+        ((prepared_synthetic.obs.context == "c0") & (prepared_synthetic.obs.perturbation == "ctrl")).sum()
+    )
     counts = pred.obs.perturbation.value_counts()
     assert set(counts.index) == test | {"ctrl"}
     assert all(counts[p] == n_ctrl for p in test)  # n cells from the controls, never from real test cells

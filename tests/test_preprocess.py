@@ -5,8 +5,8 @@ import pytest
 import scipy.sparse as sp
 
 from statecore.config import DataSpec, QCConfig
+from statecore.data.preprocess import choose_hvg_flavor, effective_min_genes, prepare, qc_metrics
 from statecore.errors import DataError
-from statecore.preprocess import choose_hvg_flavor, effective_min_genes, prepare, qc_metrics
 
 SPEC = DataSpec(pert_col="perturbation", control="ctrl", context_col="context", batch_col="batch")
 QC = QCConfig(min_genes=0, min_cells=0, n_hvg=50, umap=False)
@@ -15,7 +15,9 @@ QC = QCConfig(min_genes=0, min_cells=0, n_hvg=50, umap=False)
 def test_prepare_counts_contract(synthetic_counts):
     raw = synthetic_counts.X.copy()
     p = prepare(synthetic_counts, spec=SPEC, qc=QC, source="x.h5ad")
-    assert (synthetic_counts.X != raw).nnz == 0 and "counts" not in synthetic_counts.layers  # caller untouched
+    assert (
+        synthetic_counts.X != raw
+    ).nnz == 0 and "counts" not in synthetic_counts.layers  # caller untouched
     assert sp.isspmatrix_csr(p.X) and p.X.dtype == np.float32
     np.testing.assert_array_equal(p.layers["counts"].toarray(), raw.toarray())
     expected = np.log1p(raw.toarray() / raw.toarray().sum(1, keepdims=True) * 1e4)
@@ -23,7 +25,9 @@ def test_prepare_counts_contract(synthetic_counts):
     assert p.var["highly_variable"].dtype == bool and p.var["highly_variable"].sum() == 50
     assert list(p.obs["perturbation"].cat.categories)[0] == "ctrl"
     meta = p.uns["statecore"]
-    assert meta["control"] == "ctrl" and meta["columns"]["context"] == "context" and meta["source"] == "x.h5ad"
+    assert (
+        meta["control"] == "ctrl" and meta["columns"]["context"] == "context" and meta["source"] == "x.h5ad"
+    )
     assert meta["qc_report"]["hvg_flavor"] == "seurat_v3" and meta["qc_report"]["input"] == "counts"
 
 
@@ -33,7 +37,9 @@ def test_qc_filters_report(synthetic_counts):
     kept = synthetic_counts.X[(m["n_genes"] >= thr).to_numpy()]
     per_gene = np.asarray((kept > 0).sum(axis=0)).ravel()
     min_cells = int(np.median(per_gene))
-    p = prepare(synthetic_counts, spec=SPEC, qc=QC.replace(min_genes=thr, min_cells=min_cells, scale_min_genes=False))
+    p = prepare(
+        synthetic_counts, spec=SPEC, qc=QC.replace(min_genes=thr, min_cells=min_cells, scale_min_genes=False)
+    )
     r = p.uns["statecore"]["qc_report"]
     assert r["cells_removed_min_genes"] == int((m["n_genes"] < thr).sum()) > 0
     assert r["genes_removed_min_cells"] == int((per_gene < min_cells).sum()) > 0
@@ -109,7 +115,7 @@ def _scanpy_seurat_v3(counts, n_top):
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_hvg_seurat_v3_matches_scanpy(synthetic_counts, dense, monkeypatch):
-    import statecore.preprocess as pp
+    import statecore.data.preprocess as pp
 
     monkeypatch.setattr(pp, "_CHUNK_NNZ", 997)  # many row chunks, a partial last one
     counts = synthetic_counts.X.astype(np.float32)
@@ -127,11 +133,11 @@ def test_log_normalize_equals_scanpy_exactly(synthetic_counts, target_sum, monke
     import anndata as ad
     import scanpy as sc
 
-    import statecore.preprocess as pp
+    import statecore.data.preprocess as pp
 
     monkeypatch.setattr(pp, "_CHUNK_NNZ", 997)
     counts = sp.csr_matrix(synthetic_counts.X.astype(np.float32))
-    counts.data[counts.indptr[3]:counts.indptr[4]] = 0  # a cell with zero total stays zero
+    counts.data[counts.indptr[3] : counts.indptr[4]] = 0  # a cell with zero total stays zero
     before = counts.copy()
     with pytest.warns(UserWarning, match="zero counts"):
         ours = pp._log_normalize(counts, target_sum, log1p=True)
@@ -152,8 +158,8 @@ def test_prepare_holds_two_matrices_at_peak(monkeypatch):
     """
     import tracemalloc
 
-    import statecore.preprocess as pp
-    from statecore.synthetic import make_perturbation_adata
+    import statecore.data.preprocess as pp
+    from statecore.data.synthetic import make_perturbation_adata
 
     a = make_perturbation_adata(n_cells=500, n_genes=2000, n_perturbations=8, contexts=2, seed=0)
     qc = QCConfig(n_hvg=500, umap=False, min_cells=3)
@@ -169,6 +175,9 @@ def test_prepare_holds_two_matrices_at_peak(monkeypatch):
         finally:
             tracemalloc.stop()
     assert 2.0 * size < peak < 2.6 * size, peak / size
-    shared = [np.shares_memory(x, y) for x in (p.X.data, p.X.indices, p.layers["counts"].data)
-              for y in (a.X.data, a.X.indices, p.layers["counts"].indices)]
+    shared = [
+        np.shares_memory(x, y)
+        for x in (p.X.data, p.X.indices, p.layers["counts"].data)
+        for y in (a.X.data, a.X.indices, p.layers["counts"].indices)
+    ]
     assert not any(shared)

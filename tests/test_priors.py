@@ -4,46 +4,62 @@ import pandas as pd
 import pytest
 import torch
 
-from statecore.checkpoint import load_run
 from statecore.config import RunConfig, SplitConfig, STConfig, TrainConfig
+from statecore.data.sets import PerturbationVocab
+from statecore.inference.predict import predict
 from statecore.models.transition import StateTransitionModel
-from statecore.predict import predict
-from statecore.priors import perturbation_shifts
-from statecore.sets import PerturbationVocab
-from statecore.train import train_run
+from statecore.training.checkpoint import load_run
+from statecore.training.engine import train_run
+from statecore.training.priors import perturbation_shifts
 
 
 def _tiny():
     # 2 genes; context a: ctrl mean (1, 0), A mean (3, 0), B mean (1, 2); context b: ctrl (0, 0), A (1, 1)
     rows = [
-        ("a", "ctrl", [1, 0]), ("a", "ctrl", [1, 0]),
-        ("a", "A", [2, 0]), ("a", "A", [4, 0]),
+        ("a", "ctrl", [1, 0]),
+        ("a", "ctrl", [1, 0]),
+        ("a", "A", [2, 0]),
+        ("a", "A", [4, 0]),
         ("a", "B", [1, 2]),
         ("b", "ctrl", [0, 0]),
         ("b", "A", [1, 1]),
         ("b", "B", [5, 5]),  # a held-out pair: must not enter the prior
     ]
     X = np.array([r[2] for r in rows], dtype=np.float32)
-    obs = pd.DataFrame({"context": [r[0] for r in rows], "perturbation": [r[1] for r in rows]},
-                       index=[f"c{i}" for i in range(len(rows))])
+    obs = pd.DataFrame(
+        {"context": [r[0] for r in rows], "perturbation": [r[1] for r in rows]},
+        index=[f"c{i}" for i in range(len(rows))],
+    )
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=["g0", "g1"]))
 
 
 def test_shift_table_exact_and_training_pairs_only():
     adata = _tiny()
     vocab = PerturbationVocab.from_labels(["ctrl", "A", "B"], "ctrl")
-    table = perturbation_shifts(adata, genes=["g0", "g1"], vocab=vocab, train_pairs={"a": ["A", "B"], "b": ["A"]})
+    table = perturbation_shifts(
+        adata, genes=["g0", "g1"], vocab=vocab, train_pairs={"a": ["A", "B"], "b": ["A"]}
+    )
     assert vocab.names == ("ctrl", "A", "B")
     np.testing.assert_allclose(table[0], [0, 0])
-    np.testing.assert_allclose(table[1], [(2 + 1) / 2, (0 + 1) / 2])  # mean of a: (3-1, 0-0) and b: (1-0, 1-0)
+    np.testing.assert_allclose(
+        table[1], [(2 + 1) / 2, (0 + 1) / 2]
+    )  # mean of a: (3-1, 0-0) and b: (1-0, 1-0)
     np.testing.assert_allclose(table[2], [0, 2])  # only context a; b's B cells are held out
 
 
 def test_shift_prior_is_additive_for_combinations_at_init():
     torch.manual_seed(0)
-    model = StateTransitionModel(num_genes=2, hidden_dim=8, transformer_heads=2, transformer_layers=1,
-                                 mlp_hidden_dim=16, perturbation_dim=3, residual="expression", shift_prior=True,
-                                 relu_output=False)
+    model = StateTransitionModel(
+        num_genes=2,
+        hidden_dim=8,
+        transformer_heads=2,
+        transformer_layers=1,
+        mlp_hidden_dim=16,
+        perturbation_dim=3,
+        residual="expression",
+        shift_prior=True,
+        relu_output=False,
+    )
     model.pert_shift.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.5], [0.0, 2.0]]))
     x = torch.rand(1, 4, 2)
     z = torch.tensor([[0.0, 1.0, 1.0]])  # "A+B"
@@ -53,10 +69,20 @@ def test_shift_prior_is_additive_for_combinations_at_init():
 
 
 def test_trained_run_stores_prior_and_round_trips(prepared_synthetic, tmp_path):
-    model = STConfig(hidden_dim=16, transformer_heads=2, transformer_layers=1, mlp_hidden_dim=32, set_size=8,
-                     residual="expression", shift_prior=True)
-    cfg = RunConfig(split=SplitConfig(task="underrepresented", context="c0"), model=model,
-                    train=TrainConfig(steps=4, batch_size=2, num_threads=1, val_every=2, warmup_steps=1))
+    model = STConfig(
+        hidden_dim=16,
+        transformer_heads=2,
+        transformer_layers=1,
+        mlp_hidden_dim=32,
+        set_size=8,
+        residual="expression",
+        shift_prior=True,
+    )
+    cfg = RunConfig(
+        split=SplitConfig(task="underrepresented", context="c0"),
+        model=model,
+        train=TrainConfig(steps=4, batch_size=2, num_threads=1, val_every=2, warmup_steps=1),
+    )
     train_run(prepared_synthetic, cfg, tmp_path / "run")
     run = load_run(tmp_path / "run")
     shift = run.model.pert_shift.numpy()
@@ -70,8 +96,13 @@ def test_trained_run_stores_prior_and_round_trips(prepared_synthetic, tmp_path):
     np.testing.assert_allclose(shift, expected, rtol=1e-6, atol=1e-6)
     assert test_pert not in split.train.get(split.context, []) + split.val.get(split.context, [])
     a = predict(run, prepared_synthetic, context=split.context, perturbations=[test_pert], seed=1)
-    b = predict(load_run(tmp_path / "run"), prepared_synthetic, context=split.context, perturbations=[test_pert],
-                seed=1)
+    b = predict(
+        load_run(tmp_path / "run"),
+        prepared_synthetic,
+        context=split.context,
+        perturbations=[test_pert],
+        seed=1,
+    )
     np.testing.assert_array_equal(a.X, b.X)
 
 
@@ -94,20 +125,33 @@ def test_prior_cells_match_the_shift_in_the_set_mean_and_stay_non_negative():
 
 
 def test_context_pairs_override_the_average_for_measured_pairs():
-    from statecore.priors import context_pair_shifts
+    from statecore.training.priors import context_pair_shifts
 
     adata = _tiny()
     vocab = PerturbationVocab.from_labels(["ctrl", "A", "B"], "ctrl")
     pairs = {"a": ["A", "B"], "b": ["A"]}
-    index, pair_shift = context_pair_shifts(adata, genes=["g0", "g1"], vocab=vocab, train_pairs=pairs,
-                                            contexts=["a", "b"])
+    index, pair_shift = context_pair_shifts(
+        adata, genes=["g0", "g1"], vocab=vocab, train_pairs=pairs, contexts=["a", "b"]
+    )
     assert index.tolist() == [[-1, 0, 1], [-1, 2, -1]]
     np.testing.assert_allclose(pair_shift, [[2, 0], [0, 2], [1, 1]])
-    model = StateTransitionModel(num_genes=2, hidden_dim=8, transformer_heads=2, transformer_layers=1,
-                                 mlp_hidden_dim=16, perturbation_dim=3, residual="expression", shift_prior=True,
-                                 prior_mode="add", relu_output=False, n_contexts=2, n_prior_pairs=3)
-    model.pert_shift.copy_(torch.from_numpy(perturbation_shifts(adata, genes=["g0", "g1"], vocab=vocab,
-                                                                train_pairs=pairs)))
+    model = StateTransitionModel(
+        num_genes=2,
+        hidden_dim=8,
+        transformer_heads=2,
+        transformer_layers=1,
+        mlp_hidden_dim=16,
+        perturbation_dim=3,
+        residual="expression",
+        shift_prior=True,
+        prior_mode="add",
+        relu_output=False,
+        n_contexts=2,
+        n_prior_pairs=3,
+    )
+    model.pert_shift.copy_(
+        torch.from_numpy(perturbation_shifts(adata, genes=["g0", "g1"], vocab=vocab, train_pairs=pairs))
+    )
     model.pair_index.copy_(torch.from_numpy(index))
     model.pair_shift.copy_(torch.from_numpy(pair_shift))
     x = torch.zeros(3, 2, 2)
@@ -120,7 +164,9 @@ def test_context_pairs_override_the_average_for_measured_pairs():
 
 
 def test_prior_cells_scale_mode_keeps_zeros_of_expressed_genes():
-    x = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [1.0, 0.02]]])  # gene 0 expressed (mean 1), gene 1 barely (0.0067)
+    x = torch.tensor(
+        [[[0.0, 0.0], [2.0, 0.0], [1.0, 0.02]]]
+    )  # gene 0 expressed (mean 1), gene 1 barely (0.0067)
     shift = torch.tensor([0.5, 0.3]).expand(1, 3, 2)
     moved = StateTransitionModel.prior_cells(x, shift, mode="scale")
     torch.testing.assert_close(moved.mean(dim=1), x.mean(dim=1) + torch.tensor([0.5, 0.3]))

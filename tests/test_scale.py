@@ -10,12 +10,12 @@ import scipy.sparse as sp
 import torch
 
 from statecore.cli import main
-from statecore.commands._common import read_prepared
+from statecore.cli._common import read_prepared
 from statecore.config import STConfig, TrainConfig
+from statecore.data.sets import PerturbationVocab, RowGatherer, SetDataset, build_groups
 from statecore.models.transition import StateTransitionModel
-from statecore.runs import read_metrics, read_status
-from statecore.sets import PerturbationVocab, RowGatherer, SetDataset, build_groups
-from statecore.train import TrainData, fit
+from statecore.runs.files import read_metrics, read_status
+from statecore.training.engine import TrainData, fit
 
 
 def test_csr_gather_touches_only_the_asked_rows():
@@ -49,7 +49,9 @@ def test_backed_batches_equal_in_memory_batches(prepared_synthetic, tmp_path, sp
     vocab = PerturbationVocab.from_labels(a.obs["perturbation"].astype(str), "ctrl")
     genes = list(a.var_names[::3])  # a column subset, as with HVGs
     mem = SetDataset(a, groups, genes=genes, vocab=vocab, set_size=16, seed=1)
-    disk = SetDataset(backed, build_groups(backed, control="ctrl"), genes=genes, vocab=vocab, set_size=16, seed=1)
+    disk = SetDataset(
+        backed, build_groups(backed, control="ctrl"), genes=genes, vocab=vocab, set_size=16, seed=1
+    )
     assert disk.gather.backed and not mem.gather.backed
     for step in (0, 5):  # sets of 16 from groups of ~20 cells: padding repeats rows, rows are unsorted
         m, d = mem.batch(step, 3), disk.batch(step, 3)
@@ -61,8 +63,27 @@ def test_cli_train_backed(prepared_synthetic, tmp_path, capsys):
     path = tmp_path / "prep.h5ad"
     prepared_synthetic.write_h5ad(path)
     run = tmp_path / "run"
-    argv = ["train", "--data", str(path), "--run-dir", str(run), "--task", "underrepresented", "--context", "c0",
-            "--steps", "3", "--set-size", "8", "--batch-size", "2", "--threads", "1", "--quiet", "--backed"]
+    argv = [
+        "train",
+        "--data",
+        str(path),
+        "--run-dir",
+        str(run),
+        "--task",
+        "underrepresented",
+        "--context",
+        "c0",
+        "--steps",
+        "3",
+        "--set-size",
+        "8",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--quiet",
+        "--backed",
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith("done: step 3")
     assert read_status(run)["state"] == "done" and [r["step"] for r in read_metrics(run)] == [3]
@@ -76,9 +97,20 @@ def _tiny_fit(prepared, **train):
     ds = SetDataset(a, groups, genes=genes, vocab=vocab, set_size=8, seed=0)
     data = TrainData(train=ds, val=None, genes=genes, vocab=vocab, contexts=["c0"], batches=["all"])
     torch.manual_seed(0)
-    model = StateTransitionModel(STConfig(num_genes=len(genes), perturbation_dim=vocab.dim, hidden_dim=16,
-                                          transformer_heads=2, transformer_layers=1, mlp_hidden_dim=32, set_size=8))
-    cfg = TrainConfig(steps=3, batch_size=2, warmup_steps=0, val_every=0, num_threads=1, device="cpu", **train)
+    model = StateTransitionModel(
+        STConfig(
+            num_genes=len(genes),
+            perturbation_dim=vocab.dim,
+            hidden_dim=16,
+            transformer_heads=2,
+            transformer_layers=1,
+            mlp_hidden_dim=32,
+            set_size=8,
+        )
+    )
+    cfg = TrainConfig(
+        steps=3, batch_size=2, warmup_steps=0, val_every=0, num_threads=1, device="cpu", **train
+    )
     return fit(model, data, cfg)
 
 

@@ -4,9 +4,9 @@ import scipy.sparse as sp
 import torch
 
 from statecore.config import SplitConfig
+from statecore.data.sets import PerturbationVocab, SetDataset, build_groups, build_sets, obs_labels
+from statecore.data.splits import make_split
 from statecore.errors import DataError
-from statecore.sets import PerturbationVocab, SetDataset, build_groups, build_sets, obs_labels
-from statecore.splits import make_split
 
 
 def test_vocab_multi_hot_combos_and_unknown():
@@ -35,8 +35,15 @@ def test_set_invariants(prepared_synthetic, sparse):
         ad_.X = ad_.X.toarray() if sp.issparse(ad_.X) else ad_.X
     pert, ctx, batch = obs_labels(ad_)
     groups = build_groups(ad_, control="ctrl")
-    ds = SetDataset(ad_, groups, genes=list(ad_.var_names[:10]), vocab=PerturbationVocab.from_labels(pert, "ctrl"),
-                    batches=sorted(set(batch)), set_size=8, seed=0)
+    ds = SetDataset(
+        ad_,
+        groups,
+        genes=list(ad_.var_names[:10]),
+        vocab=PerturbationVocab.from_labels(pert, "ctrl"),
+        batches=sorted(set(batch)),
+        set_size=8,
+        seed=0,
+    )
     plan = ds.plan(0)
     assert len(plan) == sum(-(-len(g.cells) // 8) for g in groups)
     seen_ctrl_target = False

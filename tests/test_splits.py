@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from statecore.config import SplitConfig
+from statecore.data.splits import Split, make_split, split_explicit, split_underrepresented, split_zeroshot
 from statecore.errors import DataError
-from statecore.splits import Split, make_split, split_explicit, split_underrepresented, split_zeroshot
 
 
 def _pairs(adata, mask):
@@ -77,16 +77,19 @@ def test_same_seed_same_split_and_order_independent(prepared_synthetic):
 
 
 def test_combos_count_as_perturbations():
-    from statecore.synthetic import make_perturbation_adata
+    from statecore.data.synthetic import make_perturbation_adata
 
-    a = make_perturbation_adata(n_cells=300, n_genes=30, n_perturbations=4, contexts=("a", "b"), n_combos=2,
-                                seed=0)
+    a = make_perturbation_adata(
+        n_cells=300, n_genes=30, n_perturbations=4, contexts=("a", "b"), n_combos=2, seed=0
+    )
     s = split_zeroshot(a, "a")
     assert sum("+" in p for p in s.test["a"]) == 2
 
 
 def test_roundtrip_and_make_split(tmp_path, prepared_synthetic):
-    s = make_split(prepared_synthetic, SplitConfig(task="underrepresented", context="c2", keep_fraction=0.5, seed=3))
+    s = make_split(
+        prepared_synthetic, SplitConfig(task="underrepresented", context="c2", keep_fraction=0.5, seed=3)
+    )
     assert s == split_underrepresented(prepared_synthetic, "c2", alpha=0.5, seed=3)
     s.save(tmp_path / "split.json")
     assert Split.load(tmp_path / "split.json") == s
@@ -95,5 +98,7 @@ def test_roundtrip_and_make_split(tmp_path, prepared_synthetic):
         make_split(prepared_synthetic, SplitConfig(task="zeroshot", context=None))
     with pytest.raises(DataError, match="unknown split task"):
         make_split(prepared_synthetic, SplitConfig(task="bogus", context="c0"))
-    e = make_split(prepared_synthetic, SplitConfig(task="explicit", context="c0", test_perts=("P002",), val_fraction=0))
+    e = make_split(
+        prepared_synthetic, SplitConfig(task="explicit", context="c0", test_perts=("P002",), val_fraction=0)
+    )
     assert e.test == {"c0": ["P002"]} and not e.pairs("val")

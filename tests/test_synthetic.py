@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from statecore.synthetic import make_perturbation_adata, planted_lfc
+from statecore.data.synthetic import make_perturbation_adata, planted_lfc
 
 
 def test_shapes_labels_and_sparse_counts(synthetic_counts):
@@ -33,8 +33,16 @@ def test_seed_determinism_and_dense_equals_sparse():
 
 
 def test_planted_effects_are_detectable():
-    a = make_perturbation_adata(n_cells=3000, n_genes=100, n_perturbations=4, contexts=("c0", "c1"),
-                                frac_no_effect=0.25, seed=0, library_mean=20000, dispersion=50)
+    a = make_perturbation_adata(
+        n_cells=3000,
+        n_genes=100,
+        n_perturbations=4,
+        contexts=("c0", "c1"),
+        frac_no_effect=0.25,
+        seed=0,
+        library_mean=20000,
+        dispersion=50,
+    )
     X = a.X.toarray()
     X = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
     syn = a.uns["synthetic"]
@@ -53,7 +61,9 @@ def test_planted_effects_are_detectable():
 
 
 def test_context_specific_modulation_and_combos():
-    a = make_perturbation_adata(n_cells=200, n_genes=80, n_perturbations=6, frac_no_effect=0.0, n_combos=2, seed=2)
+    a = make_perturbation_adata(
+        n_cells=200, n_genes=80, n_perturbations=6, frac_no_effect=0.0, n_combos=2, seed=2
+    )
     syn = a.uns["synthetic"]
     eff = syn["effects"]["P000"]["contexts"]
     assert eff["c0"]["scale"] != eff["c1"]["scale"]
@@ -88,8 +98,26 @@ def test_simulate_cli(tmp_path):
     from statecore.cli import main
 
     out = tmp_path / "sim.h5ad"
-    assert main(["simulate", "-o", str(out), "--n-cells", "120", "--n-genes", "30", "--n-perturbations", "3",
-                 "--contexts", "2", "--n-batches", "2"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "-o",
+                str(out),
+                "--n-cells",
+                "120",
+                "--n-genes",
+                "30",
+                "--n-perturbations",
+                "3",
+                "--contexts",
+                "2",
+                "--n-batches",
+                "2",
+            ]
+        )
+        == 0
+    )
     import anndata as ad
 
     b = ad.read_h5ad(out)

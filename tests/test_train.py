@@ -4,15 +4,16 @@ import pytest
 import torch
 
 from statecore.config import RunConfig, SplitConfig, STConfig, TrainConfig
-from statecore.runs import read_metrics, read_status
-from statecore.train import lr_at, train_run
+from statecore.runs.files import read_metrics, read_status
+from statecore.training.engine import lr_at, train_run
 
 MODEL = STConfig(hidden_dim=16, transformer_heads=2, transformer_layers=1, mlp_hidden_dim=32, set_size=8)
 
 
 def _cfg(steps=20, **train):
-    t = TrainConfig(steps=steps, batch_size=4, val_every=10, log_every=1, num_threads=1, warmup_steps=5,
-                    lr=3e-3, **train)
+    t = TrainConfig(
+        steps=steps, batch_size=4, val_every=10, log_every=1, num_threads=1, warmup_steps=5, lr=3e-3, **train
+    )
     return RunConfig(split=SplitConfig(task="underrepresented", context="c0"), model=MODEL, train=t)
 
 
@@ -22,9 +23,19 @@ def test_few_steps_lower_loss_and_write_run_files(prepared_synthetic, tmp_path):
     last = sum(v for _, v in res.losses[-5:]) / 5
     assert last < first
     run = tmp_path / "run"
-    for name in ("config.json", "split.json", "status.json", "metrics.jsonl", "genes.txt", "perturbations.txt",
-                 "contexts.txt", "model.safetensors", "last.safetensors", "train_state.safetensors",
-                 "train_state.json"):
+    for name in (
+        "config.json",
+        "split.json",
+        "status.json",
+        "metrics.jsonl",
+        "genes.txt",
+        "perturbations.txt",
+        "contexts.txt",
+        "model.safetensors",
+        "last.safetensors",
+        "train_state.safetensors",
+        "train_state.json",
+    ):
         assert (run / name).exists(), name
     status = read_status(run)
     assert status["state"] == "done" and status["step"] == 40 and status["error"] is None
@@ -40,10 +51,12 @@ def test_resume_reproduces_uninterrupted_curve(prepared_synthetic, tmp_path):
     full = train_run(prepared_synthetic, _cfg(steps=24), tmp_path / "a")
     part = train_run(prepared_synthetic, _cfg(steps=24, max_minutes=1e-9), tmp_path / "b")  # stops at once
     assert part.step == 0
+
     # stop after 11 steps via the STOP file, from a hook
     def stopper(p):
         if p.step == 11:
             (tmp_path / "c" / "STOP").touch()
+
     stopped = train_run(prepared_synthetic, _cfg(steps=24), tmp_path / "c", hook=stopper)
     assert stopped.state == "cancelled" and stopped.step == 11
     assert read_status(tmp_path / "c")["state"] == "cancelled"

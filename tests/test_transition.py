@@ -5,8 +5,14 @@ from statecore.config import STConfig
 from statecore.models.transition import StateTransitionModel
 
 torch.set_num_threads(1)
-SMALL = dict(num_genes=20, hidden_dim=16, transformer_heads=2, transformer_layers=2, mlp_hidden_dim=32,
-             perturbation_dim=5)
+SMALL = dict(
+    num_genes=20,
+    hidden_dim=16,
+    transformer_heads=2,
+    transformer_layers=2,
+    mlp_hidden_dim=32,
+    perturbation_dim=5,
+)
 
 
 def test_walkthrough_keywords_and_config_give_same_shapes():

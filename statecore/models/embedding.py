@@ -56,7 +56,9 @@ class StateEmbeddingModel(nn.Module):
     ``gene_table`` (optional, ``[G, F]``) gives the module its gene features and sets ``n_genes``.
     """
 
-    def __init__(self, config: SEConfig | None = None, *, gene_table: Tensor | np.ndarray | None = None, **overrides):
+    def __init__(
+        self, config: SEConfig | None = None, *, gene_table: Tensor | np.ndarray | None = None, **overrides
+    ):
         super().__init__()
         cfg = config or SEConfig()
         if overrides:
@@ -64,10 +66,12 @@ class StateEmbeddingModel(nn.Module):
         if gene_table is not None:
             gene_table = torch.as_tensor(np.asarray(gene_table), dtype=torch.float32)
             if gene_table.ndim != 2 or gene_table.shape[1] != cfg.gene_feature_dim:
-                raise ValueError(f"gene_table must be [n_genes, {cfg.gene_feature_dim}], got {tuple(gene_table.shape)}")
+                raise ValueError(
+                    f"gene_table must be [n_genes, {cfg.gene_feature_dim}], got {tuple(gene_table.shape)}"
+                )
             cfg = cfg.replace(n_genes=int(gene_table.shape[0]))
         check_config(cfg)
-        self.cfg = cfg  # the name statecore.checkpoint.save_weights looks for
+        self.cfg = cfg  # the name statecore.training.checkpoint.save_weights looks for
         H = cfg.hidden_dim
 
         if cfg.n_genes > 0:
@@ -84,15 +88,22 @@ class StateEmbeddingModel(nn.Module):
         self.binning = SoftBinning(cfg.n_bins, H, cfg.bin_hidden_dim)
         self.cls = nn.Parameter(torch.randn(1, 1, H) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            H, cfg.heads, dim_feedforward=2 * H, dropout=cfg.dropout, activation="gelu",
-            batch_first=True, norm_first=True,  # pre-LN trains stably without warmup tricks
+            H,
+            cfg.heads,
+            dim_feedforward=2 * H,
+            dropout=cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,  # pre-LN trains stably without warmup tricks
         )
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(H)
         self.head = nn.Linear(H, cfg.output_dim)
         self.decoder = nn.Sequential(
-            nn.Linear(cfg.output_dim + H + 1, cfg.decoder_hidden_dim), nn.SiLU(),
-            nn.Linear(cfg.decoder_hidden_dim, cfg.decoder_hidden_dim), nn.SiLU(),
+            nn.Linear(cfg.output_dim + H + 1, cfg.decoder_hidden_dim),
+            nn.SiLU(),
+            nn.Linear(cfg.decoder_hidden_dim, cfg.decoder_hidden_dim),
+            nn.SiLU(),
             nn.Linear(cfg.decoder_hidden_dim, 1),
         )
         # Read depth enters the decoder standardised with the training data's statistics;
@@ -113,8 +124,10 @@ class StateEmbeddingModel(nn.Module):
 
     def forward(self, gene_features: Tensor, values: Tensor) -> Tensor:
         if gene_features.ndim != 3 or values.shape != gene_features.shape[:2]:
-            raise ValueError(f"expected gene_features [B, L, F] and values [B, L]; got "
-                             f"{tuple(gene_features.shape)} and {tuple(values.shape)}")
+            raise ValueError(
+                f"expected gene_features [B, L, F] and values [B, L]; got "
+                f"{tuple(gene_features.shape)} and {tuple(values.shape)}"
+            )
         tokens = self.gene_embedding(gene_features) + self.binning(values)  # [B, L, H]
         x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1 + L, H]
         h = self.encoder(x)  # [B, 1 + L, H]
@@ -132,24 +145,44 @@ class StateEmbeddingModel(nn.Module):
         inp = torch.cat([z.unsqueeze(1).expand(-1, K, -1), g, d.view(B, 1, 1).expand(-1, K, 1)], dim=-1)
         return self.decoder(inp).squeeze(-1)  # [B, K]
 
-    def loss(self, z: Tensor, gene_features: Tensor, values: Tensor, idx: Tensor | None = None,
-             depth: Tensor | None = None) -> Tensor:
+    def loss(
+        self,
+        z: Tensor,
+        gene_features: Tensor,
+        values: Tensor,
+        idx: Tensor | None = None,
+        depth: Tensor | None = None,
+    ) -> Tensor:
         if idx is not None:
             if gene_features.ndim != 2 or idx.shape != values.shape:
-                raise ValueError(f"with idx, expected gene_features [G, F] and idx, values [B, K]; got "
-                                 f"{tuple(gene_features.shape)}, {tuple(idx.shape)}, {tuple(values.shape)}")
+                raise ValueError(
+                    f"with idx, expected gene_features [G, F] and idx, values [B, K]; got "
+                    f"{tuple(gene_features.shape)}, {tuple(idx.shape)}, {tuple(values.shape)}"
+                )
             gene_features = gene_features[idx]  # [B, K, F]
         elif gene_features.ndim != 3 or gene_features.shape[:2] != values.shape:
-            raise ValueError(f"without idx, expected gene_features [B, K, F] and values [B, K]; got "
-                             f"{tuple(gene_features.shape)} and {tuple(values.shape)}")
+            raise ValueError(
+                f"without idx, expected gene_features [B, K, F] and values [B, K]; got "
+                f"{tuple(gene_features.shape)} and {tuple(values.shape)}"
+            )
         pred = self.predict_expression(z, gene_features, depth)
         return F.mse_loss(pred, values.to(pred.dtype))
 
 
 def check_config(cfg: SEConfig) -> None:
     """Raise ValueError naming the first invalid SEConfig field."""
-    for name in ("gene_feature_dim", "hidden_dim", "L", "heads", "layers", "n_bins", "output_dim",
-                 "n_loss_genes", "bin_hidden_dim", "decoder_hidden_dim"):
+    for name in (
+        "gene_feature_dim",
+        "hidden_dim",
+        "L",
+        "heads",
+        "layers",
+        "n_bins",
+        "output_dim",
+        "n_loss_genes",
+        "bin_hidden_dim",
+        "decoder_hidden_dim",
+    ):
         if getattr(cfg, name) < 1:
             raise ValueError(f"SEConfig.{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.hidden_dim % cfg.heads:
@@ -174,7 +207,9 @@ def top_l_indices(values: np.ndarray, L: int, tiebreak: np.ndarray) -> np.ndarra
     return order[:, : min(L, values.shape[1])].astype(np.int64)
 
 
-def sample_loss_genes(values: np.ndarray, k: int, rng: np.random.Generator, expressed_fraction: float = 0.5) -> np.ndarray:
+def sample_loss_genes(
+    values: np.ndarray, k: int, rng: np.random.Generator, expressed_fraction: float = 0.5
+) -> np.ndarray:
     """Per cell, ``round(k * expressed_fraction)`` random expressed genes and the rest unexpressed -> [B, k].
 
     A cell with too few genes of one kind gets the other kind instead (sampling is without

@@ -4,7 +4,7 @@
     t    = Transformer(h)  (bidirectional over the S cells, no positional encoding)
     out  = ReLU(project_out(t + basal(x_ctrl)))    # residual to the control in hidden space
 
-The module knows nothing of AnnData; ``statecore.sets`` turns data into tensors.
+The module knows nothing of AnnData; ``statecore.data.sets`` turns data into tensors.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from statecore.config import STConfig
-from statecore.decoder import GeneDecoder
+from statecore.models.decoder import GeneDecoder
 from statecore.models.layers import mlp, set_transformer
 
 RESIDUALS = ("hidden", "expression", "none")
@@ -35,27 +35,32 @@ class StateTransitionModel(nn.Module):
             raise ValueError(f"STConfig.basal_encoder must be 'mlp' or 'linear'; got {cfg.basal_encoder!r}")
         self.cfg = cfg
         G, H, M = cfg.num_genes, cfg.hidden_dim, cfg.mlp_hidden_dim
-        self.basal_encoder = (mlp(G, M, H, dropout=cfg.dropout) if cfg.basal_encoder == "mlp"
-                              else nn.Linear(G, H))
+        self.basal_encoder = (
+            mlp(G, M, H, dropout=cfg.dropout) if cfg.basal_encoder == "mlp" else nn.Linear(G, H)
+        )
         self.pert_encoder = mlp(cfg.perturbation_dim, M, H, dropout=cfg.dropout)
         self.batch_embedding = nn.Embedding(cfg.n_batches, H) if cfg.n_batches > 0 else None
         self.noise_proj = nn.Linear(cfg.noise_dim, H) if cfg.noise_dim > 0 else None
         self.transformer = set_transformer(H, cfg.transformer_heads, cfg.transformer_layers, M, cfg.dropout)
         self.project_out = mlp(H, M, G, n_layers=3, dropout=cfg.dropout)
         # Embedding track (decoder_dim > 0): ST predicts SE embeddings (width G = D) and this decoder,
-        # saved in the same checkpoint, maps them back to decoder_dim genes (see statecore.embedding_track).
-        self.gene_decoder = (GeneDecoder(G, cfg.decoder_dim, hidden_dim=M, dropout=cfg.dropout)
-                             if cfg.decoder_dim > 0 else None)
+        # saved in the same checkpoint, maps them back to decoder_dim genes (see statecore.embedding.track).
+        self.gene_decoder = (
+            GeneDecoder(G, cfg.decoder_dim, hidden_dim=M, dropout=cfg.dropout)
+            if cfg.decoder_dim > 0
+            else None
+        )
         if cfg.shift_prior and cfg.decoder_dim == 0:
-            # [P, G] mean expression shift of each single perturbation (statecore.priors), set before
+            # [P, G] mean expression shift of each single perturbation (statecore.training.priors), set before
             # training from training cells only and saved with the weights; z @ shift sums a combination's singles.
             self.register_buffer("pert_shift", torch.zeros(cfg.perturbation_dim, G))
         else:
             self.pert_shift = None
         if self.pert_shift is not None and cfg.n_prior_pairs > 0 and cfg.n_contexts > 0:
-            # a context's own shift of a single, where training measured that pair (statecore.priors)
-            self.register_buffer("pair_index", torch.full((cfg.n_contexts, cfg.perturbation_dim), -1,
-                                                         dtype=torch.long))
+            # a context's own shift of a single, where training measured that pair (statecore.training.priors)
+            self.register_buffer(
+                "pair_index", torch.full((cfg.n_contexts, cfg.perturbation_dim), -1, dtype=torch.long)
+            )
             self.register_buffer("pair_shift", torch.zeros(cfg.n_prior_pairs, G))
         else:
             self.pair_index = self.pair_shift = None
@@ -64,8 +69,14 @@ class StateTransitionModel(nn.Module):
             nn.init.zeros_(self.project_out[-1].weight)
             nn.init.zeros_(self.project_out[-1].bias)
 
-    def forward(self, x_ctrl: torch.Tensor, z_pert: torch.Tensor, batch: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_ctrl: torch.Tensor,
+        z_pert: torch.Tensor,
+        batch: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``x_ctrl [B, S, G]``, ``z_pert [B, S, P]`` or ``[B, P]``, ``batch`` long ``[B, S]`` or ``[B]``
         (index -1: unknown batch, no embedding added), ``context`` long ``[B]`` (index into the training
         contexts, -1 unknown; used by the shift prior only) -> predicted perturbed cells ``[B, S, G]``."""
@@ -77,8 +88,10 @@ class StateTransitionModel(nn.Module):
         if z_pert.dim() == 2:
             z_pert = z_pert.unsqueeze(1).expand(B, S, z_pert.shape[-1])  # [B, S, P]
         if z_pert.shape[:2] != (B, S) or z_pert.shape[-1] != self.cfg.perturbation_dim:
-            raise ValueError(f"z_pert must be [B, S, {self.cfg.perturbation_dim}] or [B, "
-                             f"{self.cfg.perturbation_dim}]; got {tuple(z_pert.shape)}")
+            raise ValueError(
+                f"z_pert must be [B, S, {self.cfg.perturbation_dim}] or [B, "
+                f"{self.cfg.perturbation_dim}]; got {tuple(z_pert.shape)}"
+            )
         basal = self.basal_encoder(x_ctrl)  # [B, S, H]
         h = basal + self.pert_encoder(z_pert.to(x_ctrl.dtype))  # [B, S, H]
         if self.batch_embedding is not None and batch is not None:

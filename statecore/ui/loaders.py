@@ -22,7 +22,7 @@ def mtime(path: str | Path | None) -> float:
 
 @st.cache_resource(max_entries=3, show_spinner="Reading data…")
 def _read_data(path: str, stamp: float, metadata: str | None, meta_stamp: float, cell_id_col: str | None):
-    from statecore.io import read_data
+    from statecore.data.io import read_data
 
     return read_data(path, metadata=metadata, cell_id_col=cell_id_col)
 
@@ -46,7 +46,7 @@ def read_h5ad(path: str | Path):
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
 def _load_run(run_dir: str, stamp: float):
-    from statecore.checkpoint import load_run
+    from statecore.training.checkpoint import load_run
 
     return load_run(run_dir, device="cpu")
 

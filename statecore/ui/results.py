@@ -26,7 +26,7 @@ def run_key(run_dir: str | Path) -> str:
 
 @st.cache_resource(max_entries=8, show_spinner="Predicting…")
 def _predict(key: str, run_dir: str, context: str, perts: tuple[str, ...], n_cells: int | None, seed: int):
-    from statecore.predict import predict
+    from statecore.inference.predict import predict
 
     run = loaders.load_run(run_dir)
     adata = loaders.read_h5ad(loaders.run_data_path(run_dir))
@@ -40,7 +40,7 @@ def predict_cached(run_dir, context: str, perts: list[str], n_cells: int | None,
 @st.cache_data(max_entries=16, show_spinner="Ranking DE genes…")
 def de_table(pred_key: str, _pred, control: str) -> pd.DataFrame:
     """Predicted DE of every predicted perturbation vs the predicted context's controls."""
-    from statecore.de import compute_de
+    from statecore.evaluation.de import compute_de
 
     return compute_de(_pred, control=control)
 
@@ -69,10 +69,10 @@ def h5ad_bytes(key: str, _adata) -> bytes:
 
 @st.cache_resource(max_entries=4, show_spinner="Predicting the test split and every baseline, then scoring…")
 def _evaluate(key: str, run_dir: str, seed: int):
-    from statecore.baselines import predict_baseline
-    from statecore.io import control_label
-    from statecore.metrics import evaluate
-    from statecore.predict import predict_split
+    from statecore.data.io import control_label
+    from statecore.evaluation.metrics import evaluate
+    from statecore.inference.baselines import predict_baseline
+    from statecore.inference.predict import predict_split
 
     run = loaders.load_run(run_dir)
     adata = loaders.read_h5ad(loaders.run_data_path(run_dir))

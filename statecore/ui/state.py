@@ -14,7 +14,7 @@ from typing import Any
 
 import streamlit as st
 
-from statecore import jobs
+from statecore.runs import jobs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_DIR = REPO_ROOT / "sample_data"

@@ -1,7 +1,7 @@
 """What the Train page launches: the options it collects and the CLI arguments they become.
 
 The app starts training exactly as a user would from the shell (``python -m statecore train``)
-through ``statecore.jobs``; this module only turns page choices into that argument list and tells
+through ``statecore.runs.jobs``; this module only turns page choices into that argument list and tells
 runs apart (State Transition runs vs State Embedding runs) from their ``config.json``.
 """
 
@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from statecore import jobs
+from statecore.runs import jobs
 
 
 @dataclass(frozen=True)

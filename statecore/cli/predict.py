@@ -1,0 +1,58 @@
+"""``python -m statecore predict --run-dir DIR (--split test | --context C --perturbation P) -o PRED.h5ad``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="predict perturbed cells with a trained run")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--data", default=None, help="prepared .h5ad with the controls (default: the run's data)")
+    p.add_argument(
+        "--split", choices=["test"], default=None, help="predict every test perturbation of the run"
+    )
+    p.add_argument("--context", default=None)
+    p.add_argument(
+        "--perturbation", default=None, help="one label or comma-separated labels (A+B for combos)"
+    )
+    p.add_argument(
+        "--n-cells", type=int, default=None, help="cells per perturbation (default: the controls used)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--output", required=True, help="predicted cells (.h5ad)")
+    p.add_argument("--real-out", default=None, help="with --split test: also write the real test cells here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from statecore.cli._common import read_prepared, write_h5ad
+    from statecore.errors import DataError
+    from statecore.inference.predict import predict, predict_split
+    from statecore.training.checkpoint import load_run
+    from statecore.training.engine import resolve_device
+
+    run_ = load_run(args.run_dir, device=str(resolve_device(args.device)))
+    data = args.data or run_.config.data_path
+    if not data:
+        raise DataError("the run records no data path; pass --data")
+    adata = read_prepared(data)
+    if args.split:
+        pred, real = predict_split(run_, adata, seed=args.seed)
+        if args.real_out:
+            write_h5ad(real, args.real_out)
+    else:
+        if not (args.context and args.perturbation):
+            raise DataError("give --split test, or both --context and --perturbation")
+        perts = [p for p in args.perturbation.split(",") if p]
+        pred = predict(
+            run_, adata, context=args.context, perturbations=perts, n_cells=args.n_cells, seed=args.seed
+        )
+    write_h5ad(pred, args.output)
+    n_pert = int(pred.obs["predicted"].sum())
+    print(
+        f"predicted {n_pert} cells for {pred.obs.loc[pred.obs['predicted'], 'perturbation'].nunique()} "
+        f"perturbation(s) (+{pred.n_obs - n_pert} controls) x {pred.n_vars} genes -> {args.output}"
+    )
+    return 0

@@ -1,0 +1,151 @@
+"""Baselines with the same prediction contract as the model (one code path scores everything).
+
+All of them look only at training cells (the split's train + validation pairs and every control);
+the number of predicted cells per perturbation is ``n_cells`` or the target context's control count.
+
+- control: the context's control cells, unchanged.
+- context_mean: the mean of the context's perturbed training cells (zero-shot, where the context has
+  none: its control mean + the average perturbed-minus-control shift of the other contexts).
+- perturbation_mean: the context's control mean + the perturbation's mean shift (perturbed mean minus
+  control mean) in the other contexts where it was trained, averaged over those contexts.
+- cell_mean: cell-eval's baseline, the mean of the perturbed training groups' means.
+- additive: control mean + the sum of the parts' shifts (ΔA + ΔB for "A+B"); a part's shift is taken
+  in the target context when trained there, else averaged over the other contexts.
+Mean baselines repeat their vector for every cell (clipped at 0, as expression is non-negative).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+from statecore.data.sets import RowGatherer, gene_indices, obs_labels
+from statecore.errors import DataError
+from statecore.inference.predict import control_rows, make_prediction_adata, sample_rows
+
+KINDS = ("control", "context_mean", "perturbation_mean", "cell_mean", "additive")
+
+
+def group_means(adata, mask: np.ndarray, keys: np.ndarray, gene_idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean expression over ``gene_idx`` per key among masked cells, via one sparse product."""
+    rows = np.flatnonzero(mask)
+    labels, inv = np.unique(keys[rows], return_inverse=True)
+    counts = np.bincount(inv, minlength=len(labels)).astype(np.float64)
+    ind = sp.csr_matrix((1.0 / counts[inv], (inv, np.arange(len(rows)))), shape=(len(labels), len(rows)))
+    X = adata.X[rows]
+    X = X[:, gene_idx]
+    means = ind @ X
+    means = means.toarray() if sp.issparse(means) else np.asarray(means)
+    return {str(k): means[i] for i, k in enumerate(labels)}
+
+
+def _key(c: str, p: str) -> str:
+    return f"{c}\x1f{p}"
+
+
+def predict_baseline(
+    adata,
+    split,
+    kind: str,
+    *,
+    genes: Sequence[str],
+    n_cells: int | None = None,
+    seed: int = 0,
+    combo_sep: str = "+",
+) -> ad.AnnData:
+    """Baseline prediction of every test perturbation of ``split`` (contract of ``predict``)."""
+    if kind not in KINDS:
+        raise DataError(f"unknown baseline {kind!r}; use one of {', '.join(KINDS)}")
+    genes = list(genes)
+    gidx = gene_indices(adata, genes)
+    pert, ctx, _ = obs_labels(adata)
+    target, control = split.context, split.control
+    perts = list(split.test.get(target, []))
+    if not perts:
+        raise DataError(f"the split has no test perturbation for context {target!r}")
+    rows = control_rows(adata, target, control)
+    n = int(n_cells) if n_cells is not None else len(rows)
+    gather = RowGatherer(adata.X, gidx)
+    ctrl_X = gather(rows)
+    rng = np.random.default_rng(seed)
+
+    if kind == "control":
+        blocks = [gather(sample_rows(rows, n, rng)) for _ in perts]
+    else:
+        train_pairs = split.pairs("train") | split.pairs("val")
+        train_mask = split.cell_mask(adata, "train") | split.cell_mask(adata, "val")
+        keys = np.char.add(np.char.add(ctx.astype(str), "\x1f"), pert.astype(str))
+        means = group_means(adata, train_mask, keys, gidx)
+        ctrl_mean = {c: means[_key(c, control)] for c in set(ctx) if _key(c, control) in means}
+        if target not in ctrl_mean:
+            raise DataError(f"context {target!r} has no control cells in the data")
+
+        def shift(c: str, p: str) -> np.ndarray:
+            return means[_key(c, p)] - ctrl_mean[c]
+
+        def pert_shift(p: str, *, allow_target: bool) -> np.ndarray | None:
+            if allow_target and (target, p) in train_pairs and _key(target, p) in means:
+                return shift(target, p)
+            found = [
+                shift(c, q)
+                for c, q in train_pairs
+                if q == p and c != target and c in ctrl_mean and _key(c, q) in means
+            ]
+            return np.mean(found, axis=0) if found else None
+
+        vectors = []
+        for p in perts:
+            if kind == "context_mean":
+                own = [c_p for c_p in train_pairs if c_p[0] == target]
+                if own:
+                    rows_t = train_mask & (ctx == target) & (pert != control)
+                    vec = group_means(adata, rows_t, np.zeros(len(ctx), dtype="<U1"), gidx)[""]
+                else:
+                    others = sorted({c for c, _ in train_pairs if c != target and c in ctrl_mean})
+                    shifts = []
+                    for c in others:
+                        m = train_mask & (ctx == c) & (pert != control)
+                        shifts.append(
+                            group_means(adata, m, np.zeros(len(ctx), dtype="<U1"), gidx)[""] - ctrl_mean[c]
+                        )
+                    vec = ctrl_mean[target] + (np.mean(shifts, axis=0) if shifts else 0.0)
+            elif kind == "cell_mean":
+                vals = [means[_key(c, q)] for c, q in sorted(train_pairs) if _key(c, q) in means]
+                if not vals:
+                    raise DataError("no perturbed training cells for the cell_mean baseline")
+                vec = np.mean(vals, axis=0)
+            elif kind == "perturbation_mean":
+                s = pert_shift(p, allow_target=False)
+                if s is None:  # not trained elsewhere (e.g. a new combination): sum of its parts
+                    s = _additive(p, combo_sep, pert_shift)
+                vec = ctrl_mean[target] + s
+            else:  # additive
+                vec = ctrl_mean[target] + _additive(p, combo_sep, pert_shift)
+            vectors.append(np.clip(vec, 0.0, None))
+        blocks = [np.repeat(v[None, :].astype(np.float32), n, axis=0) for v in vectors]
+    return make_prediction_adata(
+        blocks,
+        perts,
+        ctrl_X,
+        context=target,
+        control=control,
+        genes=genes,
+        ctrl_names=adata.obs_names[rows].astype(str),
+    )
+
+
+def _additive(p: str, sep: str, pert_shift) -> np.ndarray:
+    parts = [q for q in str(p).split(sep) if q] if sep else [str(p)]
+    total = None
+    for q in parts:
+        s = pert_shift(q, allow_target=True)
+        if s is None:
+            raise DataError(
+                f"perturbation {q!r} (part of {p!r}) has no training cells; the additive "
+                "baseline needs every part measured"
+            )
+        total = s if total is None else total + s
+    return total

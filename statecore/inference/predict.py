@@ -1,0 +1,182 @@
+"""In-silico perturbation with a trained ST model -> AnnData in cell-eval's format.
+
+Prediction never reads real perturbed cells: the number of predicted cells per perturbation comes
+from ``n_cells`` or from the control cells used. The output holds the predicted cells plus the
+context's real control cells (obs perturbation = control label), var_names = the model's genes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from statecore.data.sets import RowGatherer, gene_indices, obs_labels
+from statecore.embedding import track as embedding_track
+from statecore.errors import DataError
+
+SETS_PER_FORWARD = 16
+
+
+def control_rows(adata, context: str, control: str, control_cells=None) -> np.ndarray:
+    """Row indices of the control cells to perturb: ``control_cells`` (indices or bool mask) or every
+    control of ``context``."""
+    if control_cells is not None:
+        rows = np.asarray(control_cells)
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        if rows.size == 0:
+            raise DataError("control_cells is empty; give at least one control cell")
+        return rows
+    pert, ctx, _ = obs_labels(adata)
+    rows = np.flatnonzero((ctx == str(context)) & (pert == control))
+    if rows.size == 0:
+        contexts = sorted({c for c, p in zip(ctx, pert) if p == control})
+        raise DataError(
+            f"no control cells ({control!r}) of context {context!r} in the data; contexts with "
+            f"controls: {contexts}"
+        )
+    return rows
+
+
+def sample_rows(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` of ``rows``: a permutation when n == len(rows), without replacement when fewer, else with."""
+    if n <= len(rows):
+        return rows[rng.permutation(len(rows))[:n]]
+    return np.concatenate([rows[rng.permutation(len(rows))], rows[rng.integers(0, len(rows), n - len(rows))]])
+
+
+def make_prediction_adata(
+    blocks: Sequence[np.ndarray],
+    labels: Sequence[str],
+    ctrl_X: np.ndarray,
+    *,
+    context: str,
+    control: str,
+    genes: Sequence[str],
+    ctrl_names=None,
+) -> ad.AnnData:
+    """Predicted blocks (one per label) + real controls -> one AnnData (cell-eval format)."""
+    X = np.concatenate([*blocks, ctrl_X], axis=0).astype(np.float32, copy=False)
+    pert = [lab for lab, blk in zip(labels, blocks) for _ in range(len(blk))] + [control] * len(ctrl_X)
+    n_pred = sum(len(b) for b in blocks)
+    names = [f"pred_{i}" for i in range(n_pred)]
+    names += list(ctrl_names) if ctrl_names is not None else [f"ctrl_{i}" for i in range(len(ctrl_X))]
+    obs = pd.DataFrame(
+        {
+            "perturbation": pd.Categorical(pert),
+            "context": pd.Categorical([str(context)] * len(X)),
+            "predicted": np.r_[np.ones(n_pred, bool), np.zeros(len(ctrl_X), bool)],
+        },
+        index=pd.Index(names, dtype=str),
+    )
+    out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(list(genes), dtype=str)))
+    out.uns["statecore"] = {"control": control, "context": str(context)}
+    return out
+
+
+@torch.no_grad()
+def predict(
+    run,
+    adata,
+    *,
+    context: str,
+    perturbations: Sequence[str] | str,
+    n_cells: int | None = None,
+    control_cells=None,
+    seed: int = 0,
+) -> ad.AnnData:
+    """Predicted cells for each perturbation in ``context`` (see module docstring)."""
+    if isinstance(perturbations, str):
+        perturbations = [perturbations]
+    if not perturbations:
+        raise DataError("give at least one perturbation to predict")
+    vocab, model = run.vocab, run.model
+    control = vocab.control
+    z_all = vocab.encode(list(perturbations))  # raises a DataError naming an unknown perturbation
+    gather = RowGatherer(adata.X, gene_indices(adata, run.genes))
+    rows = control_rows(adata, context, control, control_cells)
+    model_in = embedding_track.input_gatherer(run, adata, rows, gather)  # embedding track: SE embeddings
+    n = int(n_cells) if n_cells is not None else len(rows)
+    if n < 1:
+        raise DataError(f"n_cells must be at least 1; got {n_cells}")
+    S = int(run.config.model.set_size)
+    device = next(model.parameters()).device
+    _, _, batch_labels = obs_labels(adata)
+    bmap = {b: i for i, b in enumerate(run.batches or [])}
+    cell_batch = np.full(adata.n_obs, -1, dtype=np.int64)  # batch index of each row we may perturb, once
+    cell_batch[rows] = [bmap.get(b, -1) for b in batch_labels[rows]]
+    model.eval()
+    target_sum = float(adata.uns.get("statecore", {}).get("qc", {}).get("target_sum", 1e4))
+    max_log = float(np.log1p(target_sum))
+    contexts = [str(c) for c in run.contexts or []]
+    ctx_pos = contexts.index(str(context)) if str(context) in contexts else -1  # -1: unseen in training
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(int(seed))
+    blocks = []
+    for z in z_all:
+        picked = sample_rows(rows, n, rng)
+        n_sets = -(-n // S)
+        padded = np.concatenate([picked, rows[rng.integers(0, len(rows), n_sets * S - n)]]).reshape(n_sets, S)
+        preds = []
+        for i in range(0, n_sets, SETS_PER_FORWARD):
+            chunk = padded[i : i + SETS_PER_FORWARD]
+            x = torch.from_numpy(model_in(chunk)).to(device)  # [b, S, G] (or [b, S, D] embeddings)
+            zt = torch.from_numpy(np.broadcast_to(z, (len(chunk), len(z))).copy()).to(device)  # [b, P]
+            bidx = torch.from_numpy(cell_batch[chunk]).to(device)  # [b, S]
+            noise = None
+            if model.cfg.noise_dim > 0:
+                noise = torch.randn(*chunk.shape, model.cfg.noise_dim, generator=gen).to(device)
+            ctx_t = None
+            if getattr(model, "pair_shift", None) is not None:  # the shift prior's per-context table
+                ctx_t = torch.full((len(chunk),), ctx_pos, dtype=torch.long, device=device)
+            out = model(x, zt, bidx, noise=noise, context=ctx_t)
+            if getattr(model, "gene_decoder", None) is not None:
+                out = model.decode(out)  # embedding track: back to the run's genes
+                if model.cfg.decoder_residual:  # predicted change in gene space, applied to the real controls
+                    out = torch.from_numpy(gather(chunk)).to(device) + out - model.decode(x)
+            # After normalize_total(target_sum) + log1p no value can exceed log1p(target_sum); a model
+            # extrapolating past it (rare, early in training) would produce impossible cells.
+            out = out.clamp(0.0, max_log)
+            preds.append(out.float().cpu().numpy().reshape(-1, len(run.genes)))
+        blocks.append(np.concatenate(preds)[:n])
+    return make_prediction_adata(
+        blocks,
+        list(perturbations),
+        gather(rows),
+        context=context,
+        control=control,
+        genes=run.genes,
+        ctrl_names=adata.obs_names[rows].astype(str),
+    )
+
+
+def real_for_split(adata, split, genes: Sequence[str]) -> ad.AnnData:
+    """The real test cells of ``split`` plus the target context's controls (for scoring only)."""
+    pert, ctx, _ = obs_labels(adata)
+    test = set(split.test.get(split.context, []))
+    mask = (ctx == split.context) & (np.isin(pert, list(test)) | (pert == split.control))
+    sub = adata[mask, gene_indices(adata, genes)]
+    X = sub.X.toarray() if sp.issparse(sub.X) else np.asarray(sub.X)
+    obs = pd.DataFrame(
+        {"perturbation": pd.Categorical(pert[mask]), "context": pd.Categorical(ctx[mask])},
+        index=sub.obs_names.astype(str),
+    )
+    out = ad.AnnData(
+        X=X.astype(np.float32, copy=False), obs=obs, var=pd.DataFrame(index=pd.Index(list(genes), dtype=str))
+    )
+    out.uns["statecore"] = {"control": split.control, "context": split.context}
+    return out
+
+
+def predict_split(run, adata, *, seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
+    """(predicted, real) for every test perturbation of the run's split."""
+    split = run.split
+    if split is None:
+        raise DataError(f"run {str(run.run_dir)!r} has no split.json; predict with --context/--perturbation")
+    perts = list(split.test.get(split.context, []))
+    pred = predict(run, adata, context=split.context, perturbations=perts, seed=seed)
+    return pred, real_for_split(adata, split, run.genes)
