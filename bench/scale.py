@@ -85,10 +85,11 @@ def stage_train(backed: bool, steps: int, work: Path) -> dict:
     import torch
 
     from statecore.cli._common import read_prepared
-    from statecore.config import ST_PRESETS, SplitConfig, STConfig, TrainConfig
+    from statecore.config import ST_PRESETS, SplitConfig, TrainConfig
     from statecore.data.splits import make_split
     from statecore.models.transition import StateTransitionModel
-    from statecore.training.engine import fit, make_train_data
+    from statecore.training.st_track import fit_model as fit
+    from statecore.training.st_track import make_train_data
 
     t = time.perf_counter()
     a = (
@@ -101,7 +102,7 @@ def stage_train(backed: bool, steps: int, work: Path) -> dict:
     split = make_split(a, SplitConfig(task="zeroshot", context="c0"))
     data = make_train_data(a, split, set_size=64, seed=0)
     t_setup = time.perf_counter() - t
-    cfg = STConfig(**ST_PRESETS["small"]).replace(num_genes=len(data.genes), perturbation_dim=data.vocab.dim)
+    cfg = ST_PRESETS["small"].replace(num_genes=len(data.genes), perturbation_dim=data.vocab.dim)
     torch.manual_seed(0)
     model = StateTransitionModel(cfg)
     tcfg = TrainConfig(

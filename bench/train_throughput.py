@@ -31,12 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from statecore.config import ST_PRESETS, STConfig, TrainConfig  # noqa: E402
+from statecore.config import ST_PRESETS, TrainConfig  # noqa: E402
 from statecore.data.sets import PerturbationVocab, SetDataset, build_groups  # noqa: E402
 from statecore.data.synthetic import make_perturbation_adata  # noqa: E402
 from statecore.models import losses  # noqa: E402
 from statecore.models.transition import StateTransitionModel  # noqa: E402
-from statecore.training.engine import TrainData, fit  # noqa: E402
+from statecore.training.st_track import TrainData  # noqa: E402
+from statecore.training.st_track import fit_model as fit  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
 
@@ -106,9 +107,7 @@ def measure(
     exact_loss: bool = False,
 ) -> dict:
     data = make_data(n_genes, set_size, n_cells=max(2000, 40 * set_size))
-    cfg = STConfig(**ST_PRESETS[preset]).replace(
-        num_genes=n_genes, perturbation_dim=data.vocab.dim, set_size=set_size
-    )
+    cfg = ST_PRESETS[preset].replace(num_genes=n_genes, perturbation_dim=data.vocab.dim, set_size=set_size)
     torch.manual_seed(0)
     model = StateTransitionModel(cfg)
     tcfg = TrainConfig(
@@ -166,9 +165,7 @@ def profile_one(preset: str, n_genes: int, set_size: int, batch_size: int, threa
     from torch.profiler import ProfilerActivity, profile
 
     data = make_data(n_genes, set_size, n_cells=max(2000, 40 * set_size))
-    cfg = STConfig(**ST_PRESETS[preset]).replace(
-        num_genes=n_genes, perturbation_dim=data.vocab.dim, set_size=set_size
-    )
+    cfg = ST_PRESETS[preset].replace(num_genes=n_genes, perturbation_dim=data.vocab.dim, set_size=set_size)
     model = StateTransitionModel(cfg)
     torch.set_num_threads(threads)
     opt = torch.optim.AdamW(model.parameters())

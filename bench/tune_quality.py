@@ -97,7 +97,7 @@ def synthetic_validation_data(workdir: Path, seed: int):
 def run_one(
     adata, name: str, context: str, steps: int, seed: int, workdir: Path, task: str = "zeroshot"
 ) -> dict:
-    from statecore.config import ST_PRESETS, RunConfig, SplitConfig, STConfig, TrainConfig
+    from statecore.config import ST_PRESETS, RunConfig, SplitConfig, TrainConfig
     from statecore.data.io import control_label
     from statecore.evaluation.metrics import evaluate
     from statecore.inference.predict import predict_split
@@ -106,7 +106,7 @@ def run_one(
 
     model_kw, train_kw = VARIANTS[name]
     cfg = RunConfig(
-        model=STConfig(**{**ST_PRESETS["small"], **model_kw}),
+        model=ST_PRESETS["small"].replace(**model_kw),
         train=TrainConfig(steps=steps, seed=seed, **train_kw),
         split=SplitConfig(task=task, context=context, seed=seed),
     )

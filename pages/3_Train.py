@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from statecore.config import ST_PRESETS, TrainConfig
+from statecore.config import APP_TRAIN, ST_PRESETS, DataSpec, SplitConfig, TrainConfig
 from statecore.runs import jobs
 from statecore.ui import figures, loaders, state, training, widgets
 
@@ -51,13 +51,20 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
         keep = c1.slider(
             "Share of the target's perturbations kept in training", 0.05, 0.9, 0.3, key="train_keep"
         )
-    tracks = ["HVG genes"]
-    se_runs = training.model_runs(root, "embedding") if training.embedding_track_available(root) else []
+    kinds = ["State Transition on expression", "State Embedding model (SE)"]
+    se_runs = training.model_runs(root, "embedding")
     if se_runs:
-        tracks.append("State Embedding")
-    track = c2.radio("Track", tracks, key="train_track", horizontal=True)
+        kinds.insert(1, "State Transition on SE embeddings")
+    kind = c2.radio(
+        "What to train",
+        kinds,
+        key="train_track",
+        help="State Transition (ST) predicts perturbed cells from control cells. On expression it reads the "
+        "prepared genes; on SE embeddings it reads cell embeddings from a trained State Embedding run and "
+        "decodes back to genes. The State Embedding model (SE) learns those cell embeddings.",
+    )
     emb_run = None
-    if track == "State Embedding":
+    if kind == "State Transition on SE embeddings":
         emb_run = str(
             c2.selectbox(
                 "Embedding run",
@@ -69,12 +76,18 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
     preset = c2.selectbox("Model preset", list(ST_PRESETS), key="train_preset")
     p = ST_PRESETS[preset]
     c2.caption(
-        f"{preset}: hidden size {p['hidden_dim']}, {p['transformer_layers']} transformer layers, "
-        f"{p['transformer_heads']} heads, MLP {p['mlp_hidden_dim']}"
+        f"{preset}: hidden size {p.hidden_dim}, {p.transformer_layers} transformer layers, "
+        f"{p.transformer_heads} heads, MLP {p.mlp_hidden_dim}"
     )
-    set_size = c2.number_input("Cells per set", 4, 1024, int(p["set_size"]), key="train_set_size")
-    steps = c3.number_input("Training steps", 1, 1_000_000, 400, key="train_steps")
-    minutes = c3.number_input("Time budget (minutes, 0 = none)", 0.0, 10_000.0, 3.0, key="train_minutes")
+    set_size = c2.number_input("Cells per set", 4, 1024, int(p.set_size), key="train_set_size")
+    steps = c3.number_input("Training steps", 1, 1_000_000, APP_TRAIN.steps, key="train_steps")
+    minutes = c3.number_input(
+        "Time budget (minutes, 0 = none)",
+        0.0,
+        10_000.0,
+        float(APP_TRAIN.max_minutes or 0),
+        key="train_minutes",
+    )
     lr = c3.number_input("Learning rate", 1e-6, 1.0, TrainConfig().lr, format="%.5f", key="train_lr")
     batch = c3.number_input("Sets per step", 1, 256, TrainConfig().batch_size, key="train_batch")
     device = c3.selectbox("Device", ("auto", "cpu", "cuda", "mps"), key="train_device")
@@ -91,27 +104,28 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
         if task == "explicit" and not test_perts:
             st.error("Pick at least one test perturbation for the explicit task.")
             return
-        opts = training.TrainOptions(
-            data_path=prepared["path"],
-            task=task,
-            context=context,
-            test_perts=tuple(test_perts),
-            keep_fraction=keep,
-            track="embedding" if emb_run else "hvg",
-            embedding_run=emb_run,
-            preset=preset,
-            set_size=int(set_size) if set_size != p["set_size"] else None,
-            lr=float(lr),
-            batch_size=int(batch),
-            steps=int(steps),
-            max_minutes=float(minutes) or None,
-            device=device,
-            threads=threads,
-        )
+        train = dict(lr=float(lr), batch_size=int(batch), steps=int(steps), device=device)
+        train["max_minutes"] = float(minutes) or None
+        if kind == "State Embedding model (SE)":
+            # SE keeps its own learning rate and cells per step (SE_TRAIN); length and device are the page's
+            length = {k: train[k] for k in ("steps", "max_minutes", "device")}
+            config = training.se_run_config(data_path=prepared["path"], **length)
+        else:
+            split = SplitConfig(task=task, context=context, test_perts=tuple(test_perts), keep_fraction=keep)
+            spec = DataSpec.from_dict(adata.uns.get("statecore", {}).get("spec") or {}).replace(
+                control=control
+            )
+            config = training.st_run_config(
+                data_path=prepared["path"],
+                spec=spec,
+                split=split,
+                preset=preset,
+                set_size=int(set_size) if set_size != p.set_size else None,
+                embedding_run=emb_run,
+                **train,
+            )
         run_dir = jobs.new_run_dir(root, name)
-        started = widgets.attempt(
-            jobs.start, run_dir, opts.to_args(), threads=threads, what="Starting the run"
-        )
+        started = widgets.attempt(training.launch, run_dir, config, threads=threads, what="Starting the run")
         if not widgets.failed(started):
             st.session_state[state.RUN] = str(run_dir)
             st.session_state["train_run_pick"] = run_dir.name

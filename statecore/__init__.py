@@ -39,7 +39,8 @@ _PUBLIC: dict[str, str] = {
     "compute_mmd": "statecore.models.losses",
     "energy_distance": "statecore.models.losses",
     # workflow
-    "fit": "statecore.training.engine",
+    "fit": "statecore.training.st_track",  # fit(model, TrainData, TrainConfig): an ST model you built
+    "train_run": "statecore.training.engine",
     "predict": "statecore.inference.predict",
     "evaluate": "statecore.evaluation.metrics",
 }

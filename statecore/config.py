@@ -105,34 +105,6 @@ class STConfig(_Serializable):
     n_prior_pairs: int = 0  # shift prior: measured (context, single perturbation) pairs
 
 
-# Presets predict expression as control + a learned shift (residual="expression"): chosen on a
-# validation context (bench/tune_quality.py, docs/RESULTS.md). The hidden-space residual of the
-# reference fitted as well but let a few predicted values run far outside the log1p range.
-# shift_prior (statecore.training.priors) starts every prediction from the perturbation's mean training shift:
-# on the synthetic validation screen it lifted pearson_delta 0.15 -> 0.57 and PDS 0.53 -> 0.96, and it was
-# neutral on the Kang validation context (0.909 -> 0.911 pearson_delta).
-ST_PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(
-        hidden_dim=256,
-        transformer_heads=8,
-        transformer_layers=4,
-        mlp_hidden_dim=512,
-        set_size=64,
-        residual="expression",
-        shift_prior=True,
-    ),
-    "base": dict(
-        hidden_dim=672,
-        transformer_heads=8,
-        transformer_layers=4,
-        mlp_hidden_dim=1344,
-        set_size=128,
-        residual="expression",
-        shift_prior=True,
-    ),
-}
-
-
 @dataclass(frozen=True)
 class SEConfig(_Serializable):
     """State Embedding model."""
@@ -152,6 +124,10 @@ class SEConfig(_Serializable):
     bin_hidden_dim: int = 32  # width of the MLP that turns an expression value into bin weights
     decoder_hidden_dim: int = 128  # MLP predicting expression from [cell emb | gene emb | read depth]
     expressed_fraction: float = 0.5  # share of the loss genes drawn from each cell's expressed genes
+    hvg_only: bool = False  # train on var["highly_variable"] genes only (default: every gene)
+    batch_cells: int = (
+        64  # cells per training step (SE trains on cells; ST's TrainConfig.batch_size counts sets)
+    )
 
 
 @dataclass(frozen=True)
@@ -172,6 +148,80 @@ class TrainConfig(_Serializable):
     num_threads: int | None = None  # None: all cores but one
     bf16: bool = False
     compile: bool = False
+    patience: int = 0  # >0: stop when validation has not improved for this many checks (best model kept)
+
+
+# Presets are named config values. ST presets predict expression as control + a learned shift
+# (residual="expression"), chosen on a validation context (bench/tune_quality.py, docs/RESULTS.md): the
+# hidden-space residual of the reference fitted as well but let a few predicted values run far outside the
+# log1p range. shift_prior (statecore.training.priors) starts every prediction from the perturbation's mean
+# training shift: on the synthetic validation screen it lifted pearson_delta 0.15 -> 0.57 and PDS
+# 0.53 -> 0.96, and it was neutral on the Kang validation context (0.909 -> 0.911 pearson_delta).
+ST_PRESETS: dict[str, STConfig] = {
+    "small": STConfig(
+        hidden_dim=256,
+        transformer_heads=8,
+        transformer_layers=4,
+        mlp_hidden_dim=512,
+        set_size=64,
+        residual="expression",
+        shift_prior=True,
+    ),
+    "base": STConfig(
+        hidden_dim=672,
+        transformer_heads=8,
+        transformer_layers=4,
+        mlp_hidden_dim=1344,
+        set_size=128,
+        residual="expression",
+        shift_prior=True,
+    ),
+}
+# SEConfig's defaults (L=256, width 128) follow the paper's shape; "small" trains on a laptop CPU in about
+# half a minute on the 6k-cell sample (300 steps of 64 cells), which the sparse sample data (~15 expressed
+# genes per cell) does not outgrow.
+SE_PRESETS: dict[str, SEConfig] = {
+    "small": SEConfig(L=64, hidden_dim=64, gene_feature_dim=32, heads=4, layers=2, output_dim=64),
+    "base": SEConfig(L=256, hidden_dim=128, gene_feature_dim=64, heads=4, layers=2, output_dim=64),
+}
+PRESETS = tuple(ST_PRESETS)
+# Training lengths: the CLI's default is TrainConfig() (2,000 steps, the length the results in
+# docs/RESULTS.md use); the app starts with a short first run that shows learning within minutes.
+APP_TRAIN = TrainConfig(steps=400, max_minutes=3.0)
+SE_TRAIN = TrainConfig(steps=300, lr=1e-3, warmup_steps=20, val_every=50, log_every=10)
+
+# Names the CLI, the app and the package share, each defined once.
+TRACKS = ("hvg", "embedding", "se")  # see statecore.training.tracks
+SPLIT_TASKS = ("zeroshot", "underrepresented", "explicit")  # statecore.data.splits
+LOSSES = ("energy", "mmd", "energy_mean")  # statecore.models.losses
+HVG_FLAVORS = ("auto", "seurat_v3", "seurat", "cell_ranger")  # statecore.data.preprocess
+BASELINE_KINDS = (
+    "control",
+    "context_mean",
+    "perturbation_mean",
+    "cell_mean",
+    "additive",
+)  # inference.baselines
+
+# STConfig fields that the data decide (genes, vocabulary, batches, prior tables, decoder genes); a run's
+# config.json keeps them apart from the hyperparameters, under "shapes".
+SHAPE_FIELDS = ("num_genes", "perturbation_dim", "n_batches", "n_contexts", "n_prior_pairs", "decoder_dim")
+
+
+@dataclass(frozen=True)
+class ModelShapes(_Serializable):
+    """The data-derived sizes of a State Transition model (set by training, saved in config.json)."""
+
+    num_genes: int
+    perturbation_dim: int
+    n_batches: int = 0
+    n_contexts: int = 0
+    n_prior_pairs: int = 0
+    decoder_dim: int = 0
+
+    @classmethod
+    def of(cls, model: STConfig) -> ModelShapes:
+        return cls(**{k: getattr(model, k) for k in SHAPE_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -179,18 +229,62 @@ class RunConfig(_Serializable):
     """Everything a run directory's config.json holds."""
 
     data_path: str = ""
-    track: str = "hvg"  # hvg | embedding
-    embedding_run: str | None = None
+    track: str = "hvg"  # hvg | embedding | se (statecore.training.tracks)
+    embedding_run: str | None = None  # embedding track: the SE run that embeds the cells
     spec: DataSpec = field(default_factory=DataSpec)
     split: SplitConfig = field(default_factory=SplitConfig)
-    model: STConfig = field(default_factory=STConfig)
+    model: STConfig = field(default_factory=STConfig)  # ST hyperparameters (shape fields: see shapes)
     train: TrainConfig = field(default_factory=TrainConfig)
+    se: SEConfig | None = None  # se track: the State Embedding model
+    shapes: ModelShapes | None = None  # ST tracks: data-derived sizes, set by training
+
+    def model_config(self) -> STConfig:
+        """The State Transition model's full config: hyperparameters + the data's shapes."""
+        if self.shapes is None:
+            return self.model
+        return self.model.replace(**self.shapes.to_dict())
+
+    def with_shapes(self, model: STConfig) -> RunConfig:
+        """This config with ``model``'s hyperparameters and its shapes kept apart."""
+        defaults = STConfig()
+        hyper = model.replace(**{k: getattr(defaults, k) for k in SHAPE_FIELDS})
+        return self.replace(model=hyper, shapes=ModelShapes.of(model))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in SHAPE_FIELDS:  # the shapes live under "shapes" only
+            out["model"].pop(key, None)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> RunConfig:
         data = dict(data or {})
-        nested = {"spec": DataSpec, "split": SplitConfig, "model": STConfig, "train": TrainConfig}
+        if data.get("kind") == "embedding":  # an SE run directory written before RunConfig covered SE
+            return _legacy_se(data)
+        model = dict(data.get("model") or {})
+        legacy_shapes = {k: model.pop(k) for k in SHAPE_FIELDS if k in model}
+        if data.get("shapes") is None and legacy_shapes and data.get("track", "hvg") != "se":
+            data["shapes"] = {k: legacy_shapes.get(k, 0) for k in SHAPE_FIELDS}  # older runs: one dict
+        data["model"] = model
+        nested = {
+            "spec": DataSpec,
+            "split": SplitConfig,
+            "model": STConfig,
+            "train": TrainConfig,
+            "se": SEConfig,
+            "shapes": ModelShapes,
+        }
         for key, sub in nested.items():
             if key in data and isinstance(data[key], dict):
                 data[key] = sub.from_dict(data[key])
-        return _from_dict(cls, data)
+        cfg = _from_dict(cls, data)
+        if cfg.track not in TRACKS:
+            raise ValueError(f"RunConfig.track must be one of {TRACKS}; got {cfg.track!r}")
+        return cfg
+
+
+def _legacy_se(data: dict[str, Any]) -> RunConfig:
+    """RunConfig of an SE run directory from before SE runs were RunConfigs ({"kind": "embedding", ...})."""
+    train = TrainConfig.from_dict(data.get("train"))
+    se = SEConfig.from_dict(data.get("se")).replace(batch_cells=train.batch_size)
+    return RunConfig(data_path=str(data.get("data_path", "")), track="se", se=se, train=train)

@@ -224,7 +224,8 @@ def test_train_form_with_prepared_data(env, prepared_synthetic, tmp_path):
     _clean(at)
     assert at.selectbox(key="train_context").options == ["c0", "c1", "c2"]
     assert at.button(key="train_start")
-    assert "HVG" in at.radio(key="train_track").options[0]
+    assert at.radio(key="train_track").options[0] == "State Transition on expression"
+    assert "State Embedding model (SE)" in at.radio(key="train_track").options
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +321,10 @@ def test_train_page_starts_and_cancels_a_run(env, prepared_synthetic, tmp_path):
     assert len(runs) == 1
     run = runs[0].run_dir
     argv = json.loads((run / "job.json").read_text())["argv"]
-    assert argv[1:4] == ["-m", "statecore", "train"] and "--threads" in argv and str(path) in argv
+    assert argv[1:4] == ["-m", "statecore", "train"] and "--threads" in argv and "--config" in argv
+    saved = json.loads((run / "config.json").read_text())  # the RunConfig the worker trains
+    assert saved["data_path"] == str(path.resolve()) and saved["model"]["set_size"] == 16
+    assert saved["train"]["steps"] == 100_000
     try:
         at.button(key="train_cancel").click().run()
         _clean(at)
@@ -336,25 +340,27 @@ def test_train_page_starts_and_cancels_a_run(env, prepared_synthetic, tmp_path):
 
 
 @pytest.mark.parametrize("task", ["zeroshot", "underrepresented", "explicit"])
-def test_train_options_are_accepted_by_the_real_cli(task):
-    from statecore.cli import build_parser
-    from statecore.ui.training import TrainOptions
+def test_the_app_config_is_what_the_cli_trains(task, tmp_path):
+    """The Train page writes a RunConfig; `train --config` reads back the same object (no argv round trip)."""
+    import argparse
 
-    opts = TrainOptions(
-        data_path="d.h5ad",
-        task=task,
-        context="c1",
-        test_perts=("P001", "P002"),
-        set_size=16,
-        max_minutes=2.5,
-        threads=1,
-        steps=7,
+    from statecore.cli import build_parser
+    from statecore.cli.train import _load_config, _overrides
+    from statecore.config import APP_TRAIN, DataSpec, SplitConfig
+    from statecore.runs.files import atomic_write_json
+    from statecore.ui.training import st_run_config
+
+    split = SplitConfig(task=task, context="-c1", test_perts=("P,001", "P002"), keep_fraction=0.4)
+    cfg = st_run_config(
+        data_path="d.h5ad", spec=DataSpec(control="NT"), split=split, set_size=16, steps=7, max_minutes=2.5
     )
-    args = build_parser().parse_args(["train", "--run-dir", "r", *opts.to_args()])
-    assert (args.task, args.context, args.steps, args.set_size, args.threads) == (task, "c1", 7, 16, 1)
-    assert args.max_minutes == 2.5 and args.quiet
-    if task == "explicit":
-        assert args.test_perts == "P001,P002"
+    atomic_write_json(tmp_path / "config.json", cfg.to_dict())
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "config.json"), "--threads", "1"])
+    assert isinstance(args, argparse.Namespace)
+    back = _overrides(_load_config(args.config), args)
+    assert back.replace(train=back.train.replace(num_threads=None)) == cfg
+    assert back.train.num_threads == 1 and back.split.test_perts == ("P,001", "P002")  # commas survive
+    assert cfg.train.steps == 7 and cfg.model.set_size == 16 and APP_TRAIN.steps == 400
 
 
 def test_unmeasured_combos_and_crosstab():

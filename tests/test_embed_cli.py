@@ -51,7 +51,7 @@ def test_fit_then_transform(tmp_path, data_path, capsys):
     for name in ("config.json", "genes.txt", "model.safetensors", "status.json", "metrics.jsonl"):
         assert (run_dir / name).exists(), name
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["kind"] == "embedding" and config["se"]["L"] == 16 and config["se"]["n_genes"] == 40
+    assert config["track"] == "se" and config["se"]["L"] == 16 and config["se"]["n_genes"] == 40
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
     assert "step 6/6" in capsys.readouterr().out
 

@@ -31,12 +31,14 @@ def data_path(prepared_synthetic, tmp_path):
 def se_run(prepared_synthetic, tmp_path):
     from statecore.embedding.se import fit_embedding
 
-    cfg = SEConfig(L=16, hidden_dim=16, gene_feature_dim=8, heads=2, layers=1, output_dim=12, n_loss_genes=16)
+    cfg = SEConfig(
+        L=16, hidden_dim=16, gene_feature_dim=8, heads=2, layers=1, output_dim=12, n_loss_genes=16, batch_cells=32
+    )
     run_dir = tmp_path / "se"
     fit_embedding(
         prepared_synthetic,
         cfg,
-        TrainConfig(steps=5, batch_size=32, lr=1e-3, warmup_steps=1, val_every=5, log_every=5, num_threads=1),
+        TrainConfig(steps=5, lr=1e-3, warmup_steps=1, val_every=5, log_every=5, num_threads=1),
         run_dir,
     )
     return run_dir
@@ -115,7 +117,7 @@ def test_decoder_warm_up_fits_true_embeddings(prepared_synthetic, se_run):
     from statecore.data.splits import make_split
     from statecore.embedding.track import decoder_reconstruction_loss, to_embedding_data, warm_up_decoder
     from statecore.models.transition import StateTransitionModel
-    from statecore.training.engine import make_train_data
+    from statecore.training.st_track import make_train_data
 
     run_cfg = RunConfig().replace(track="embedding", embedding_run=str(se_run))
     run_cfg = run_cfg.replace(split=run_cfg.split.replace(context="c2"))
@@ -124,7 +126,7 @@ def test_decoder_warm_up_fits_true_embeddings(prepared_synthetic, se_run):
     data, run_cfg = to_embedding_data(prepared_synthetic, data, run_cfg)
     torch.manual_seed(0)
     model = StateTransitionModel(
-        run_cfg.model.replace(
+        run_cfg.model_config().replace(
             perturbation_dim=data.vocab.dim,
             hidden_dim=16,
             mlp_hidden_dim=32,
@@ -210,7 +212,7 @@ def test_track_b_end_to_end_and_checkpoint_round_trip(data_path, se_run, tmp_pat
     assert capsys.readouterr().out.startswith("done: step 6")
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["track"] == "embedding" and cfg["embedding_run"] == str(se_run.resolve())
-    assert cfg["model"]["num_genes"] == 12 and cfg["model"]["decoder_dim"] == 100  # D, and the 100 HVGs
+    assert cfg["shapes"]["num_genes"] == 12 and cfg["shapes"]["decoder_dim"] == 100  # D, and the 100 HVGs
     assert cfg["model"]["decoder_weight"] == 0.5 and cfg["model"]["relu_output"] is False
     rows = [r for r in read_metrics(run) if "loss_emb" in r]
     assert rows, "metrics.jsonl logs loss_emb / loss_expr on the embedding track"

@@ -15,7 +15,8 @@ from statecore.config import STConfig, TrainConfig
 from statecore.data.sets import PerturbationVocab, RowGatherer, SetDataset, build_groups
 from statecore.models.transition import StateTransitionModel
 from statecore.runs.files import read_metrics, read_status
-from statecore.training.engine import TrainData, fit
+from statecore.training.st_track import TrainData
+from statecore.training.st_track import fit_model as fit
 
 
 def test_csr_gather_touches_only_the_asked_rows():

@@ -44,7 +44,7 @@ def test_few_steps_lower_loss_and_write_run_files(prepared_synthetic, tmp_path):
     assert [r["step"] for r in recs] == list(range(1, 41))
     assert "val_loss" in recs[9] and {"loss", "lr", "cells_per_s", "eta_s", "time"} <= set(recs[0])
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["model"]["num_genes"] == len((run / "genes.txt").read_text().split())
+    assert cfg["shapes"]["num_genes"] == len((run / "genes.txt").read_text().split())
 
 
 def test_resume_reproduces_uninterrupted_curve(prepared_synthetic, tmp_path):

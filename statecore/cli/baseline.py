@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-KINDS = ("control", "context_mean", "perturbation_mean", "cell_mean", "additive")
+from statecore.config import BASELINE_KINDS as KINDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -77,78 +77,83 @@ def run(args: argparse.Namespace) -> int:
     return _fit(args) if args.embed_command == "fit" else _transform(args)
 
 
-def _fit(args: argparse.Namespace) -> int:
-    import signal
-    from pathlib import Path
-
-    from statecore.config import SEConfig
-    from statecore.data.sets import select_genes
-    from statecore.embedding.se import DEFAULT_SE_TRAIN, SE_PRESETS, fit_embedding
-    from statecore.errors import CheckpointError, DataError
+def _se_config(args: argparse.Namespace):
+    from statecore.config import SE_PRESETS, SE_TRAIN, RunConfig
+    from statecore.errors import DataError
     from statecore.models.embedding import check_config
 
-    run_dir = Path(args.run_dir)
-    if (run_dir / "model.safetensors").exists() and not args.overwrite:
-        raise CheckpointError(
-            f"{run_dir} already holds a trained model; pass --overwrite or pick another --run-dir"
-        )
-    overrides = {
-        k: getattr(args, a)
-        for k, a in (
-            ("L", "L"),
-            ("hidden_dim", "hidden_dim"),
-            ("heads", "heads"),
-            ("layers", "layers"),
-            ("output_dim", "output_dim"),
-            ("n_bins", "n_bins"),
-            ("n_loss_genes", "n_loss_genes"),
-            ("gene_feature_dim", "gene_feature_dim"),
-        )
-        if getattr(args, a) is not None
-    }
+    fields = (
+        "L",
+        "hidden_dim",
+        "heads",
+        "layers",
+        "output_dim",
+        "n_bins",
+        "n_loss_genes",
+        "gene_feature_dim",
+    )
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     try:
-        cfg = SEConfig(**SE_PRESETS[args.preset]).replace(
-            gene_features=args.gene_features, gene_features_path=args.gene_features_path, **overrides
+        se = SE_PRESETS[args.preset].replace(
+            gene_features=args.gene_features,
+            gene_features_path=args.gene_features_path,
+            hvg_only=args.hvg_only,
+            batch_cells=args.batch_size,
+            **overrides,
         )
-        train_cfg = DEFAULT_SE_TRAIN.replace(
+        train = SE_TRAIN.replace(
             steps=args.steps,
-            batch_size=args.batch_size,
             lr=args.lr,
             seed=args.seed,
             device=args.device,
             max_minutes=args.max_minutes,
             num_threads=args.num_threads,
         )
-        check_config(cfg)
+        check_config(se)
     except (TypeError, ValueError) as exc:
         raise DataError(str(exc)) from exc
-    adata = _read(args.data)
-    genes = None
-    if args.hvg_only:
-        if "highly_variable" not in adata.var:
-            raise DataError(
-                "--hvg-only: the data has no var['highly_variable']; run `python -m statecore prepare` first"
-            )
-        genes = select_genes(adata, use_hvg=True)  # DataError when the column selects no gene
+    return RunConfig(data_path=str(args.data), track="se", se=se, train=train)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # SIGTERM (jobs.cancel) becomes the STOP file the training loop checks, so the model is saved.
-    signal.signal(signal.SIGTERM, lambda *_: (run_dir / "STOP").touch())
 
-    def show(row: dict) -> None:
-        val = f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
-        print(
-            f"step {row['step']}/{train_cfg.steps} loss {row['loss']:.4f}{val} ({row['cells_per_s']:.0f} cells/s)",
-            flush=True,
+def _fit(args: argparse.Namespace) -> int:
+    """An SE run is a run like any other: the training engine trains, stops, resumes it."""
+    from pathlib import Path
+
+    from statecore.cli.train import progress_printer
+    from statecore.embedding.se import load_embedding
+    from statecore.errors import CheckpointError, DataError
+    from statecore.runs.files import read_status
+    from statecore.training import checkpoint
+    from statecore.training.engine import train_run
+
+    run_dir = Path(args.run_dir)
+    done = (read_status(run_dir) or {}).get("state") == "done" and (run_dir / "model.safetensors").exists()
+    if done and not args.overwrite:
+        raise CheckpointError(
+            f"{run_dir} already holds a trained model; pass --overwrite or pick another --run-dir"
         )
-
-    result = fit_embedding(
-        adata, cfg, train_cfg, run_dir, genes=genes, data_path=str(args.data), callback=show
-    )
+    config = _se_config(args)
+    adata = _read(args.data)
+    if args.hvg_only and "highly_variable" not in adata.var:
+        raise DataError(
+            "--hvg-only: the data has no var['highly_variable']; run `python -m statecore prepare` first"
+        )
+    if args.overwrite:
+        checkpoint.clear_training_state(run_dir)  # a refit starts a fresh run and curve
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "job.json").exists():  # see cli/train.py: the app's job manager owns STOP for its runs
+        (run_dir / "STOP").unlink(missing_ok=True)
+    hook, close = progress_printer(False, config.train.steps)
+    try:
+        result = train_run(adata, config, run_dir, hook=hook)
+    finally:
+        close()
+    run = load_embedding(run_dir)
     print(
-        f"wrote {run_dir}: SE model on {len(result.genes)} genes, embedding width {result.config.output_dim}"
+        f"{result.state}: wrote {run_dir}: SE model on {len(run.genes)} genes, embedding width "
+        f"{run.config.output_dim}"
     )
-    return 0
+    return 0 if result.state == "done" else 3
 
 
 def _transform(args: argparse.Namespace) -> int:

@@ -1,21 +1,34 @@
-"""``python -m statecore train --data P.h5ad --run-dir DIR``: train (or resume) a State Transition model."""
+"""``python -m statecore train``: train (or resume) a run; flags or ``--config`` build one RunConfig.
+
+``--config PATH`` trains exactly the RunConfig in PATH (the app writes one into the run directory and
+starts ``train --config <run>/config.json``); otherwise the flags build it. Either way the engine
+(``statecore.training.engine.train_run``) gets the same object, whatever the track.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from statecore.config import LOSSES, PRESETS, SPLIT_TASKS
+
+RUN_FLAGS_HELP = (
+    "Under `torchrun --nproc_per_node=N -m statecore train ...` every process trains on its share of each "
+    "step's sets (DistributedDataParallel; NCCL on GPU, gloo on CPU); --batch-size counts the sets of all "
+    "processes together. Default length: 2,000 steps (the app starts with 400 steps and a 3-minute budget)."
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train",
-        help="train or resume an ST model in a run directory",
-        description="Under `torchrun --nproc_per_node=N -m statecore train ...` every process trains on its "
-        "share of each step's sets (DistributedDataParallel; NCCL on GPU, gloo on CPU); "
-        "--batch-size counts the sets of all processes together.",
+        "train", help="train or resume a model in a run directory", description=RUN_FLAGS_HELP
     )
-    p.add_argument("--data", required=True, help="prepared .h5ad (python -m statecore prepare)")
-    p.add_argument("--run-dir", required=True, help="run directory (created, or resumed when it exists)")
-    p.add_argument("--task", default="zeroshot", choices=["zeroshot", "underrepresented", "explicit"])
+    p.add_argument(
+        "--config", default=None, help="a RunConfig JSON (e.g. <run>/config.json written by the app)"
+    )
+    p.add_argument("--data", default=None, help="prepared .h5ad (python -m statecore prepare)")
+    p.add_argument("--run-dir", default=None, help="run directory (created, or resumed when it exists)")
+    p.add_argument("--task", default="zeroshot", choices=SPLIT_TASKS)
     p.add_argument("--context", default=None, help="target context of the split")
     p.add_argument("--test-perts", default="", help="explicit task: comma-separated test perturbations")
     p.add_argument(
@@ -23,65 +36,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of training pairs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="small", choices=["small", "base"])
+    p.add_argument("--preset", default="small", choices=PRESETS)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
+    p.add_argument("--patience", type=int, default=None, help="stop after N validations without improvement")
     p.add_argument("--set-size", type=int, default=None, help="cells per set (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="sets per step (default 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
-    p.add_argument("--loss", default="energy", choices=["energy", "mmd", "energy_mean"])
-    p.add_argument(
-        "--decoder-residual",
-        default=None,
-        choices=["on", "off"],
-        help="embedding track: predict control expression + decode(pred) - decode(control) (default off)",
-    )
-    p.add_argument(
-        "--shift-prior",
-        default=None,
-        choices=["on", "off"],
-        help="add each perturbation's mean training shift to the prediction (default: the preset's)",
-    )
-    p.add_argument(
-        "--residual",
-        default=None,
-        choices=["hidden", "expression", "none"],
-        help="residual path of the model (default: the preset's, expression)",
-    )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores but one)")
+    p.add_argument("--loss", default="energy", choices=LOSSES)
+    p.add_argument("--decoder-residual", default=None, choices=["on", "off"], help="embedding track: predict "
+                   "control expression + decode(pred) - decode(control) (default off)")  # fmt: skip
+    p.add_argument("--shift-prior", default=None, choices=["on", "off"],
+                   help="add each perturbation's mean training shift to the prediction (default: the preset's)")  # fmt: skip
+    p.add_argument("--residual", default=None, choices=["hidden", "expression", "none"],
+                   help="residual path of the model (default: the preset's, expression)")  # fmt: skip
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     p.add_argument("--no-hvg", action="store_true", help="train on all genes, not var['highly_variable']")
-    p.add_argument(
-        "--track",
-        default=None,
-        choices=["hvg", "embedding"],
-        help="hvg: ST on expression (default); embedding: ST on State Embedding cell embeddings "
-        "with a gene decoder (needs --embedding-run)",
-    )
-    p.add_argument(
-        "--embedding-run",
-        default=None,
-        help="SE run directory from `python -m statecore embed fit` (implies --track embedding)",
-    )
-    p.add_argument(
-        "--decoder-weight",
-        type=float,
-        default=None,
-        help="embedding track: alpha in loss = loss_emb + alpha * loss_expr (default 0.1)",
-    )
-    p.add_argument(
-        "--backed",
-        action="store_true",
-        help="keep X on disk (h5ad backed='r') and read each batch's rows: data larger than RAM",
-    )
+    p.add_argument("--track", default=None, choices=["hvg", "embedding"],
+                   help="hvg: ST on expression (default); embedding: ST on State Embedding cell embeddings "
+                   "with a gene decoder (needs --embedding-run)")  # fmt: skip
+    p.add_argument("--embedding-run", default=None,
+                   help="SE run directory from `python -m statecore embed fit` (implies --track embedding)")  # fmt: skip
+    p.add_argument("--decoder-weight", type=float, default=None,
+                   help="embedding track: alpha in loss = loss_emb + alpha * loss_expr (default 0.1)")  # fmt: skip
+    p.add_argument("--backed", action="store_true",
+                   help="keep X on disk (h5ad backed='r') and read each batch's rows: data larger than RAM")  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (meant for GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (meant for GPUs)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
 
 
 def _with_track(cfg, args: argparse.Namespace):
     """Apply --track / --embedding-run / --decoder-weight, failing early with the fix in the message."""
+    from pathlib import Path
+
     from statecore.errors import DataError
 
     track = args.track or ("embedding" if args.embedding_run else "hvg")
@@ -98,8 +88,6 @@ def _with_track(cfg, args: argparse.Namespace):
         raise DataError(
             "--backed is not supported on the embedding track (cells are embedded in memory); drop it"
         )
-    from pathlib import Path
-
     from statecore.embedding.track import load_se_run
 
     load_se_run(args.embedding_run)  # a clear error naming `embed fit` before any training starts
@@ -111,17 +99,10 @@ def _with_track(cfg, args: argparse.Namespace):
     return cfg.replace(track="embedding", embedding_run=str(Path(args.embedding_run).resolve()), model=model)
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _model_from_args(args: argparse.Namespace):
+    from statecore.config import ST_PRESETS
 
-    from statecore.cli._common import read_prepared
-    from statecore.config import ST_PRESETS, RunConfig, SplitConfig, STConfig, TrainConfig
-    from statecore.training.engine import train_run
-
-    adata = read_prepared(args.data, backed=args.backed)
-    if args.no_hvg and "highly_variable" in adata.var.columns:
-        del adata.var["highly_variable"]
-    model = STConfig(**ST_PRESETS[args.preset], loss=args.loss)
+    model = ST_PRESETS[args.preset].replace(loss=args.loss)
     if args.set_size:
         model = model.replace(set_size=args.set_size)
     if args.residual:
@@ -130,17 +111,17 @@ def run(args: argparse.Namespace) -> int:
         model = model.replace(shift_prior=args.shift_prior == "on")
     if args.decoder_residual:
         model = model.replace(decoder_residual=args.decoder_residual == "on")
-    train = TrainConfig(
-        seed=args.seed,
-        device=args.device,
-        max_minutes=args.max_minutes,
-        num_threads=args.threads,
-        bf16=args.bf16,
-        compile=args.compile,
-    )
-    for name, value in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)):
-        if value is not None:
-            train = train.replace(**{name: value})
+    return model
+
+
+def config_from_args(args: argparse.Namespace, adata):
+    """The RunConfig the flags describe (the data gives the column mapping and control label)."""
+    from pathlib import Path
+
+    from statecore.config import RunConfig, SplitConfig, TrainConfig
+    from statecore.data.io import control_label
+
+    train = TrainConfig(seed=args.seed, bf16=args.bf16, compile=args.compile)
     split = SplitConfig(
         task=args.task,
         context=args.context,
@@ -149,47 +130,118 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         val_fraction=args.val_fraction,
     )
-    from statecore.data.io import control_label
-
+    cfg = RunConfig(
+        data_path=str(Path(args.data).resolve()), model=_model_from_args(args), train=train, split=split
+    )
     spec_d = dict(adata.uns.get("statecore", {}).get("spec", {}) or {})
-    cfg = RunConfig(data_path=str(Path(args.data).resolve()), model=model, train=train, split=split)
     if spec_d:
         cfg = cfg.replace(spec=cfg.spec.from_dict(spec_d))
     cfg = cfg.replace(spec=cfg.spec.replace(control=control_label(adata)))
-    cfg = _with_track(cfg, args)
+    return _with_track(cfg, args)
 
-    from statecore.training import distributed
-    from statecore.training.engine import resolve_device
 
-    bar = None
-    if not args.quiet and distributed.env_info().is_main:
+def _overrides(cfg, args: argparse.Namespace):
+    """Flags that apply on top of any config: length, device, threads."""
+    train = cfg.train
+    for name, value in (
+        ("steps", args.steps),
+        ("max_minutes", args.max_minutes),
+        ("patience", args.patience),
+        ("batch_size", args.batch_size),
+        ("lr", args.lr),
+        ("device", args.device),
+        ("num_threads", args.threads),
+    ):
+        if value is not None:
+            train = train.replace(**{name: value})
+    return cfg.replace(train=train)
+
+
+def _load_config(path: str):
+    from statecore.config import RunConfig
+    from statecore.errors import DataError
+    from statecore.runs.files import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"--config {path!r}: not a readable RunConfig JSON file")
+    try:
+        return RunConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"--config {path!r} is not a valid RunConfig: {exc}") from exc
+
+
+def _resolve(args: argparse.Namespace):
+    """(RunConfig, run directory, prepared AnnData) from --config or the flags."""
+    from pathlib import Path
+
+    from statecore.cli._common import read_prepared
+    from statecore.errors import DataError
+
+    if args.config:
+        cfg = _load_config(args.config)
+        run_dir = Path(args.run_dir) if args.run_dir else Path(args.config).resolve().parent
+        data_path = args.data or cfg.data_path
+        if not data_path:
+            raise DataError(f"--config {args.config!r} names no data file; pass --data")
+        adata = read_prepared(data_path, backed=args.backed)
+        return _overrides(cfg.replace(data_path=str(Path(data_path).resolve())), args), run_dir, adata
+    if not args.data or not args.run_dir:
+        raise DataError("give --data and --run-dir (or --config <run>/config.json)")
+    adata = read_prepared(args.data, backed=args.backed)
+    if args.no_hvg and "highly_variable" in adata.var.columns:
+        del adata.var["highly_variable"]
+    return _overrides(config_from_args(args, adata), args), Path(args.run_dir), adata
+
+
+def progress_printer(quiet: bool, total: int):
+    """A progress hook: a bar on a terminal, one line per logged step otherwise (log files, clusters)."""
+    if quiet:
+        return None, lambda: None
+    if sys.stdout.isatty():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
 
-    def hook(p) -> None:
-        if bar is None:
-            return
-        bar.total = p.total
-        bar.n = p.step
-        post = {"loss": f"{p.loss:.4f}" if p.loss is not None else "-"}
-        if p.best_val is not None:
-            post["val"] = f"{p.best_val:.4f}"
-        if p.cells_per_s:
-            post["cells/s"] = f"{p.cells_per_s:,.0f}"
-        bar.set_postfix(post, refresh=False)
-        bar.refresh()
+        def hook(p) -> None:
+            bar.total, bar.n = p.total, p.step
+            post = {"loss": f"{p.loss:.4f}" if p.loss is not None else "-"}
+            if p.best_val is not None:
+                post["val"] = f"{p.best_val:.4f}"
+            bar.set_postfix(post, refresh=False)
+            bar.refresh()
 
+        return hook, bar.close
+
+    def line(p) -> None:
+        if p.event in ("log", "val") and p.loss is not None:
+            val = f" val {p.val_loss:.4f}" if p.val_loss is not None else ""
+            speed = f" {p.cells_per_s:,.0f} cells/s" if p.cells_per_s else ""
+            print(f"step {p.step}/{p.total} loss {p.loss:.4f}{val}{speed}", flush=True)
+
+    return line, lambda: None
+
+
+def run(args: argparse.Namespace) -> int:
+    from statecore.training import distributed
+    from statecore.training.engine import resolve_device, train_run
+
+    cfg, run_dir, adata = _resolve(args)
+    if not (run_dir / "job.json").exists():  # started from a shell: an old stop request is void (the app's
+        (run_dir / "STOP").unlink(
+            missing_ok=True
+        )  # job manager clears it at launch; a later one is a cancel)
+    main = distributed.env_info().is_main
+    hook, close = progress_printer(args.quiet or not main, cfg.train.steps)
     try:
-        with distributed.session(resolve_device(args.device)):
-            result = train_run(adata, cfg, args.run_dir, hook=hook)
+        with distributed.session(resolve_device(cfg.train.device)):
+            result = train_run(adata, cfg, run_dir, hook=hook)
     finally:
-        if bar is not None:
-            bar.close()
-    if not distributed.env_info().is_main:
+        close()
+    if not main:
         return 0 if result.state == "done" else 3
     last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
     best = f"{result.best_val:.4f}" if result.best_val is not None else "n/a"
     note = f" ({result.reason})" if result.reason else ""
-    print(f"{result.state}: step {result.step}, loss {last}, best val {best}{note} -> {args.run_dir}")
+    print(f"{result.state}: step {result.step}, loss {last}, best val {best}{note} -> {run_dir}")
     return 0 if result.state == "done" else 3

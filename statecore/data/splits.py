@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from statecore.config import SplitConfig
+from statecore.config import SPLIT_TASKS, SplitConfig
 from statecore.data.io import obs_labels
 from statecore.errors import DataError
 
-TASKS = ("zeroshot", "underrepresented", "explicit")
+TASKS = SPLIT_TASKS
 ROLES = ("train", "val", "test", "controls")
 
 

@@ -1,24 +1,22 @@
 """The AnnData side of the State Embedding model: fit it on a dataset, save/load it, embed cells.
 
-``fit_embedding(adata, cfg, train_cfg, run_dir)`` trains :class:`StateEmbeddingModel` and writes
-a run directory; ``transform(run_dir, adata) -> [n_cells, output_dim]`` embeds cells with it;
+:class:`SETrack` is the ``se`` track of the training engine (``statecore.training.tracks``):
+``fit_embedding(adata, cfg, train_cfg, run_dir)`` trains :class:`StateEmbeddingModel` through it and
+writes a run directory like any other run; ``transform(run_dir, adata) -> [n_cells, output_dim]`` embeds cells with it;
 ``embed_adata`` returns a copy of the data with ``obsm["X_state"]``.
 
 Expression seen by the model is always log1p(normalize_total 1e4): raw counts in ``X`` (detected:
 non-negative integers) are normalised row by row as batches are gathered, prepared data (already
 log1p) is used as is. Rows are gathered lazily from sparse ``X``; only one batch is ever dense.
 
-SE run directory: ``config.json`` ({"kind": "embedding", "se": SEConfig, "train": TrainConfig,
-"expression": ..., "data_path", "tiebreak_seed"}), ``genes.txt``, ``model.safetensors`` (weights,
-including the gene feature table and the read-depth statistics), ``status.json`` and
-``metrics.jsonl`` in the shape docs/CONTRACTS.md gives for training runs, written atomically
-through ``statecore.runs.files`` and ``statecore.training.checkpoint``.
+SE run directory: the files of every run (docs/CONTRACTS.md): ``config.json`` is a RunConfig with
+``track="se"`` and ``se`` = the SEConfig, ``genes.txt``, ``model.safetensors`` (weights, including the gene
+feature table and the read-depth statistics; its header repeats the expression settings and the
+tie-break seed), ``last.safetensors`` + train state while training, ``status.json``, ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,28 +26,19 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from statecore.config import SEConfig, TrainConfig
+from statecore.config import SE_PRESETS, SE_TRAIN, RunConfig, SEConfig, TrainConfig
 from statecore.data.gene_features import GENE_FEATURE_KINDS, build_gene_features
-from statecore.data.sets import RowGatherer
+from statecore.data.sets import RowGatherer, select_genes
 from statecore.errors import CheckpointError, DataError
 from statecore.models.embedding import StateEmbeddingModel, sample_loss_genes, top_l_indices
 from statecore.runs import files as runs
 from statecore.training import checkpoint
-from statecore.training.engine import lr_at, resolve_device
+from statecore.training import distributed as dist_utils
+from statecore.training.engine import fit, train_run
+from statecore.training.tracks import BuiltTask
 
 TARGET_SUM = 1e4
 OBSM_KEY = "X_state"
-
-# SEConfig's defaults (L=256, width 128) follow the paper's shape; "small" trains on a laptop CPU in
-# about half a minute on the 6k-cell sample (300 steps of 64 cells, measured ~590 cells/s on one
-# thread), which the sparse sample data (~15 expressed genes per cell) does not outgrow.
-SE_PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(L=64, hidden_dim=64, gene_feature_dim=32, heads=4, layers=2, output_dim=64),
-    "base": dict(L=256, hidden_dim=128, gene_feature_dim=64, heads=4, layers=2, output_dim=64),
-}
-# batch_size counts cells per step here (ST counts sets).
-DEFAULT_SE_TRAIN = TrainConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=20, val_every=50, log_every=10)
-
 
 # ---------------------------------------------------------------- expression access
 
@@ -137,35 +126,7 @@ def _row_nnz(M) -> np.ndarray:
     )
 
 
-# ---------------------------------------------------------------- run directory io
-
-
-class _RunWriter:
-    """status.json / metrics.jsonl through statecore.runs.files (atomic, contract keys only)."""
-
-    def __init__(self, run_dir: Path, total: int):
-        self.run_dir = run_dir
-        runs.write_status(
-            run_dir,
-            state="running",
-            step=0,
-            total=total,
-            started=runs.now_iso(),
-            pid=os.getpid(),
-            error=None,
-            best_val=None,
-            eta_s=None,
-            cells_per_s=None,
-        )
-
-    def update(self, **fields: Any) -> None:
-        runs.write_status(self.run_dir, **fields)
-
-    def log(self, row: dict[str, Any]) -> None:
-        runs.append_metrics(self.run_dir, row)
-
-
-# ---------------------------------------------------------------- fit
+# ---------------------------------------------------------------- the SE track
 
 
 @dataclass
@@ -183,25 +144,156 @@ class EmbeddingRun:
         return int(self.meta.get("tiebreak_seed", 0))
 
 
-def _batch_tensors(model, rows, values: np.ndarray, cells: np.ndarray, rng: np.random.Generator, device):
-    """One batch: token features/values of the top-L genes, loss gene indices/targets, depth."""
+@dataclass
+class SEBatch:
+    """One SE step: the top-L genes of each cell (tokens), the sampled loss genes and the read depth."""
+
+    top: torch.Tensor  # [N, L] gene indices
+    top_vals: torch.Tensor  # [N, L] their expression
+    loss_idx: torch.Tensor  # [N, K] genes whose expression the loss predicts
+    targets: torch.Tensor  # [N, K]
+    depth: torch.Tensor  # [N]
+
+    def to(self, device) -> SEBatch:
+        return SEBatch(
+            *(x.to(device) for x in (self.top, self.top_vals, self.loss_idx, self.targets, self.depth))
+        )
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.top.shape[0])
+
+
+def _se_batch(model, rows: ExpressionRows, cells: np.ndarray, rng: np.random.Generator) -> SEBatch:
     cfg = model.config
+    values = rows.rows(cells)
     top = top_l_indices(values, cfg.L, rng.random(values.shape))  # fresh random ties every step
     lidx = sample_loss_genes(values, cfg.n_loss_genes, rng, cfg.expressed_fraction)
-    t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
-    return (
-        t(top),
-        t(np.take_along_axis(values, top, 1)),
-        t(lidx),
-        t(np.take_along_axis(values, lidx, 1)),
-        t(rows.depth[cells]),
+    return SEBatch(
+        *(
+            torch.as_tensor(a)
+            for a in (
+                top,
+                np.take_along_axis(values, top, 1),
+                lidx,
+                np.take_along_axis(values, lidx, 1),
+                rows.depth[cells],
+            )
+        )
     )
 
 
-def _step_loss(model, batch) -> torch.Tensor:
-    top, top_vals, lidx, targets, depth = batch
-    z = model(model.gene_table[top], top_vals)
-    return model.loss(z, model.gene_table, targets, lidx, depth)
+class SETask:
+    """The SE model and its cells, as the training engine trains it (``statecore.training.tracks``).
+
+    A step's cells and token ties are a function of (seed, step), so a resumed run replays the same
+    batches; ``SEConfig.batch_cells`` cells per step over all ranks, rank r taking its r-th slice.
+    """
+
+    def __init__(self, model, rows: ExpressionRows, train_cells, val_cells, *, seed: int, meta) -> None:
+        self.model, self.rows, self.train_cells, self.seed = model, rows, train_cells, seed
+        self.meta = meta
+        self.has_val = len(val_cells) > 0
+        self._val = (
+            _se_batch(model, rows, val_cells, np.random.default_rng(seed + 1)) if self.has_val else None
+        )
+
+    def batch(self, step: int, batch_size: int, *, rank: int, world_size: int) -> SEBatch:
+        del batch_size  # SE counts cells (SEConfig.batch_cells), not sets
+        n = self.model.config.batch_cells
+        if n % world_size:
+            raise DataError(
+                f"SE cells per step ({n}) must be a multiple of the number of processes ({world_size})"
+            )
+        rng = np.random.default_rng([self.seed, step])
+        cells = rng.choice(self.train_cells, size=n, replace=len(self.train_cells) < n)
+        per = n // world_size
+        return _se_batch(self.model, self.rows, cells[rank * per : (rank + 1) * per], rng)
+
+    def forward(self, module, b: SEBatch) -> torch.Tensor:
+        return module(self.model.gene_table[b.top], b.top_vals)  # [N, output_dim]
+
+    def loss(self, z: torch.Tensor, b: SEBatch):
+        return self.model.loss(z, self.model.gene_table, b.targets, b.loss_idx, b.depth), {}
+
+    @torch.no_grad()
+    def val_loss(self, device, batch_size: int) -> float:
+        del batch_size
+        was_training = self.model.training
+        self.model.eval()
+        b = self._val.to(device)
+        value = float(self.loss(self.forward(self.model, b), b)[0])
+        self.model.train(was_training)
+        return value
+
+
+def _split_cells(n_cells: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(validation, training) cells: up to 10% of the cells, at most 256, held out (none under 50 cells)."""
+    order = np.random.default_rng(seed).permutation(n_cells)
+    n_val = min(256, n_cells // 10) if n_cells >= 50 else 0
+    return np.sort(order[:n_val]), order[n_val:]
+
+
+def _gene_table(cfg: SEConfig, rows: ExpressionRows, train_cells: np.ndarray, seed: int) -> np.ndarray:
+    if cfg.gene_features == "pca":
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(train_cells, size=min(len(train_cells), 2000), replace=False))
+        return build_gene_features("pca", rows.genes, cfg.gene_feature_dim, X=rows.rows(sample), seed=seed)
+    return build_gene_features(
+        cfg.gene_features, rows.genes, cfg.gene_feature_dim, path=cfg.gene_features_path, seed=seed
+    )
+
+
+class SETrack:
+    """The State Embedding model (``RunConfig.track == "se"``)."""
+
+    name = "se"
+
+    def build(self, adata, config: RunConfig, run_dir: Path, *, resuming: bool) -> BuiltTask:
+        cfg = config.se or SE_PRESETS["small"]
+        check_se_config(cfg, adata)
+        genes = runs.read_lines(run_dir / "genes.txt") if resuming else None
+        if genes is None and cfg.hvg_only:
+            genes = select_genes(adata, use_hvg=True)  # DataError when the column selects no gene
+        rows = ExpressionRows(adata, genes)
+        seed = config.train.seed
+        val_cells, train_cells = _split_cells(rows.n_cells, seed)
+        if resuming:  # the gene table and depth statistics come back with the weights
+            model = StateEmbeddingModel(cfg)
+        else:
+            table = _gene_table(cfg, rows, train_cells, seed)
+            model = StateEmbeddingModel(cfg.replace(gene_feature_dim=int(table.shape[1])), gene_table=table)
+            depth = rows.depth[train_cells]
+            model.set_depth_stats(float(depth.mean()), float(depth.std()))
+            if dist_utils.current().is_main:
+                runs.write_lines(run_dir / "genes.txt", list(rows.genes))
+        meta = {
+            "kind": "embedding",
+            "genes": list(rows.genes),
+            "expression": {"input": "counts" if rows.is_counts else "log1p", "target_sum": TARGET_SUM},
+            "depth": rows.depth_kind,
+            "tiebreak_seed": int(seed),
+            "n_train_cells": int(len(train_cells)),
+            "n_val_cells": int(len(val_cells)),
+        }
+        task = SETask(model, rows, train_cells, val_cells, seed=seed, meta=meta)
+        return BuiltTask(task=task, config=config.replace(se=model.config))
+
+    def input_gatherer(self, run, adata, rows, default):
+        raise CheckpointError("an SE run embeds cells; it does not predict perturbations")
+
+    def load_extras(self, config: RunConfig) -> Any:
+        return None
+
+
+def check_se_config(cfg: SEConfig, adata) -> None:
+    """A DataError naming the field for settings SE cannot train with."""
+    if cfg.batch_cells < 1:
+        raise DataError(f"cells per step must be >= 1, got {cfg.batch_cells}")
+    if adata.n_obs < 2:
+        raise DataError(f"an embedding needs at least 2 cells, got {adata.n_obs}")
+    if cfg.gene_features not in GENE_FEATURE_KINDS:
+        raise DataError(f"unknown gene features {cfg.gene_features!r}; choose learned, random, pca or file")
 
 
 def fit_embedding(
@@ -210,158 +302,53 @@ def fit_embedding(
     train_cfg: TrainConfig | None = None,
     run_dir: str | Path | None = None,
     *,
-    genes: Sequence[str] | None = None,
     data_path: str = "",
+    hook: Callable | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> EmbeddingRun:
-    """Train an SE model on ``adata`` (cells x genes; raw counts or log1p) and save it in ``run_dir``.
+    """Train an SE model on ``adata`` (cells x genes; raw counts or log1p) with the training engine.
 
-    Defaults: ``SE_PRESETS["small"]`` and ``DEFAULT_SE_TRAIN``.
-    ``train_cfg.batch_size`` counts cells per step. ``genes`` restricts the model to those genes
-    (default: every gene of the data). Up to 10% of the cells (at most 256) are held out for a
-    validation loss logged every ``val_every`` steps. ``run_dir=None`` trains without writing.
-    The run stops early, saving what it has, when ``<run_dir>/STOP`` appears (state "cancelled")
-    or ``max_minutes`` pass (state "done", as for ST). ``callback`` receives every logged metrics row.
+    Defaults: ``SE_PRESETS["small"]`` and ``SE_TRAIN``. ``cfg.batch_cells`` cells per step; up to 10% of
+    the cells (at most 256) are held out for a validation loss every ``val_every`` steps. With ``run_dir``
+    the run directory is written (and resumed, like any run); ``run_dir=None`` trains in memory.
+    ``hook`` gets the engine's Progress; ``callback`` a dict per logged step (step, loss, val_loss, cells_per_s).
     """
-    cfg = cfg or SEConfig(**SE_PRESETS["small"])
-    train_cfg = train_cfg or DEFAULT_SE_TRAIN
-    if train_cfg.steps < 1 or train_cfg.batch_size < 1:
-        raise DataError(
-            f"steps and batch_size must be >= 1, got {train_cfg.steps} and {train_cfg.batch_size}"
-        )
-    if adata.n_obs < 2:
-        raise DataError(f"an embedding needs at least 2 cells, got {adata.n_obs}")
-    if cfg.gene_features not in GENE_FEATURE_KINDS:
-        raise DataError(f"unknown gene features {cfg.gene_features!r}; choose learned, random, pca or file")
-    rows = ExpressionRows(adata, genes)
-    genes = rows.genes
-    rng = np.random.default_rng(train_cfg.seed)
-    torch.manual_seed(train_cfg.seed)
-    if train_cfg.num_threads:
-        torch.set_num_threads(train_cfg.num_threads)
-    device = resolve_device(train_cfg.device)
-
-    order = rng.permutation(rows.n_cells)
-    n_val = min(256, rows.n_cells // 10) if rows.n_cells >= 50 else 0
-    val_cells, train_cells = np.sort(order[:n_val]), order[n_val:]
-
-    if cfg.gene_features == "pca":
-        sample = np.sort(rng.choice(train_cells, size=min(len(train_cells), 2000), replace=False))
-        table = build_gene_features(
-            "pca", genes, cfg.gene_feature_dim, X=rows.rows(sample), seed=train_cfg.seed
-        )
-    else:
-        table = build_gene_features(
-            cfg.gene_features, genes, cfg.gene_feature_dim, path=cfg.gene_features_path, seed=train_cfg.seed
-        )
-    cfg = cfg.replace(gene_feature_dim=int(table.shape[1]))  # a feature file sets its own width
-    model = StateEmbeddingModel(cfg, gene_table=table)
-    cfg = model.config
-    train_depth = rows.depth[train_cells]
-    model.set_depth_stats(float(train_depth.mean()), float(train_depth.std()))
-    model.to(device)
-
-    meta = {
-        "kind": "embedding",
-        "data_path": str(data_path),
-        "se": cfg.to_dict(),
-        "train": train_cfg.to_dict(),
-        "expression": {
-            "input": "counts" if rows.is_counts else "log1p",
-            "target_sum": TARGET_SUM,
-            "depth": rows.depth_kind,
-        },
-        "tiebreak_seed": int(train_cfg.seed),
-        "n_train_cells": int(len(train_cells)),
-        "n_val_cells": int(n_val),
-    }
-    writer = None
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a refit starts a fresh curve
-        (run_dir / "STOP").unlink(missing_ok=True)  # a stale stop request would end the new run at once
-        runs.atomic_write_json(run_dir / "config.json", meta)
-        runs.write_lines(run_dir / "genes.txt", list(genes))
-        writer = _RunWriter(run_dir, train_cfg.steps)
-
-    try:
-        state = _train_loop(model, rows, train_cells, val_cells, train_cfg, rng, device, writer, callback)
-    except Exception as exc:
-        if writer is not None:
-            writer.update(state="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    model.eval()
-    if writer is not None:
-        # The weights' header repeats config + genes so the file alone can rebuild the model.
-        checkpoint.save_weights(run_dir / "model.safetensors", model, {**meta, "genes": list(genes)})
-        writer.update(state=state, eta_s=0.0)
-    return EmbeddingRun(model=model.cpu(), config=cfg, genes=list(genes), meta=meta, run_dir=run_dir)
-
-
-def _train_loop(model, rows, train_cells, val_cells, tc: TrainConfig, rng, device, writer, callback) -> str:
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay
+    if callback is not None:
+        hook = _rows_hook(callback, hook)
+    config = RunConfig(
+        data_path=str(data_path), track="se", se=cfg or SE_PRESETS["small"], train=train_cfg or SE_TRAIN
     )
-    val_batch = None
-    if len(val_cells):
-        vals = rows.rows(val_cells)
-        val_batch = _batch_tensors(model, rows, vals, val_cells, np.random.default_rng(tc.seed + 1), device)
-    t0 = time.monotonic()
-    best_val: float | None = None
-    for step in range(tc.steps):
-        model.train()
-        cells = rng.choice(train_cells, size=tc.batch_size, replace=len(train_cells) < tc.batch_size)
-        batch = _batch_tensors(model, rows, rows.rows(cells), cells, rng, device)
-        lr = lr_at(step, tc, tc.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = _step_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+    if train_cfg is not None and train_cfg.steps < 1:
+        raise DataError(f"steps must be >= 1, got {train_cfg.steps}")
+    if run_dir is not None:
+        train_run(adata, config, run_dir, hook=hook)
+        return load_embedding(run_dir)
+    built = SETrack().build(adata, config, Path("."), resuming=False)
+    fit(built.task, config.train, hook=hook)
+    model = built.task.model.eval().cpu()
+    return EmbeddingRun(
+        model=model, config=model.config, genes=built.task.meta["genes"], meta=built.task.meta
+    )
 
-        done = step + 1
-        last = done == tc.steps
-        if done % tc.log_every == 0 or last or (val_batch is not None and done % tc.val_every == 0):
-            elapsed = time.monotonic() - t0
-            row = {
-                "step": done,
-                "loss": float(loss.detach()),
-                "lr": lr,
-                "cells_per_s": done * tc.batch_size / max(elapsed, 1e-9),
-                "eta_s": elapsed / done * (tc.steps - done),
-                "time": runs.now_iso(),
-            }
-            if val_batch is not None and (done % tc.val_every == 0 or last):
-                model.eval()
-                with torch.no_grad():
-                    row["val_loss"] = float(_step_loss(model, val_batch))
-                best_val = row["val_loss"] if best_val is None else min(best_val, row["val_loss"])
-            if writer is not None:
-                writer.log(row)
-                writer.update(
-                    step=done, best_val=best_val, eta_s=row["eta_s"], cells_per_s=row["cells_per_s"]
-                )
-            if callback is not None:
-                callback(row)
-        if writer is not None and (writer.run_dir / "STOP").exists():
-            writer.update(step=done)
-            return "cancelled"
-        if tc.max_minutes is not None and time.monotonic() - t0 > 60 * tc.max_minutes:
-            if writer is not None:
-                writer.update(step=done)
-            return "done"
-    return "done"
+
+def _rows_hook(callback: Callable[[dict[str, Any]], None], hook: Callable | None) -> Callable:
+    def both(p) -> None:
+        if hook is not None:
+            hook(p)
+        if p.event in ("log", "val"):
+            row = {"step": p.step, "loss": p.loss, "cells_per_s": p.cells_per_s}
+            if p.val_loss is not None:
+                row["val_loss"] = p.val_loss
+            callback(row)
+
+    return both
 
 
 # ---------------------------------------------------------------- load / transform
 
 
 def load_embedding(run_dir: str | Path, device: str = "cpu") -> EmbeddingRun:
-    """Load an SE run directory written by :func:`fit_embedding` (safetensors + JSON, no pickles)."""
+    """Load an SE run directory (safetensors + JSON, no pickles); older SE run directories load too."""
     run_dir = Path(run_dir)
     needed = [run_dir / n for n in ("config.json", "genes.txt", "model.safetensors")]
     absent = [p.name for p in needed if not p.exists()]
@@ -370,24 +357,23 @@ def load_embedding(run_dir: str | Path, device: str = "cpu") -> EmbeddingRun:
             f"{run_dir} is not a finished embedding run: missing {absent}; "
             "train one with `python -m statecore embed fit`"
         )
-    meta = runs.read_json(run_dir / "config.json")
-    if not isinstance(meta, dict) or meta.get("kind") != "embedding":
-        kind = meta.get("kind", "transition") if isinstance(meta, dict) else "unreadable"
+    config = checkpoint.read_config(run_dir)
+    if config.track != "se" or config.se is None:
         raise CheckpointError(
-            f"{run_dir} holds a {kind!r} run, not an embedding run (`python -m statecore embed fit`)"
+            f"{run_dir} holds a {config.track!r} State Transition run, not an embedding run "
+            "(`python -m statecore embed fit`)"
         )
-    try:
-        cfg = SEConfig.from_dict(meta["se"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{run_dir}/config.json: bad SE config ({exc})") from exc
+    cfg = config.se
     genes = runs.read_lines(run_dir / "genes.txt")
     if len(genes) != cfg.n_genes:
         raise CheckpointError(
             f"{run_dir}: genes.txt lists {len(genes)} genes but the model has {cfg.n_genes}"
         )
     model = StateEmbeddingModel(cfg)
-    checkpoint.load_model_weights(model, run_dir / "model.safetensors")
+    header = checkpoint.load_model_weights(model, run_dir / "model.safetensors")
     model.to(device).eval()
+    meta = header.get("meta") or {}
+    meta.setdefault("tiebreak_seed", config.train.seed)
     return EmbeddingRun(model=model, config=cfg, genes=genes, meta=meta, run_dir=run_dir)
 
 

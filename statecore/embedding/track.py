@@ -19,9 +19,10 @@ on the training cells' (embedding, expression) pairs (:func:`warm_up_decoder`), 
 sends ST a meaningful gradient from step one.
 Predictions are decoded to the HVGs, so they keep Track A's AnnData contract.
 
-Hooks used by the shared modules: ``train.fit`` asks :func:`step_loss_fn` for its loss, ``train.train_run``
-calls :func:`to_embedding_data`, ``checkpoint.load_run`` calls :func:`load_se_run`, ``predict.predict``
-calls :func:`input_gatherer`.
+The engine, checkpoints and prediction reach this module only through :class:`EmbeddingTrack`, the
+``embedding`` entry of ``statecore.training.tracks.TRACKS``: its ``adapt`` is :func:`to_embedding_data`, its
+loss :func:`step_loss_fn`, ``prepare_model`` warms up the decoder, ``load_extras`` loads the SE run and
+``input_gatherer`` embeds the control cells that prediction perturbs.
 """
 
 from __future__ import annotations
@@ -34,12 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from statecore.config import TRACKS
 from statecore.data.sets import RowGatherer, SetBatch, SetDataset
 from statecore.errors import CheckpointError, DataError
 from statecore.models.decoder import embedding_track_loss
-
-TRACKS = ("hvg", "embedding")
-
+from statecore.training.st_track import ExpressionTrack
 
 # --------------------------------------------------------------------------- data
 
@@ -136,10 +136,11 @@ def to_embedding_data(adata, data, run_cfg, *, embedding: np.ndarray | None = No
         else None
     )
     data.train, data.val = train, val
-    model = run_cfg.model.replace(
+    model = run_cfg.model_config().replace(
         num_genes=int(embedding.shape[1]), decoder_dim=len(data.genes), relu_output=False
     )
-    return data, run_cfg.replace(embedding_run=str(Path(run_cfg.embedding_run).resolve()), model=model)
+    run_cfg = run_cfg.replace(embedding_run=str(Path(run_cfg.embedding_run).resolve()))
+    return data, run_cfg.with_shapes(model)
 
 
 def load_se_run(embedding_run: str | Path):
@@ -185,9 +186,9 @@ def step_loss_fn(
         )
         dec = decoder_reconstruction_loss(model, batch.x_target, expr)
         return parts.total + dec, {
-            "loss_emb": float(parts.emb.detach()),
-            "loss_expr": float(parts.expr.detach()),
-            "loss_dec": float(dec.detach()),
+            "loss_emb": parts.emb.detach(),  # tensors: the engine reads them back only when it logs
+            "loss_expr": parts.expr.detach(),
+            "loss_dec": dec.detach(),
         }
 
     return step
@@ -279,7 +280,30 @@ def input_gatherer(run, adata, rows: np.ndarray, default: Callable) -> Callable[
     embedding track the SE embeddings of those cells (only they are embedded)."""
     if getattr(run.config, "track", "hvg") != "embedding":
         return default
-    se = getattr(run, "embedding", None) or load_se_run(run.config.embedding_run)
+    se = getattr(run, "extras", None) or load_se_run(run.config.embedding_run)
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     emb = embed_cells(se, adata[rows])
     return _EmbeddedRows(rows, emb, adata.n_obs)
+
+
+# --------------------------------------------------------------------------- the track
+
+
+class EmbeddingTrack(ExpressionTrack):
+    """Track B as the engine sees it (``RunConfig.track == "embedding"``)."""
+
+    name = "embedding"
+    step_loss_factory = staticmethod(step_loss_fn)
+
+    def adapt(self, adata, data, config):
+        return to_embedding_data(adata, data, config)
+
+    def prepare_model(self, model, data, config, *, resuming: bool) -> None:
+        if not resuming:  # a resumed run loads its decoder with the weights
+            warm_up_decoder(model, data.train, seed=config.train.seed)
+
+    def input_gatherer(self, run, adata, rows, default):
+        return input_gatherer(run, adata, rows, default)
+
+    def load_extras(self, config):
+        return load_se_run(config.embedding_run or "")

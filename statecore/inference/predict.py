@@ -16,8 +16,8 @@ import scipy.sparse as sp
 import torch
 
 from statecore.data.sets import RowGatherer, gene_indices, obs_labels
-from statecore.embedding import track as embedding_track
 from statecore.errors import DataError
+from statecore.training.tracks import get_track
 
 SETS_PER_FORWARD = 16
 
@@ -99,7 +99,8 @@ def predict(
     z_all = vocab.encode(list(perturbations))  # raises a DataError naming an unknown perturbation
     gather = RowGatherer(adata.X, gene_indices(adata, run.genes))
     rows = control_rows(adata, context, control, control_cells)
-    model_in = embedding_track.input_gatherer(run, adata, rows, gather)  # embedding track: SE embeddings
+    track = getattr(run, "track", None) or get_track(run.config.track)
+    model_in = track.input_gatherer(run, adata, rows, gather)  # embedding track: SE embeddings
     n = int(n_cells) if n_cells is not None else len(rows)
     if n < 1:
         raise DataError(f"n_cells must be at least 1; got {n_cells}")

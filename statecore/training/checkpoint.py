@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from statecore.config import RunConfig, STConfig
+from statecore.config import RunConfig
+from statecore.data.sets import PerturbationVocab
+from statecore.data.splits import Split
 from statecore.errors import CheckpointError
-from statecore.runs.files import atomic_write_json, read_json, read_lines
+from statecore.models.transition import StateTransitionModel
+from statecore.runs.files import atomic_write_json, read_json, read_lines, write_lines
+from statecore.training.tracks import ST_TRACKS, get_track
 
 FORMAT = "statecore-st-v1"
 BEST, LAST = "model.safetensors", "last.safetensors"
@@ -30,18 +35,27 @@ FEATURES = "pert_features.safetensors"
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata
+        )
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_weights(path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any]) -> None:
     """Write ``model``'s weights and ``meta`` (JSON-able: config, genes, vocabularies) atomically."""
     cfg = getattr(model, "cfg", None)
-    header = {"format": FORMAT, "meta": json.dumps(meta)}
+    # sorted keys and tensor names: identical runs write identical bytes
+    header = {"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)}
     if cfg is not None:
-        header["config"] = json.dumps(cfg.to_dict())
-    _atomic_save(dict(model.state_dict()), Path(path), header)
+        header["config"] = json.dumps(cfg.to_dict(), sort_keys=True)
+    state = model.state_dict()
+    _atomic_save({k: state[k] for k in sorted(state)}, Path(path), header)
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -150,6 +164,36 @@ def load_train_state(run_dir: str | os.PathLike, optimizer: torch.optim.Optimize
     return info
 
 
+# --------------------------------------------------------------------------- resume points
+
+
+def resume_point(run_dir: str | os.PathLike) -> int | None:
+    """The step a run directory can resume from, or None when its training state is incomplete.
+
+    Complete means: ``last.safetensors``, ``train_state.safetensors`` and ``train_state.json`` all present,
+    readable, and written at the same step (a crash between two of these writes leaves them apart).
+    """
+    run_dir = Path(run_dir)
+    if not all((run_dir / n).is_file() for n in (LAST, TRAIN_STATE, TRAIN_STATE_JSON)):
+        return None
+    info = read_json(run_dir / TRAIN_STATE_JSON)
+    if not isinstance(info, dict) or not isinstance(info.get("step"), int):
+        return None
+    try:
+        _, meta = read_weights(run_dir / LAST)
+    except CheckpointError:
+        return None
+    saved_step = (meta.get("meta") or {}).get("step", info["step"])  # older runs did not record it
+    return int(info["step"]) if saved_step == info["step"] else None
+
+
+def clear_training_state(run_dir: str | os.PathLike) -> None:
+    """Remove what a failed first attempt left (weights, optimizer state, metrics) so a restart is clean."""
+    run_dir = Path(run_dir)
+    for name in (LAST, BEST, TRAIN_STATE, TRAIN_STATE_JSON, "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- whole runs
 
 
@@ -160,18 +204,19 @@ class LoadedRun:
     genes: list[str]
     perturbations: list[str]
     contexts: list[str]
-    split: Any  # statecore.data.splits.Split | None
+    split: Split | None
     run_dir: Path
-    vocab: Any = None  # statecore.data.sets.PerturbationVocab
+    vocab: PerturbationVocab | None = None
     batches: list[str] | None = None
-    embedding: Any = (
-        None  # embedding track: the SE run (statecore.embedding.se.EmbeddingRun) that embeds inputs
-    )
+    track: Any = None  # statecore.training.tracks.Track of config.track
+    extras: Any = None  # what the track needs at prediction (Track B: the SE run that embeds inputs)
+
+    @property
+    def embedding(self) -> Any:  # the name Track B callers used before tracks were objects
+        return self.extras
 
 
 def write_vocab_files(run_dir: str | os.PathLike, *, genes, vocab, contexts, batches) -> None:
-    from statecore.runs.files import write_lines
-
     run_dir = Path(run_dir)
     write_lines(run_dir / "genes.txt", list(genes))
     write_lines(run_dir / "perturbations.txt", list(vocab.names))
@@ -189,42 +234,59 @@ def write_vocab_files(run_dir: str | os.PathLike, *, genes, vocab, contexts, bat
         )
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "cpu", *, which: str = "best") -> LoadedRun:
-    """Rebuild a trained model from a run directory (``which``: best -> model.safetensors, last)."""
-    from statecore.data.sets import PerturbationVocab
-    from statecore.data.splits import Split
-    from statecore.models.transition import StateTransitionModel
-
+def read_vocab(run_dir: str | os.PathLike, config: RunConfig) -> PerturbationVocab:
+    """The perturbation vocabulary a run was trained with (perturbations.txt, vocab.json, features)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {str(run_dir)!r} not found")
-    cfg_dict = read_json(run_dir / "config.json")
-    if not isinstance(cfg_dict, dict):
-        raise CheckpointError(
-            f"{str(run_dir / 'config.json')!r} missing or unreadable; is this a statecore run?"
-        )
-    config = RunConfig.from_dict(cfg_dict)
-    path = run_dir / (BEST if which == "best" else LAST)
-    if which == "best" and not path.exists() and (run_dir / LAST).exists():
-        path = run_dir / LAST  # a run stopped before its first validation has only "last"
     try:
-        genes = read_lines(run_dir / "genes.txt")
         names = read_lines(run_dir / "perturbations.txt")
-        contexts = read_lines(run_dir / "contexts.txt")
-        batches = read_lines(run_dir / "batches.txt") if (run_dir / "batches.txt").exists() else []
     except OSError as exc:
         raise CheckpointError(f"run {str(run_dir)!r} is incomplete: {exc}") from exc
     vinfo = read_json(run_dir / "vocab.json") or {}
     features = None
     if vinfo.get("features"):
         features = read_weights(run_dir / FEATURES)[0]["features"].numpy()
-    vocab = PerturbationVocab(
+    return PerturbationVocab(
         control=vinfo.get("control", config.spec.control),
         names=tuple(names),
         combo_sep=vinfo.get("combo_sep", config.spec.combo_sep),
         features=features,
     )
-    model_cfg: STConfig = config.model
+
+
+def read_config(run_dir: str | os.PathLike) -> RunConfig:
+    """A run directory's RunConfig (CheckpointError naming the file when it is missing or invalid)."""
+    path = Path(run_dir) / "config.json"
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(path)!r} missing or unreadable; is this a statecore run?")
+    try:
+        return RunConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a statecore run configuration ({exc})") from exc
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "cpu", *, which: str = "best") -> LoadedRun:
+    """Rebuild a trained State Transition model from a run directory (``which``: best, last)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {str(run_dir)!r} not found")
+    config = read_config(run_dir)
+    if config.track not in ST_TRACKS:
+        raise CheckpointError(
+            f"{str(run_dir)!r} holds a State Embedding ({config.track}) run, not a State Transition run; "
+            "pick a run trained with `python -m statecore train`"
+        )
+    path = run_dir / (BEST if which == "best" else LAST)
+    if which == "best" and not path.exists() and (run_dir / LAST).exists():
+        path = run_dir / LAST  # a run stopped before its first validation has only "last"
+    try:
+        genes = read_lines(run_dir / "genes.txt")
+        contexts = read_lines(run_dir / "contexts.txt")
+        batches = read_lines(run_dir / "batches.txt") if (run_dir / "batches.txt").exists() else []
+    except OSError as exc:
+        raise CheckpointError(f"run {str(run_dir)!r} is incomplete: {exc}") from exc
+    vocab = read_vocab(run_dir, config)
+    model_cfg = config.model_config()
     n_out = model_cfg.decoder_dim or model_cfg.num_genes  # embedding track: genes are the decoder's outputs
     if n_out != len(genes) or model_cfg.perturbation_dim != vocab.dim:
         raise CheckpointError(
@@ -235,20 +297,17 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", *, which: str = "b
     load_model_weights(model, path)
     model.to(device).eval()
     split = Split.load(run_dir / "split.json") if (run_dir / "split.json").exists() else None
-    embedding = None
-    if config.track == "embedding":
-        from statecore.embedding.track import load_se_run
-
-        embedding = load_se_run(config.embedding_run or "")
+    track = get_track(config.track)
     return LoadedRun(
         model=model,
         config=config,
         genes=genes,
-        perturbations=list(names),
+        perturbations=list(vocab.names),
         contexts=contexts,
         split=split,
         run_dir=run_dir,
         vocab=vocab,
         batches=batches,
-        embedding=embedding,
+        track=track,
+        extras=track.load_extras(config),
     )

@@ -148,3 +148,13 @@ def same_on_all(value: int) -> bool:
     t = torch.tensor([float(value), -float(value)], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t[0].item() == -t[1].item())
+
+
+def mean_values(values: torch.Tensor) -> list[float]:
+    """Element-wise mean of a 1-d tensor over ranks, as floats: one collective for many logged steps."""
+    t = values.detach().to(torch.float64).reshape(-1)
+    if not current().enabled:
+        return t.cpu().tolist()
+    t = t.to(_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / dist.get_world_size()).cpu().tolist()

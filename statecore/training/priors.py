@@ -17,6 +17,7 @@ gets no prior (zeros) and relies on the model.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def _pair_shifts(
 def _average(pairs: Mapping[tuple[str, int], np.ndarray], n_names: int, n_genes: int) -> np.ndarray:
     sums = np.zeros((n_names, n_genes), dtype=np.float64)
     counts = np.zeros(n_names, dtype=np.int64)
-    for (_, i), shift in pairs.items():
+    for (_, i), shift in sorted(pairs.items(), key=lambda kv: kv[0]):  # byte-stable sums
         sums[i] += shift
         counts[i] += 1
     seen = counts > 0
@@ -73,7 +74,7 @@ def _index_pairs(
     cpos = {c: i for i, c in enumerate(map(str, contexts))}
     pair_index = np.full((len(cpos), n_names), -1, dtype=np.int64)
     rows_out: list[np.ndarray] = []
-    for (context, i), shift in pairs.items():
+    for (context, i), shift in sorted(pairs.items(), key=lambda kv: kv[0]):  # byte-stable row order
         if context in cpos:
             pair_index[cpos[context], i] = len(rows_out)
             rows_out.append(shift)
@@ -114,6 +115,19 @@ def context_pair_shifts(
     return _index_pairs(pairs, contexts, len(vocab.names), len(genes))
 
 
+@dataclass(frozen=True)
+class ShiftPrior:
+    """The shift prior's tables, as the model's buffers hold them."""
+
+    shift: np.ndarray  # [P, G] all-context average shift of each single (perturbation_shifts)
+    pair_index: np.ndarray  # [C, P] row of pair_shift for (context, single), -1 where not measured
+    pair_shift: np.ndarray  # [K, G] a context's own shift of a single
+
+    @property
+    def n_pairs(self) -> int:
+        return int(len(self.pair_shift))
+
+
 def shift_prior_tables(
     adata,
     *,
@@ -121,10 +135,8 @@ def shift_prior_tables(
     vocab: PerturbationVocab,
     train_pairs: Mapping[str, Sequence[str]],
     contexts: Sequence[str],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(:func:`perturbation_shifts`, *:func:`context_pair_shifts`) from one pass over the group means."""
+) -> ShiftPrior:
+    """:func:`perturbation_shifts` and :func:`context_pair_shifts` from one pass over the group means."""
     pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
-    return (
-        _average(pairs, len(vocab.names), len(genes)),
-        *_index_pairs(pairs, contexts, len(vocab.names), len(genes)),
-    )
+    pair_index, pair_shift = _index_pairs(pairs, contexts, len(vocab.names), len(genes))
+    return ShiftPrior(_average(pairs, len(vocab.names), len(genes)), pair_index, pair_shift)

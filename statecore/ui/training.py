@@ -1,111 +1,78 @@
-"""What the Train page launches: the options it collects and the CLI arguments they become.
+"""What the Train page launches: a RunConfig written into the run directory, trained by the CLI worker.
 
-The app starts training exactly as a user would from the shell (``python -m statecore train``)
-through ``statecore.runs.jobs``; this module only turns page choices into that argument list and tells
-runs apart (State Transition runs vs State Embedding runs) from their ``config.json``.
+The app starts training exactly as a user would from the shell: it writes ``<run>/config.json`` (a
+RunConfig, the same object the CLI flags build) and starts ``python -m statecore train --config
+<run>/config.json`` through ``statecore.runs.jobs``. State Transition and State Embedding runs are both
+RunConfigs (``track``), so they are started, watched, cancelled and resumed the same way.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from statecore.config import APP_TRAIN, SE_PRESETS, SE_TRAIN, ST_PRESETS, RunConfig, SplitConfig
+from statecore.errors import CheckpointError
 from statecore.runs import jobs
+from statecore.runs.files import atomic_write_json
+from statecore.training.checkpoint import read_config
+from statecore.training.tracks import ST_TRACKS
 
 
-@dataclass(frozen=True)
-class TrainOptions:
-    data_path: str
-    task: str = "zeroshot"  # zeroshot | underrepresented | explicit
-    context: str | None = None
-    test_perts: tuple[str, ...] = ()
-    keep_fraction: float = 0.3
-    track: str = "hvg"  # hvg | embedding
-    embedding_run: str | None = None
-    preset: str = "small"
-    set_size: int | None = None
-    lr: float = 3e-4
-    batch_size: int = 8
-    steps: int = 400
-    max_minutes: float | None = None
-    device: str = "auto"
-    threads: int | None = None
-    seed: int = 0
-    extra: tuple[str, ...] = field(default_factory=tuple)
+def st_run_config(
+    *,
+    data_path: str,
+    spec,
+    split: SplitConfig,
+    preset: str = "small",
+    set_size: int | None = None,
+    embedding_run: str | None = None,
+    **train,
+) -> RunConfig:
+    """A State Transition run: the preset's model, the app's training defaults with ``train`` changes."""
+    model = ST_PRESETS[preset]
+    if set_size:
+        model = model.replace(set_size=int(set_size))
+    return RunConfig(
+        data_path=str(Path(data_path).resolve()),
+        track="embedding" if embedding_run else "hvg",
+        embedding_run=str(Path(embedding_run).resolve()) if embedding_run else None,
+        spec=spec,
+        split=split,
+        model=model,
+        train=APP_TRAIN.replace(seed=split.seed, **train),
+    )
 
-    def to_args(self) -> list[str]:
-        args = [
-            "--data",
-            self.data_path,
-            "--task",
-            self.task,
-            "--preset",
-            self.preset,
-            "--steps",
-            str(self.steps),
-            "--lr",
-            str(self.lr),
-            "--batch-size",
-            str(self.batch_size),
-            "--device",
-            self.device,
-            "--seed",
-            str(self.seed),
-            "--quiet",
-        ]
-        if self.context:
-            args += ["--context", self.context]
-        if self.task == "explicit":
-            args += ["--test-perts", ",".join(self.test_perts)]
-        if self.task == "underrepresented":
-            args += ["--keep-fraction", str(self.keep_fraction)]
-        if self.track == "embedding" and self.embedding_run:
-            args += ["--track", "embedding", "--embedding-run", self.embedding_run]
-        for flag, value in (
-            ("--set-size", self.set_size),
-            ("--max-minutes", self.max_minutes),
-            ("--threads", self.threads),
-        ):
-            if value is not None:
-                args += [flag, str(value)]
-        return args + list(self.extra)
+
+def se_run_config(*, data_path: str, preset: str = "small", hvg_only: bool = True, **train) -> RunConfig:
+    """A State Embedding run on the prepared data (its HVGs by default)."""
+    se = SE_PRESETS[preset].replace(hvg_only=hvg_only)
+    return RunConfig(
+        data_path=str(Path(data_path).resolve()), track="se", se=se, train=SE_TRAIN.replace(**train)
+    )
+
+
+def launch(run_dir: str | Path, config: RunConfig, *, threads: int) -> jobs.RunStatus:
+    """Write ``config`` into ``run_dir`` and start its worker with ``threads`` CPU threads."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    atomic_write_json(path, config.to_dict())
+    args = ["--config", str(path.resolve()), "--threads", str(threads), "--quiet"]
+    return jobs.start(run_dir, args, threads=threads)
 
 
 def run_kind(run_dir: str | Path) -> str:
-    """ "embedding" for State Embedding runs, else "transition"."""
+    """ "embedding" for State Embedding runs, "transition" for State Transition runs, "" when unreadable."""
     try:
-        cfg = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "transition"
-    return "embedding" if cfg.get("kind") == "embedding" else "transition"
+        config = read_config(run_dir)
+    except CheckpointError:
+        return ""
+    return "transition" if config.track in ST_TRACKS else "embedding"
 
 
 def model_runs(root: str | Path, kind: str = "transition") -> list[jobs.RunStatus]:
     """Runs of one kind that hold a usable model (best checkpoint written), newest first."""
     return [r for r in jobs.list_runs(root) if r.has_model and run_kind(r.run_dir) == kind]
-
-
-def train_cli_flags() -> set[str]:
-    """Option strings that ``python -m statecore train`` accepts (the worker's real parser)."""
-    from statecore.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._subparsers._group_actions:  # argparse keeps subparsers here
-        train = action.choices.get("train") if hasattr(action, "choices") else None
-        if train is not None:
-            return {opt for a in train._actions for opt in a.option_strings}
-    return set()
-
-
-def embedding_track_available(root: str | Path) -> bool:
-    """The embedding track needs the SE model code, a trainer that takes an SE run, and a finished SE run."""
-    return (
-        importlib.util.find_spec("statecore.models.embedding") is not None
-        and "--embedding-run" in train_cli_flags()
-        and bool(model_runs(root, "embedding"))
-    )
 
 
 def gpu_summary() -> str:

@@ -1,0 +1,264 @@
+"""The expression track: the State Transition model on the prepared data's (HVG) expression.
+
+``make_train_data`` turns a prepared AnnData + split into step-addressed set datasets
+(``statecore.data.sets``); :class:`STTask` is what the engine trains (forward, loss, validation loss);
+:class:`ExpressionTrack` builds both for a run directory. Track B (``statecore.embedding.track``) reuses
+all of it and swaps the cells' representation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from statecore.config import RunConfig, TrainConfig
+from statecore.data.sets import PerturbationVocab, SetDataset, build_groups, obs_labels, select_genes
+from statecore.data.splits import Split, make_split
+from statecore.errors import DataError
+from statecore.models.losses import get_loss
+from statecore.models.transition import StateTransitionModel
+from statecore.runs import files as runs
+from statecore.training import checkpoint as ckpt
+from statecore.training import distributed as dist_utils
+from statecore.training.priors import ShiftPrior, shift_prior_tables
+from statecore.training.tracks import BuiltTask
+
+VAL_MAX_SETS = 256  # validation loss: the first sets of the validation plan's epoch 0 (fixed)
+
+
+@dataclass
+class TrainData:
+    train: SetDataset
+    val: SetDataset | None
+    genes: list[str]
+    vocab: PerturbationVocab
+    contexts: list[str]
+    batches: list[str]
+    split: Split | None = None
+
+
+def make_train_data(
+    adata,
+    split: Split,
+    *,
+    set_size: int = 64,
+    seed: int = 0,
+    use_hvg: bool = True,
+    genes: list[str] | None = None,
+    vocab: PerturbationVocab | None = None,
+    pert_features=None,
+    batches: list[str] | None = None,
+) -> TrainData:
+    """Training and validation set datasets for ``split`` (controls of every context train as identity)."""
+    _, ctx, batch = obs_labels(adata)
+    genes = list(genes) if genes is not None else select_genes(adata, use_hvg)
+    if vocab is None:
+        train_labels = [p for _, p in split.pairs("train") | split.pairs("val")]
+        vocab = PerturbationVocab.from_labels(train_labels, split.control, features=pert_features)
+    contexts = sorted(set(ctx))
+    batches = list(batches) if batches is not None else sorted(set(map(str, batch)))
+    kw = dict(genes=genes, vocab=vocab, batches=batches, set_size=set_size)
+    groups = build_groups(adata, control=split.control, pairs=split.pairs("train"), include_controls=True)
+    train = SetDataset(adata, groups, seed=seed, **kw)
+    val = None
+    if split.pairs("val"):
+        vgroups = build_groups(adata, control=split.control, pairs=split.pairs("val"), include_controls=False)
+        if vgroups:
+            val = SetDataset(adata, vgroups, seed=seed + 1_000_003, **kw)
+    return TrainData(
+        train=train, val=val, genes=genes, vocab=vocab, contexts=contexts, batches=batches, split=split
+    )
+
+
+def set_loss_fn(model: torch.nn.Module, loss_fn: Callable) -> Callable:
+    """``(pred, batch) -> (scalar loss, extra metric tensors)`` of the expression track."""
+    del model
+    return lambda pred, batch: (loss_fn(pred, batch.x_target).mean(), {})
+
+
+class STTask:
+    """A State Transition model + its set data, as the engine trains it (``statecore.training.tracks``)."""
+
+    def __init__(self, model, data: TrainData, *, loss: str = "energy", meta=None, step_loss=None) -> None:
+        self.model, self.data = model, data
+        self.loss_fn = get_loss(loss)
+        self.step_loss = (step_loss or set_loss_fn)(model, self.loss_fn)
+        self.meta = dict(meta or {})
+        self.meta.setdefault("genes", data.genes)
+        self.has_val = data.val is not None
+        # the shift prior's per-context table needs each set's context; other models never see it
+        self._uses_context = getattr(model, "pair_shift", None) is not None
+
+    def batch(self, step: int, batch_size: int, *, rank: int, world_size: int):
+        return self.data.train.batch(step, batch_size, rank=rank, world_size=world_size)
+
+    def _kw(self, ds: SetDataset, b) -> dict[str, Any]:
+        if not self._uses_context:
+            return {}
+        return {"context": ds.context_index(b.groups, self.data.contexts).to(b.x_ctrl.device)}
+
+    def forward(self, module: Callable, b) -> torch.Tensor:
+        return module(b.x_ctrl, b.z_pert, b.batch_idx, **self._kw(self.data.train, b))  # [B, S, G]
+
+    def loss(self, out: torch.Tensor, b):
+        return self.step_loss(out, b)
+
+    @torch.no_grad()
+    def val_loss(self, device: torch.device, batch_size: int) -> float:
+        """Mean per-set loss over the first sets of the validation plan's epoch 0 (fixed)."""
+        ds, model = self.data.val, self.model
+        was_training = model.training
+        model.eval()
+        total, n = 0.0, 0
+        with torch.random.fork_rng(devices=[]):  # a noise input must not shift the training RNG stream
+            torch.manual_seed(0)
+            for b in ds.iter_epoch(batch_size, epoch=0, max_sets=VAL_MAX_SETS):
+                b = b.to(device)
+                pred = model(b.x_ctrl, b.z_pert, b.batch_idx, **self._kw(ds, b))
+                total += float(self.step_loss(pred, b)[0]) * b.x_target.shape[0]
+                n += b.x_target.shape[0]
+        model.train(was_training)
+        return total / max(n, 1)
+
+
+def vocab_meta(data: TrainData) -> dict[str, Any]:
+    """The checkpoint header's description of what the model reads and writes."""
+    return {
+        "genes": data.genes,
+        "perturbations": list(data.vocab.names),
+        "contexts": data.contexts,
+        "batches": data.batches,
+        "control": data.vocab.control,
+        "combo_sep": data.vocab.combo_sep,
+        "split": data.split.to_dict() if data.split is not None else None,
+    }
+
+
+def prior_for(adata, data: TrainData) -> ShiftPrior:
+    """The shift prior's tables from training and validation pairs (never test): validation pairs then only
+    guide the choice of checkpoint, and the prior of a pair measured in few contexts is less noisy."""
+    if data.vocab.features is not None:
+        raise DataError(
+            "the shift prior needs one-hot perturbations; set shift prior off when giving features"
+        )
+    split = data.split
+    pairs = {c: [*split.train.get(c, []), *split.val.get(c, [])] for c in sorted({*split.train, *split.val})}
+    return shift_prior_tables(
+        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts
+    )
+
+
+def build_model(config: RunConfig, prior: ShiftPrior | None) -> StateTransitionModel:
+    """A fresh ST model from the run's config, initial weights from its seed, prior tables copied in."""
+    torch.manual_seed(config.train.seed)  # not from the process's RNG history
+    model = StateTransitionModel(config.model_config())
+    if prior is not None and model.pert_shift is not None:
+        model.pert_shift.copy_(torch.from_numpy(prior.shift))
+        if model.pair_index is not None:
+            model.pair_index.copy_(torch.from_numpy(prior.pair_index))
+            model.pair_shift.copy_(torch.from_numpy(prior.pair_shift))
+    return model
+
+
+class ExpressionTrack:
+    """ST on expression (``RunConfig.track == "hvg"``)."""
+
+    name = "hvg"
+
+    def build(self, adata, config: RunConfig, run_dir: Path, *, resuming: bool) -> BuiltTask:
+        data = (
+            self._saved_data(adata, config, run_dir) if resuming else self._fresh_data(adata, config, run_dir)
+        )
+        if not resuming:
+            config = self._with_shapes(config, data)
+        data, config = self.adapt(adata, data, config)
+        prior = None
+        if config.model.shift_prior and config.model_config().decoder_dim == 0:
+            prior = prior_for(adata, data)  # rebuilt on resume too: the weights then overwrite it
+            config = config.with_shapes(
+                config.model_config().replace(n_contexts=len(data.contexts), n_prior_pairs=prior.n_pairs)
+            )
+        model = build_model(config, prior)
+        self.prepare_model(model, data, config, resuming=resuming)
+        task = STTask(
+            model, data, loss=config.model.loss, meta=vocab_meta(data), step_loss=self.step_loss_factory
+        )
+        return BuiltTask(task=task, config=config)
+
+    # hooks Track B overrides
+    step_loss_factory = staticmethod(set_loss_fn)
+
+    def adapt(self, adata, data: TrainData, config: RunConfig) -> tuple[TrainData, RunConfig]:
+        return data, config
+
+    def prepare_model(self, model, data: TrainData, config: RunConfig, *, resuming: bool) -> None:
+        del model, data, config, resuming
+
+    def input_gatherer(self, run, adata, rows: np.ndarray, default: Callable) -> Callable:
+        del run, adata, rows
+        return default
+
+    def load_extras(self, config: RunConfig) -> Any:
+        del config
+        return None
+
+    # data of a fresh or a resumed run
+    @staticmethod
+    def _with_shapes(config: RunConfig, data: TrainData) -> RunConfig:
+        model = config.model_config().replace(
+            num_genes=len(data.genes),
+            perturbation_dim=data.vocab.dim,
+            n_batches=len(data.batches) if len(data.batches) > 1 else 0,
+        )
+        return config.with_shapes(model)
+
+    @staticmethod
+    def _fresh_data(adata, config: RunConfig, run_dir: Path) -> TrainData:
+        split = make_split(adata, config.split)  # seeded: the same split on every rank
+        data = make_train_data(adata, split, set_size=config.model.set_size, seed=config.train.seed)
+        if dist_utils.current().is_main:
+            split.save(run_dir / "split.json")
+            ckpt.write_vocab_files(
+                run_dir, genes=data.genes, vocab=data.vocab, contexts=data.contexts, batches=data.batches
+            )
+        return data
+
+    @staticmethod
+    def _saved_data(adata, config: RunConfig, run_dir: Path) -> TrainData:
+        split = Split.load(run_dir / "split.json")
+        vocab = ckpt.read_vocab(run_dir, config)
+        return make_train_data(
+            adata,
+            split,
+            set_size=config.model.set_size,
+            seed=config.train.seed,
+            genes=runs.read_lines(run_dir / "genes.txt"),
+            vocab=vocab,
+            batches=runs.read_lines(run_dir / "batches.txt"),
+        )
+
+
+def fit_model(
+    model: torch.nn.Module,
+    data: TrainData,
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    run_dir=None,
+    loss: str = "energy",
+    hook=None,
+    resume: bool = True,
+    meta: dict[str, Any] | None = None,
+):
+    """Train an ST ``model`` on ``data`` with the engine (the library entry for a model you built)."""
+    from statecore.training.engine import fit
+
+    task = STTask(model, data, loss=loss, meta=meta or vocab_meta(data))
+    return fit(task, cfg, run_dir=run_dir, hook=hook, resume=resume)
+
+
+fit = fit_model  # statecore.fit: the public name for training a model you built
