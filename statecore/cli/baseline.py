@@ -22,11 +22,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from statecore.cli._common import read_prepared, write_h5ad
-    from statecore.config import RunConfig
     from statecore.data.splits import Split
     from statecore.errors import CheckpointError, DataError
     from statecore.inference.baselines import predict_baseline
-    from statecore.runs.files import read_json, read_lines
+    from statecore.runs.files import read_lines
+    from statecore.training.checkpoint import read_config
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "split.json").exists() or not (run_dir / "genes.txt").exists():
@@ -35,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
         )
     split = Split.load(run_dir / "split.json")
     genes = read_lines(run_dir / "genes.txt")
-    cfg = read_json(run_dir / "config.json")
-    data = args.data or (RunConfig.from_dict(cfg).data_path if isinstance(cfg, dict) else "")
+    data = args.data or read_config(run_dir).data_path
     if not data:
         raise DataError("pass --data (the run records no data path)")
     adata = read_prepared(data)

@@ -19,6 +19,7 @@ import numpy as np
 from statecore.config import SPLIT_TASKS, SplitConfig
 from statecore.data.io import obs_labels
 from statecore.errors import DataError
+from statecore.runs.files import atomic_write_json
 
 TASKS = SPLIT_TASKS
 ROLES = ("train", "val", "test", "controls")
@@ -65,10 +66,7 @@ class Split:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Split:

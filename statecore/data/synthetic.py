@@ -63,128 +63,39 @@ def make_perturbation_adata(
     _check_args(
         n_cells, n_genes, n_perturbations, ctx_names, n_batches, frac_no_effect, n_combos, frac_control
     )
-    rng = np.random.default_rng(seed)
-    n_ctx = len(ctx_names)
-    k = int(program_size) if program_size is not None else max(3, n_genes // 20)
-    k = min(k, n_genes)
-    k_ctx = int(n_context_genes) if n_context_genes is not None else max(1, k // 4)
-    k_ctx = min(k_ctx, n_genes)
-
+    rng = np.random.default_rng(seed)  # one stream, drawn in a fixed order: the same seed, the same data
+    k = min(int(program_size) if program_size is not None else max(3, n_genes // 20), n_genes)
+    k_ctx = min(int(n_context_genes) if n_context_genes is not None else max(1, k // 4), n_genes)
     genes = [f"G{i:05d}" for i in range(n_genes)]
     perts = [f"P{i:03d}" for i in range(n_perturbations)]
 
     # Baseline composition: log-normal gene means as in real data (few high, many low genes).
     base = rng.normal(0.0, gene_mean_sd, n_genes)
-    ctx_shift = rng.normal(0.0, context_effect, (n_ctx, n_genes))
+    ctx_shift = rng.normal(0.0, context_effect, (len(ctx_names), n_genes))
     batch_shift = (
         rng.normal(0.0, batch_effect, (n_batches, n_genes)) if n_batches > 1 else np.zeros((1, n_genes))
     )
     theta = np.exp(rng.normal(np.log(dispersion), 0.5, n_genes))  # per-gene NB size
-
-    n_none = int(round(frac_no_effect * n_perturbations))
-    no_effect = sorted(rng.choice(perts, size=n_none, replace=False).tolist()) if n_none else []
-    effects: dict[str, dict[str, Any]] = {}
-    for p in perts:
-        effects[p] = _draw_program(
-            rng, n_genes, k, k_ctx, ctx_names, effect_size, context_scale_sd, null=p in no_effect
-        )
-    combos = _draw_combos(rng, perts, no_effect, n_combos)
-    for c in combos:
-        # "Additive-ish": the singles' effects add in log space plus a small interaction term.
-        n_int = max(1, k_ctx)
-        idx = np.sort(rng.choice(n_genes, size=n_int, replace=False))
-        effects[c] = {
-            "genes": idx,
-            "lfc": rng.normal(0.0, interaction_sd, n_int),
-            "contexts": {
-                ctx: {"scale": 1.0, "genes": np.zeros(0, np.int64), "lfc": np.zeros(0)} for ctx in ctx_names
-            },
-        }
+    effects, no_effect, combos = _plant_effects(
+        rng, perts, ctx_names, n_genes, k, k_ctx, frac_no_effect, n_combos, effect_size, context_scale_sd,
+        interaction_sd,
+    )  # fmt: skip
     labels = perts + combos
-    uns = {
-        "control": CONTROL,
-        "no_effect": no_effect,
-        "combos": combos,
-        "effects": effects,
-        "params": dict(
-            n_cells=n_cells,
-            n_genes=n_genes,
-            n_perturbations=n_perturbations,
-            n_batches=n_batches,
-            seed=seed,
-            frac_no_effect=frac_no_effect,
-            n_combos=n_combos,
-            frac_control=frac_control,
-            program_size=k,
-            n_context_genes=k_ctx,
-            effect_size=effect_size,
-            library_mean=library_mean,
-            library_sd=library_sd,
-            dispersion=dispersion,
-            batch_effect=batch_effect,
-            context_effect=context_effect,
-            gene_mean_sd=gene_mean_sd,
-        ),
-    }
-
-    # Cell design: balanced over contexts, controls first within each context, then labels cycled.
-    ctx_idx = np.sort(np.arange(n_cells) % n_ctx)
-    pert_lab = np.empty(n_cells, dtype=object)
-    for ci in range(n_ctx):
-        rows = np.flatnonzero(ctx_idx == ci)
-        n_ctrl = max(1, int(round(frac_control * rows.size)))
-        lab = np.array(
-            [CONTROL] * n_ctrl + [labels[j % len(labels)] for j in range(rows.size - n_ctrl)], dtype=object
-        )
-        pert_lab[rows] = lab[rng.permutation(rows.size)]
-    batch_idx = rng.integers(0, n_batches, n_cells)
-    order = rng.permutation(n_cells)  # shuffle rows so that nothing downstream relies on the order
-    ctx_idx, pert_lab, batch_idx = ctx_idx[order], pert_lab[order], batch_idx[order]
-    lib = np.exp(rng.normal(np.log(library_mean), library_sd, n_cells))
-
-    # log-fold-change vector per (label, context), computed once: labels x contexts x genes is small.
-    label_ids = {lab: i for i, lab in enumerate([CONTROL] + labels)}
-    lfc_table = np.zeros((len(label_ids), n_ctx, n_genes), dtype=np.float64)
-    for lab, li in label_ids.items():
-        if lab != CONTROL:
-            for ci, ctx in enumerate(ctx_names):
-                lfc_table[li, ci] = _lfc_vector(uns, lab, ctx, n_genes)
-    pert_id = np.fromiter((label_ids[x] for x in pert_lab), dtype=np.int64, count=n_cells)
-
-    # Composition of each (context, batch) control state; a perturbation multiplies gene means by
-    # exp(lfc) without renormalising, so the planted lfc is the true change in expected counts.
-    logit = base[None, None, :] + ctx_shift[:, None, :] + batch_shift[None, :, :]  # [C, B, G]
-    comp = np.exp(logit - logit.max(axis=-1, keepdims=True))
-    comp /= comp.sum(axis=-1, keepdims=True)
-
-    block = max(1, _BLOCK_VALUES // n_genes)
-    data_parts, index_parts, counts_per_row = [], [], []
-    dense_parts = []
-    for start in range(0, n_cells, block):
-        stop = min(n_cells, start + block)
-        sl = slice(start, stop)
-        mu = comp[ctx_idx[sl], batch_idx[sl]] * np.exp(lfc_table[pert_id[sl], ctx_idx[sl]]) * lib[sl, None]
-        lam = rng.gamma(theta[None, :], mu / theta[None, :])
-        counts = rng.poisson(lam).astype(np.float32)
-        if sparse:
-            blk = sp.csr_matrix(counts)
-            data_parts.append(blk.data)
-            index_parts.append(blk.indices)
-            counts_per_row.append(np.diff(blk.indptr))
-        else:
-            dense_parts.append(counts)
-    if sparse:
-        nnz = int(sum(d.size for d in data_parts))
-        idx_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
-        indptr = np.zeros(n_cells + 1, dtype=idx_dtype)
-        np.cumsum(np.concatenate(counts_per_row), out=indptr[1:])
-        X = sp.csr_matrix(
-            (np.concatenate(data_parts), np.concatenate(index_parts).astype(idx_dtype, copy=False), indptr),
-            shape=(n_cells, n_genes),
-        )
-    else:
-        X = np.concatenate(dense_parts, axis=0)
-
+    params = dict(
+        n_cells=n_cells, n_genes=n_genes, n_perturbations=n_perturbations, n_batches=n_batches, seed=seed,
+        frac_no_effect=frac_no_effect, n_combos=n_combos, frac_control=frac_control, program_size=k,
+        n_context_genes=k_ctx, effect_size=effect_size, library_mean=library_mean, library_sd=library_sd,
+        dispersion=dispersion, batch_effect=batch_effect, context_effect=context_effect,
+        gene_mean_sd=gene_mean_sd,
+    )  # fmt: skip
+    uns = {"control": CONTROL, "no_effect": no_effect, "combos": combos, "effects": effects, "params": params}
+    ctx_idx, pert_lab, batch_idx, lib = _design(
+        rng, n_cells, len(ctx_names), labels, n_batches, frac_control, library_mean, library_sd
+    )
+    means = _mean_counts(
+        uns, labels, ctx_names, base, ctx_shift, batch_shift, (ctx_idx, pert_lab, batch_idx, lib)
+    )
+    X = _sample_counts(rng, means, theta, n_cells, n_genes, sparse)
     obs = pd.DataFrame(
         {
             "perturbation": pd.Categorical(pert_lab.astype(str), categories=[CONTROL] + labels),
@@ -198,6 +109,102 @@ def make_perturbation_adata(
     adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
     adata.uns["synthetic"] = _h5ad_safe(uns)
     return adata
+
+
+def _mean_counts(uns, labels, ctx_names, base, ctx_shift, batch_shift, cells):
+    """``means(rows) -> [rows, G]`` expected counts of a block of cells.
+
+    Each (context, batch) control state has a composition; a perturbation multiplies gene means by
+    exp(lfc) without renormalising, so the planted lfc is the true change in expected counts.
+    """
+    ctx_idx, pert_lab, batch_idx, lib = cells
+    n_genes = len(base)
+    # log-fold-change vector per (label, context), computed once: labels x contexts x genes is small.
+    label_ids = {lab: i for i, lab in enumerate([CONTROL] + labels)}
+    lfc_table = np.zeros((len(label_ids), len(ctx_names), n_genes), dtype=np.float64)
+    for lab, li in label_ids.items():
+        if lab != CONTROL:
+            for ci, ctx in enumerate(ctx_names):
+                lfc_table[li, ci] = _lfc_vector(uns, lab, ctx, n_genes)
+    pert_id = np.fromiter((label_ids[x] for x in pert_lab), dtype=np.int64, count=len(pert_lab))
+    logit = base[None, None, :] + ctx_shift[:, None, :] + batch_shift[None, :, :]  # [C, B, G]
+    comp = np.exp(logit - logit.max(axis=-1, keepdims=True))
+    comp /= comp.sum(axis=-1, keepdims=True)
+
+    def means(sl: slice) -> np.ndarray:
+        return comp[ctx_idx[sl], batch_idx[sl]] * np.exp(lfc_table[pert_id[sl], ctx_idx[sl]]) * lib[sl, None]
+
+    return means
+
+
+def _plant_effects(
+    rng, perts, ctx_names, n_genes, k, k_ctx, frac_no_effect, n_combos, effect_size, context_scale_sd,
+    interaction_sd,
+) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:  # fmt: skip
+    """(effects per label, no-effect perturbations, combinations): each perturbation's program, then the
+    combinations' interaction terms ("additive-ish": singles add in log space plus a small interaction)."""
+    n_none = int(round(frac_no_effect * len(perts)))
+    no_effect = sorted(rng.choice(perts, size=n_none, replace=False).tolist()) if n_none else []
+    effects: dict[str, dict[str, Any]] = {}
+    for p in perts:
+        effects[p] = _draw_program(
+            rng, n_genes, k, k_ctx, ctx_names, effect_size, context_scale_sd, null=p in no_effect
+        )
+    combos = _draw_combos(rng, perts, no_effect, n_combos)
+    for c in combos:
+        n_int = max(1, k_ctx)
+        idx = np.sort(rng.choice(n_genes, size=n_int, replace=False))
+        effects[c] = {
+            "genes": idx,
+            "lfc": rng.normal(0.0, interaction_sd, n_int),
+            "contexts": {
+                ctx: {"scale": 1.0, "genes": np.zeros(0, np.int64), "lfc": np.zeros(0)} for ctx in ctx_names
+            },
+        }
+    return effects, no_effect, combos
+
+
+def _design(rng, n_cells, n_ctx, labels, n_batches, frac_control, library_mean, library_sd):
+    """(context index, label, batch index, library size) per cell: balanced over contexts, controls
+    first within each context then the labels cycled, rows shuffled so nothing relies on the order."""
+    ctx_idx = np.sort(np.arange(n_cells) % n_ctx)
+    pert_lab = np.empty(n_cells, dtype=object)
+    for ci in range(n_ctx):
+        rows = np.flatnonzero(ctx_idx == ci)
+        n_ctrl = max(1, int(round(frac_control * rows.size)))
+        lab = np.array(
+            [CONTROL] * n_ctrl + [labels[j % len(labels)] for j in range(rows.size - n_ctrl)], dtype=object
+        )
+        pert_lab[rows] = lab[rng.permutation(rows.size)]
+    batch_idx = rng.integers(0, n_batches, n_cells)
+    order = rng.permutation(n_cells)
+    lib = np.exp(rng.normal(np.log(library_mean), library_sd, n_cells))
+    return ctx_idx[order], pert_lab[order], batch_idx[order], lib
+
+
+def _sample_counts(rng, means, theta, n_cells: int, n_genes: int, sparse: bool):
+    """Gamma-Poisson counts around ``means(rows)``, block by block (never a dense cells x genes matrix
+    when ``sparse``)."""
+    block = max(1, _BLOCK_VALUES // n_genes)
+    data_parts, index_parts, counts_per_row, dense_parts = [], [], [], []
+    for start in range(0, n_cells, block):
+        mu = means(slice(start, min(n_cells, start + block)))
+        counts = rng.poisson(rng.gamma(theta[None, :], mu / theta[None, :])).astype(np.float32)
+        if not sparse:
+            dense_parts.append(counts)
+            continue
+        blk = sp.csr_matrix(counts)
+        data_parts.append(blk.data)
+        index_parts.append(blk.indices)
+        counts_per_row.append(np.diff(blk.indptr))
+    if not sparse:
+        return np.concatenate(dense_parts, axis=0)
+    nnz = int(sum(d.size for d in data_parts))
+    idx_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
+    indptr = np.zeros(n_cells + 1, dtype=idx_dtype)
+    np.cumsum(np.concatenate(counts_per_row), out=indptr[1:])
+    indices = np.concatenate(index_parts).astype(idx_dtype, copy=False)
+    return sp.csr_matrix((np.concatenate(data_parts), indices, indptr), shape=(n_cells, n_genes))
 
 
 def planted_lfc(adata_or_uns: ad.AnnData | dict, perturbation: str, context: str) -> np.ndarray:

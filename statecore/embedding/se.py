@@ -28,6 +28,7 @@ import torch
 
 from statecore.config import SE_PRESETS, SE_TRAIN, RunConfig, SEConfig, TrainConfig
 from statecore.data.gene_features import GENE_FEATURE_KINDS, build_gene_features
+from statecore.data.io import looks_like_counts, looks_log_normalized
 from statecore.data.sets import RowGatherer, select_genes
 from statecore.errors import CheckpointError, DataError
 from statecore.models.embedding import StateEmbeddingModel, sample_loss_genes, top_l_indices
@@ -104,14 +105,15 @@ class ExpressionRows:
 
 
 def _looks_like_counts(X) -> bool:
-    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    sample = np.asarray(data[:200_000], dtype=np.float64)
-    if sample.size and (not np.all(np.isfinite(sample)) or sample.min() < 0):
-        raise DataError(
-            "expression must be finite and non-negative (raw counts or log1p-normalised values); "
-            "scaled or centred data cannot be embedded"
-        )
-    return bool(sample.size) and bool(np.all(sample == np.round(sample)))
+    """Raw counts (non-negative integers) or log1p values; anything else cannot be embedded."""
+    if not looks_like_counts(X) and not looks_log_normalized(X):
+        data = X.data if sp.issparse(X) else np.asarray(X)
+        if data.size and (not np.all(np.isfinite(data[:200_000])) or data[:200_000].min() < 0):
+            raise DataError(
+                "expression must be finite and non-negative (raw counts or log1p-normalised values); "
+                "scaled or centred data cannot be embedded"
+            )
+    return looks_like_counts(X)
 
 
 def _row_sums(M) -> np.ndarray:
@@ -258,6 +260,7 @@ class SETrack:
         rows = ExpressionRows(adata, genes)
         seed = config.train.seed
         val_cells, train_cells = _split_cells(rows.n_cells, seed)
+        torch.manual_seed(seed)  # initial weights from the seed, not from the process's RNG history
         if resuming:  # the gene table and depth statistics come back with the weights
             model = StateEmbeddingModel(cfg)
         else:

@@ -34,6 +34,15 @@ TRAIN_STATE, TRAIN_STATE_JSON = "train_state.safetensors", "train_state.json"
 FEATURES = "pert_features.safetensors"
 
 
+HEADER_KEY = "statecore"
+
+
+def _header(fields: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata: one JSON string with sorted keys. The file format stores metadata as a hash
+    map whose order changes from run to run, so several keys would make identical runs differ in bytes."""
+    return {HEADER_KEY: json.dumps({"format": FORMAT, **fields}, sort_keys=True)}
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -50,12 +59,11 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 def save_weights(path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any]) -> None:
     """Write ``model``'s weights and ``meta`` (JSON-able: config, genes, vocabularies) atomically."""
     cfg = getattr(model, "cfg", None)
-    # sorted keys and tensor names: identical runs write identical bytes
-    header = {"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)}
+    header: dict[str, Any] = {"meta": meta}
     if cfg is not None:
-        header["config"] = json.dumps(cfg.to_dict(), sort_keys=True)
+        header["config"] = cfg.to_dict()
     state = model.state_dict()
-    _atomic_save({k: state[k] for k in sorted(state)}, Path(path), header)
+    _atomic_save({k: state[k] for k in sorted(state)}, Path(path), _header(header))
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -77,11 +85,13 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             "loads pickled files: re-create it with statecore"
         ) from exc
     meta: dict[str, Any] = {}
-    for key, value in header.items():
-        try:
-            meta[key] = json.loads(value) if key != "format" else value
-        except ValueError as exc:
-            raise CheckpointError(f"{str(path)!r}: corrupt metadata field {key!r}") from exc
+    try:
+        if HEADER_KEY in header:
+            meta = json.loads(header[HEADER_KEY])
+        else:  # files written before the single header key
+            meta = {k: (json.loads(v) if k != "format" else v) for k, v in header.items()}
+    except ValueError as exc:
+        raise CheckpointError(f"{str(path)!r}: corrupt checkpoint metadata ({exc})") from exc
     return tensors, meta
 
 
@@ -131,7 +141,7 @@ def save_train_state(
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     tensors["rng.torch"] = torch.get_rng_state()
-    _atomic_save(tensors, run_dir / TRAIN_STATE, {"format": FORMAT})
+    _atomic_save(tensors, run_dir / TRAIN_STATE, _header({}))
     payload = dict(info, param_groups=sd["param_groups"], opt_scalars=scalars)
     atomic_write_json(run_dir / TRAIN_STATE_JSON, payload)
 
@@ -230,7 +240,7 @@ def write_vocab_files(run_dir: str | os.PathLike, *, genes, vocab, contexts, bat
         _atomic_save(
             {"features": torch.as_tensor(np.asarray(vocab.features, dtype=np.float32))},
             run_dir / FEATURES,
-            {"format": FORMAT},
+            _header({}),
         )
 
 
