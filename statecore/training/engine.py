@@ -219,12 +219,19 @@ class _Loop:
         return values[-1]
 
     # ----------------------------------------------------------------- cadences
-    def validate(self) -> float | None:
+    def val_due(self) -> bool:
+        """The same answer on every rank (rank 0 alone validates, but every rank logs that step)."""
         cfg = self.cfg
-        due = cfg.val_every and (self.step % cfg.val_every == 0 or self.step == self.total)
-        if not (self.dinfo.is_main and self.task.has_val and due):
+        return bool(
+            self.task.has_val
+            and cfg.val_every
+            and (self.step % cfg.val_every == 0 or self.step == self.total)
+        )
+
+    def validate(self) -> float | None:
+        if not (self.dinfo.is_main and self.val_due()):
             return None
-        val = self.task.val_loss(self.device, cfg.batch_size)
+        val = self.task.val_loss(self.device, self.cfg.batch_size)
         self.result.val_losses.append((self.step, val))
         if self.best_val is None or val < self.best_val:
             self.best_val, self.bad_checks = val, 0
@@ -237,7 +244,7 @@ class _Loop:
     def log(self, n_cells: int, val: float | None, now: float) -> None:
         cfg = self.cfg
         self.window_cells += n_cells
-        if not (self.step % max(1, cfg.log_every) == 0 or self.step == self.total or val is not None):
+        if not (self.step % max(1, cfg.log_every) == 0 or self.step == self.total or self.val_due()):
             return
         loss = self.flush_losses()
         self.cells_per_s = self.window_cells / max(now - self.window_t, 1e-9)
@@ -279,7 +286,9 @@ class _Loop:
     def save(self) -> None:
         if not self.writer:
             return
-        self.flush_losses()  # never checkpoint a diverged model
+        # never checkpoint a diverged model (a local check: the wall-clock cadence differs between ranks)
+        if self.pending and not bool(torch.isfinite(torch.stack([v for _, v in self.pending])).all()):
+            self.flush_losses()  # raises, naming the step
         ckpt.save_weights(self.run_dir / ckpt.LAST, self.model, self._meta())
         info = {
             "step": self.step,
@@ -343,8 +352,8 @@ class _Loop:
                 now = time.time()
                 self.log(n_cells, val, now)
                 self.checkpoint_if_due(now)
-            self.save()
             last = self.flush_losses()
+            self.save()
             self.result.step, self.result.best_val = self.step, self.best_val
             self.status(state=self.result.state, eta_s=0.0 if self.result.state == "done" else None)
             self.emit("end", last)
@@ -395,6 +404,7 @@ def fit(
 def _start_config(config: RunConfig, run_dir: Path) -> tuple[RunConfig, bool]:
     """(config to build from, resuming): a run directory with a complete training state resumes with its
     saved config (only the training length may change); anything less restarts cleanly."""
+    dist_utils.barrier()  # rank 0 has finished writing any earlier run here before anyone looks
     saved = runs.read_json(run_dir / "config.json")
     resuming = ckpt.resume_point(run_dir) is not None and isinstance(saved, dict)
     dist_utils.barrier()  # every rank has looked before rank 0 writes a fresh run's files
