@@ -103,11 +103,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(args.threads))
     if job_dir is not None:
         job_dir.mkdir(parents=True, exist_ok=True)
-        signal.signal(signal.SIGTERM, _stop_on_signal)  # the app's cancel sends SIGTERM besides STOP
         write_status(
             job_dir, state="running", step=0, total=0, pid=os.getpid(), started=now_iso(), error=None
         )
     total = [0]
+    # The app's cancel sends SIGTERM besides writing STOP; restored after, for in-process callers.
+    previous = signal.signal(signal.SIGTERM, _stop_on_signal) if job_dir is not None else None
     try:
         run_ = load_run(args.run_dir, device=str(resolve_device(args.device)))
         data = args.data or run_.config.data_path
@@ -135,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         if job_dir is not None:
             write_status(job_dir, state="failed", error=str(exc))
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output, result.table.to_csv(index=False))
     h5ad_out = args.h5ad_out or (str(job_dir / "pseudobulk.h5ad") if job_dir else None)
