@@ -5,7 +5,9 @@ vocabulary of 1,000 perturbations (+ control), random weights (speed does not de
 Data: 2,000 control cells of one context, log1p of Poisson counts, sparse CSR. Timed: the whole
 ``statecore.inference.screen.screen`` call (batched prediction, E-distances, table), after one
 warm-up call on 8 perturbations. Peak memory: tracemalloc (Python/numpy allocations) and the
-process's peak RSS (``resource.getrusage``, includes torch's allocator).
+process's peak RSS (``resource.getrusage``, includes torch's allocator). The model's FLOPs are counted
+with torch's FlopCounterMode and set beside a plain fp32 matmul's GFLOP/s measured just before and
+after, so a slow result on a shared machine says how much is the machine.
 
     nice python bench/screen_speed.py [--perts 1000] [--chunk 32] [--threads 2] [--profile]
     # JSON -> bench/results/screen_speed.json, table on stdout
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -76,6 +79,35 @@ def make_controls(n_ctrl: int, n_genes: int, seed: int = 0):
     return out
 
 
+def matmul_gflops(seconds: float = 2.0, n: int = 1024) -> float:
+    """What the CPU delivers right now on a plain fp32 matmul (same torch threads): the yardstick that
+    says how much of a slow screen is the shared machine rather than the screen."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def model_flops(run, adata, args) -> float:
+    """FLOPs of the screen's forward passes (torch's FlopCounterMode on one chunk, scaled to all)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from statecore.inference.predict import predict_shared
+
+    labels = run.perturbations[1 : 1 + args.chunk]
+    with FlopCounterMode(display=False) as counter:
+        for _ in predict_shared(
+            run, adata, context="c0", labels=labels, n_cells=args.cells, chunk=args.chunk
+        ):
+            pass
+    return counter.get_total_flops() * args.perts / len(labels)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--perts", type=int, default=1000)
@@ -84,7 +116,9 @@ def main() -> int:
     ap.add_argument("--controls", type=int, default=2000)
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--profile", action="store_true", help="torch.profiler table of one 32-perturbation chunk")
+    ap.add_argument(
+        "--profile", action="store_true", help="torch.profiler table of one 32-perturbation chunk"
+    )
     ap.add_argument("-o", "--output", default=str(OUT))
     args = ap.parse_args()
 
@@ -99,6 +133,8 @@ def main() -> int:
     run = make_run(args.perts, args.genes, tmp)
     adata = make_controls(args.controls, args.genes)
     screen(run, adata, context="c0", perturbations=run.perturbations[1:9], n_cells=args.cells)  # warm-up
+    flops = model_flops(run, adata, args)
+    gflops_before = matmul_gflops()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     t0 = time.perf_counter()
@@ -107,6 +143,8 @@ def main() -> int:
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gflops_after = matmul_gflops()
+    load = os.getloadavg()[0]
     chunk_mb = args.chunk * args.cells * args.genes * 4 / 2**20
     record = {
         "perturbations": len(result.table),
@@ -124,6 +162,11 @@ def main() -> int:
         "one_chunk_of_cells_mb": round(chunk_mb, 1),
         "all_cells_would_be_mb": round(args.perts * args.cells * args.genes * 4 / 2**20, 1),
         "goal_s": 60,
+        "model_tflop": round(flops / 1e12, 3),
+        "achieved_gflop_per_s": round(flops / seconds / 1e9, 1),
+        "matmul_gflop_per_s_before_after": [round(gflops_before, 1), round(gflops_after, 1)],
+        "seconds_at_matmul_rate": round(flops / (max(gflops_before, gflops_after) * 1e9), 1),
+        "load_average_1min_after": round(load, 2),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, shared 2-core VM",
         "torch": torch.__version__,
     }

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", default=None, help="prepared .h5ad with the context's controls (default: the run's)"
     )
-    p.add_argument("--context", required=True, help="the cell context (cell line / type) to screen in")
+    p.add_argument("--context", default=None, help="the cell context (cell line / type) to screen in")
     p.add_argument(
         "--perturbations", default="all", help="'all' (every single the run knows) or comma-separated labels"
     )
@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--h5ad-out", default=None, help="pseudobulk change per perturbation (.h5ad)")
     p.add_argument("--job-dir", default=None, help="write status.json here and stop when DIR/STOP appears")
+    p.add_argument(
+        "--ranking-check",
+        action="store_true",
+        help="instead of a screen: on the run's test split, Spearman rho and top-k precision of the predicted "
+        "effect ranking vs the real one, beside the perturbation-mean baseline and a split-half ceiling "
+        "(-o: per-perturbation E-distances as .csv)",
+    )
     p.set_defaults(func=run)
 
 
@@ -93,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
     from statecore.training.checkpoint import load_run
     from statecore.training.engine import resolve_device
 
+    if args.ranking_check:
+        return _ranking_check(args)
+    if not args.context:
+        raise DataError("give --context (the context to screen in), or --ranking-check")
     job_dir = Path(args.job_dir) if args.job_dir else None
     output = args.output or (str(job_dir / "screen.csv") if job_dir else None)
     if not output:
@@ -153,4 +164,29 @@ def run(args: argparse.Namespace) -> int:
     )
     if job_dir is not None:
         write_status(job_dir, state="done", step=total[0], total=total[0])
+    return 0
+
+
+def _ranking_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from statecore.cli._common import read_prepared
+    from statecore.errors import DataError
+    from statecore.inference.screen import screen_ranking_check
+    from statecore.runs.files import atomic_write_text
+    from statecore.training.checkpoint import load_run
+
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    run_ = load_run(args.run_dir)
+    data = args.data or run_.config.data_path
+    if not data:
+        raise DataError("the run records no data path; pass --data")
+    check = screen_ranking_check(
+        run_, read_prepared(data), n_cells=args.n_cells, seed=args.seed, chunk=args.chunk
+    )
+    print(check.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(check.sentence())
+    if args.output:
+        atomic_write_text(args.output, check.per_perturbation.to_csv(index=False))
     return 0
