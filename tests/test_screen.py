@@ -153,16 +153,16 @@ def test_cli_writes_the_same_table_as_the_function(trained, prepared_synthetic, 
 
 
 def test_cli_job_dir_status_and_stop(trained, tmp_path):
+    import anndata as ad
+
     from statecore.cli.main import main
     from statecore.runs.files import read_status
 
-    job = tmp_path / "job"
-    assert (
-        main(
-            ["screen", "--run-dir", str(trained), "--context", "c0", "--n-cells", "8", "--job-dir", str(job)]
-        )
-        == 0
-    )
+    job, cells = tmp_path / "job", tmp_path / "cells.h5ad"
+    argv = ["screen", "--run-dir", str(trained), "--context", "c0", "--n-cells", "8", "--job-dir", str(job)]
+    assert main([*argv, "--cells-out", str(cells), "--cells-top", "2"]) == 0
+    pred = ad.read_h5ad(cells)
+    assert pred.obs.loc[pred.obs["predicted"], "perturbation"].astype(str).value_counts().tolist() == [8, 8]
     status = read_status(job)
     assert status["state"] == "done" and status["step"] == status["total"] > 0
     assert (job / "screen.csv").exists() and (job / "pseudobulk.h5ad").exists()

@@ -44,6 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-o", "--output", default=None, help="ranked table (.csv); default DIR/screen.csv with --job-dir"
     )
     p.add_argument("--h5ad-out", default=None, help="pseudobulk change per perturbation (.h5ad)")
+    p.add_argument(
+        "--cells-out",
+        default=None,
+        help="also write the predicted cells of the top hits (.h5ad, cell-eval format)",
+    )
+    p.add_argument(
+        "--cells-top", type=int, default=20, help="with --cells-out: how many top hits (default 20)"
+    )
     p.add_argument("--job-dir", default=None, help="write status.json here and stop when DIR/STOP appears")
     p.add_argument(
         "--ranking-check",
@@ -93,10 +101,10 @@ def _reporter(job_dir: Path | None, total_hint: list[int]):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from statecore.cli._common import read_prepared, write_h5ad
+    from statecore.cli._common import read_prepared
     from statecore.errors import DataError
     from statecore.inference.screen import screen
-    from statecore.runs.files import atomic_write_text, now_iso, write_status
+    from statecore.runs.files import now_iso, write_status
     from statecore.training.checkpoint import load_run
     from statecore.training.engine import resolve_device
 
@@ -150,11 +158,30 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    _write_outputs(args, run_, adata, result, output, job_dir)
+    if job_dir is not None:
+        write_status(job_dir, state="done", step=total[0], total=total[0])
+    return 0
+
+
+def _write_outputs(args, run_, adata, result, output: str, job_dir: Path | None) -> None:
+    """The ranked table, the pseudobulk .h5ad and (on request) the top hits' predicted cells."""
+    from statecore.cli._common import write_h5ad
+    from statecore.runs.files import atomic_write_text
+
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output, result.table.to_csv(index=False))
     h5ad_out = args.h5ad_out or (str(job_dir / "pseudobulk.h5ad") if job_dir else None)
     if h5ad_out:
         write_h5ad(result.to_anndata(), h5ad_out)
+    if args.cells_out:  # re-predicted for the top hits only: the screen itself never keeps cells
+        from statecore.inference.predict import predict
+
+        hits = result.table["perturbation"].head(max(1, args.cells_top)).tolist()
+        cells = predict(
+            run_, adata, context=args.context, perturbations=hits, n_cells=args.n_cells, seed=args.seed
+        )
+        write_h5ad(cells, args.cells_out)
     top = result.table.head(5)
     print(
         f"screened {len(result.table)} perturbation(s) in {result.context} "
@@ -162,9 +189,6 @@ def run(args: argparse.Namespace) -> int:
         + ", ".join(f"{p} ({e:.3g})" for p, e in zip(top["perturbation"], top["edist"]))
         + f" -> {output}"
     )
-    if job_dir is not None:
-        write_status(job_dir, state="done", step=total[0], total=total[0])
-    return 0
 
 
 def _ranking_check(args: argparse.Namespace) -> int:
