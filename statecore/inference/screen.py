@@ -199,7 +199,7 @@ def screen(
             "non_additivity": _non_additivity(labels, delta[:-1], run.vocab.combo_sep),
         }
     )
-    table = _add_measured(table, adata, gather, context=context, control=control, ctrl=ctrl)
+    table = _add_measured(table, adata, gather, context=context, sep=run.vocab.combo_sep, ctrl=ctrl)
     table = _add_genes(table, delta[:-1], genes, run.genes)
     order = np.argsort(-table["edist"].to_numpy(), kind="stable")
     table = table.iloc[order].reset_index(drop=True)
@@ -229,14 +229,19 @@ def _non_additivity(labels: list[str], delta: np.ndarray, sep: str) -> np.ndarra
     return out
 
 
-def _add_measured(table: pd.DataFrame, adata, gather, *, context: str, control: str, ctrl: SetStats):
+def _canonical(label: str, sep: str) -> str:
+    return sep.join(sorted(str(label).split(sep))) if sep else str(label)
+
+
+def _add_measured(table: pd.DataFrame, adata, gather, *, context: str, sep: str, ctrl: SetStats):
     """Columns saying which hits are measurements: real cells of the perturbation in ``context``."""
     pert, ctx, _ = obs_labels(adata)
     in_ctx = np.flatnonzero(ctx == str(context))
-    groups = pd.Series(in_ctx).groupby(pert[in_ctx]).apply(np.asarray).to_dict()
+    canon = np.array([_canonical(p, sep) for p in pert[in_ctx]], dtype=object)  # "B+A" is "A+B"
+    groups = pd.Series(in_ctx).groupby(canon).apply(np.asarray).to_dict()
     n_real, real_e = [], []
     for lab in table["perturbation"]:
-        rows = groups.get(lab)
+        rows = groups.get(_canonical(lab, sep))
         n_real.append(0 if rows is None else len(rows))
         real_e.append(
             np.nan if rows is None or len(rows) < 2 else edistance(gathered_stats(gather, rows), ctrl)
@@ -311,7 +316,11 @@ def screen_ranking_check(
     context, control = split.context, split.control
     pert, ctx, _ = obs_labels(adata)
     in_ctx = ctx == str(context)
-    tests = [p for p in split.test.get(context, []) if ((pert == p) & in_ctx).sum() >= 4]
+    tests = [  # held-out perturbations the model can encode, with enough real cells to halve
+        p
+        for p in split.test.get(context, [])
+        if run.vocab.can_encode(p) and ((pert == p) & in_ctx).sum() >= 4
+    ]
     if len(tests) < 3:
         raise DataError(
             f"the split holds {len(tests)} test perturbation(s) with cells in {context!r}; need 3"
