@@ -124,7 +124,8 @@ if view is None:
 st.subheader(f"Ranked hits: {view.label}")
 st.caption(
     f"edist: predicted cells vs the context's real controls; the model's own prediction for the control "
-    f"scores {view.control_edist:.3g} (effects near it are within the model's noise). source says whether "
+    f"scores {view.control_edist:.3g} (a perturbation near it moves the cells no more than the model moves the "
+    "controls themselves). source says whether "
     "the data hold real cells of that perturbation here (measured_edist)."
 )
 f1, f2, f3 = st.columns([2, 1, 1])
@@ -141,7 +142,9 @@ shown = table[
 ]
 st.dataframe(shown, hide_index=True, width="stretch")
 
-top_n = int(st.slider("Top N", 5, max(5, min(100, len(table))), min(20, max(5, len(table))), key="scr_top_n"))
+top_n = len(table)
+if len(table) > 5:
+    top_n = int(st.slider("Top N", 5, min(100, len(table)), min(20, len(table)), key="scr_top_n"))
 st.plotly_chart(ui.top_bars(table, top_n, view.control_edist), width="stretch", key="scr_fig_bars")
 st.plotly_chart(ui.hit_heatmap(view, top_n), width="stretch", key="scr_fig_heat")
 followed = [c.split(":", 1)[1] for c in table.columns if c.startswith("delta:")]
