@@ -172,3 +172,24 @@ def test_cli_job_dir_status_and_stop(trained, tmp_path):
     argv = ["screen", "--run-dir", str(trained), "--context", "c0", "--chunk", "2", "--job-dir", str(stopped)]
     assert main(argv) == 0
     assert read_status(stopped)["state"] == "cancelled" and not (stopped / "screen.csv").exists()
+
+
+def test_screen_on_the_embedding_track_with_residual_decode(_prepared_synthetic_master, tmp_path, capsys):
+    """Track B (SE embeddings in, decoder out, residual decode): batching still changes nothing."""
+    from statecore.cli.main import main
+
+    data = tmp_path / "prep.h5ad"
+    _prepared_synthetic_master.write_h5ad(data)
+    se, run_dir = tmp_path / "se", tmp_path / "run"
+    fit = ["embed", "fit", "--data", str(data), "--run-dir", str(se), "--L", "16", "--hidden-dim", "16"]
+    fit += ["--heads", "2", "--layers", "1", "--output-dim", "12", "--n-loss-genes", "16", "--steps", "3"]
+    assert main([*fit, "--batch-size", "32", "--num-threads", "1"]) == 0, capsys.readouterr().err
+    train = ["train", "--data", str(data), "--run-dir", str(run_dir), "--context", "c0", "--steps", "3"]
+    train += ["--set-size", "8", "--batch-size", "2", "--threads", "1", "--quiet", "--embedding-run", str(se)]
+    assert main([*train, "--decoder-residual", "on"]) == 0, capsys.readouterr().err
+    run = load_run(run_dir)
+    perts = run.perturbations[1:5]
+    a = screen(run, _prepared_synthetic_master, context="c0", perturbations=perts, n_cells=12, chunk=4)
+    b = screen(run, _prepared_synthetic_master, context="c0", perturbations=perts, n_cells=12, chunk=1)
+    assert a.delta.shape == (4, len(run.genes))
+    pd.testing.assert_frame_equal(a.table, b.table)
