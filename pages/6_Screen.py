@@ -158,7 +158,7 @@ if len(mat):
 st.subheader("Open a hit in Predict")
 hits = table["perturbation"].head(10).tolist()
 for i, col in enumerate(st.columns(5) * 2):
-    if i < len(hits) and col.button(hits[i], key=f"scr_open_{i}"):
+    if i < len(hits) and col.button(f"↗ {hits[i]}", key=f"scr_open_{i}"):
         st.session_state[ui.PRESELECT] = {
             "run": str(run_dir),
             "context": view.context,
