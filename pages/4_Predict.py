@@ -34,11 +34,14 @@ contexts, trainable, combos = analysis.prediction_choices(
 
 split = run.split
 default_ctx = split.context if split is not None and split.context in contexts else contexts[0]
+preselect = st.session_state.pop("predict_preselect", None) or {}  # a hit opened from the Screen page
+default_ctx = preselect.get("context") if preselect.get("context") in contexts else default_ctx
 c1, c2, c3 = st.columns([1, 3, 1])
 context = c1.selectbox("Context", contexts, index=contexts.index(default_ctx), key="pred_context")
 options = trainable + combos
 test_perts = list(split.test.get(context, [])) if split is not None else []
 default = [p for p in test_perts if p in options][:2] or options[:2]
+default = [preselect["perturbation"]] if preselect.get("perturbation") in options else default
 perts = c2.multiselect(
     f"Perturbations ({len(trainable)} measured, {len(combos)} unmeasured combinations of measured singles)",
     options,

@@ -13,7 +13,7 @@ import sys
 
 from statecore.errors import StatecoreError
 
-COMMANDS = ("prepare", "train", "predict", "baseline", "evaluate", "embed", "simulate")
+COMMANDS = ("prepare", "train", "predict", "baseline", "evaluate", "embed", "simulate", "screen")
 
 
 def build_parser() -> argparse.ArgumentParser:

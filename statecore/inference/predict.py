@@ -7,7 +7,7 @@ context's real control cells (obs perturbation = control label), var_names = the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import anndata as ad
 import numpy as np
@@ -78,6 +78,27 @@ def make_prediction_adata(
     return out
 
 
+def max_log1p(adata) -> float:
+    """After normalize_total(target_sum) + log1p no value can exceed log1p(target_sum)."""
+    target_sum = float(adata.uns.get("statecore", {}).get("qc", {}).get("target_sum", 1e4))
+    return float(np.log1p(target_sum))
+
+
+def model_forward(model, x, z, batch, *, noise, context, max_log: float, x_genes) -> torch.Tensor:
+    """One forward pass over sets of control cells -> predicted cells in gene space ``[B, S, G]``.
+
+    ``x [B, S, D]`` model input (genes, or SE embeddings on the embedding track), ``z [B, P]``,
+    ``batch`` long ``[B, S]``; ``x_genes()`` gives the controls in gene space ``[B, S, G]`` and is
+    called only for the embedding track's residual decode."""
+    out = model(x, z, batch, noise=noise, context=context)
+    if getattr(model, "gene_decoder", None) is not None:
+        out = model.decode(out)  # embedding track: back to the run's genes
+        if model.cfg.decoder_residual:  # predicted change in gene space, applied to the real controls
+            out = x_genes() + out - model.decode(x)
+    # A model extrapolating past log1p(target_sum) (rare, early in training) would produce impossible cells.
+    return out.clamp(0.0, max_log)
+
+
 @torch.no_grad()
 def predict(
     run,
@@ -111,8 +132,7 @@ def predict(
     cell_batch = np.full(adata.n_obs, -1, dtype=np.int64)  # batch index of each row we may perturb, once
     cell_batch[rows] = [bmap.get(b, -1) for b in batch_labels[rows]]
     model.eval()
-    target_sum = float(adata.uns.get("statecore", {}).get("qc", {}).get("target_sum", 1e4))
-    max_log = float(np.log1p(target_sum))
+    max_log = max_log1p(adata)
     contexts = [str(c) for c in run.contexts or []]
     ctx_pos = contexts.index(str(context)) if str(context) in contexts else -1  # -1: unseen in training
     rng = np.random.default_rng(seed)
@@ -134,14 +154,16 @@ def predict(
             ctx_t = None
             if getattr(model, "pair_shift", None) is not None:  # the shift prior's per-context table
                 ctx_t = torch.full((len(chunk),), ctx_pos, dtype=torch.long, device=device)
-            out = model(x, zt, bidx, noise=noise, context=ctx_t)
-            if getattr(model, "gene_decoder", None) is not None:
-                out = model.decode(out)  # embedding track: back to the run's genes
-                if model.cfg.decoder_residual:  # predicted change in gene space, applied to the real controls
-                    out = torch.from_numpy(gather(chunk)).to(device) + out - model.decode(x)
-            # After normalize_total(target_sum) + log1p no value can exceed log1p(target_sum); a model
-            # extrapolating past it (rare, early in training) would produce impossible cells.
-            out = out.clamp(0.0, max_log)
+            out = model_forward(
+                model,
+                x,
+                zt,
+                bidx,
+                noise=noise,
+                context=ctx_t,
+                max_log=max_log,
+                x_genes=lambda c=chunk: torch.from_numpy(gather(c)).to(device),
+            )
             preds.append(out.float().cpu().numpy().reshape(-1, len(run.genes)))
         blocks.append(np.concatenate(preds)[:n])
     return make_prediction_adata(
@@ -153,6 +175,71 @@ def predict(
         genes=run.genes,
         ctrl_names=adata.obs_names[rows].astype(str),
     )
+
+
+@torch.no_grad()
+def predict_shared(
+    run, adata, *, context: str, labels: Sequence[str], n_cells: int = 128, seed: int = 0, chunk: int = 32
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Predict many perturbations on ONE shared sample of ``context``'s controls, ``chunk`` at a time.
+
+    Yields ``(labels_of_chunk, cells [k, n_cells, G])`` (float32, the run's genes, log1p). Every
+    perturbation perturbs the same control cells with the same noise draws (common random numbers),
+    so differences between perturbations are the model's, not the sampling's; and the k perturbations
+    of a chunk go through the model in one forward pass, stacked along the batch dimension. Only one
+    chunk of predicted cells exists at a time (the caller reduces it before asking for the next).
+    """
+    if n_cells < 2:
+        raise DataError(f"n_cells must be at least 2; got {n_cells}")
+    if chunk < 1:
+        raise DataError(f"chunk must be at least 1; got {chunk}")
+    vocab, model = run.vocab, run.model
+    gather = RowGatherer(adata.X, gene_indices(adata, run.genes))
+    rows = control_rows(adata, context, vocab.control)
+    rng = np.random.default_rng(seed)
+    S = int(run.config.model.set_size)
+    n_sets = -(-n_cells // S)
+    picked = sample_rows(rows, n_cells, rng)
+    padded = np.concatenate([picked, rows[rng.integers(0, len(rows), n_sets * S - n_cells)]])
+    padded = padded.reshape(n_sets, S)
+    model_in = embedding_track.input_gatherer(run, adata, padded.ravel(), gather)
+    device = next(model.parameters()).device
+    model.eval()
+    x = torch.from_numpy(model_in(padded)).to(device)  # [n_sets, S, D]
+    _, _, batch_labels = obs_labels(adata)
+    bmap = {b: i for i, b in enumerate(run.batches or [])}
+    cell_batch = np.array([bmap.get(b, -1) for b in batch_labels[padded.ravel()]], dtype=np.int64)
+    bidx = torch.from_numpy(cell_batch.reshape(n_sets, S)).to(device)  # [n_sets, S]
+    noise = None
+    if model.cfg.noise_dim > 0:
+        gen = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(n_sets, S, model.cfg.noise_dim, generator=gen).to(device)  # [n_sets, S, N]
+    contexts = [str(c) for c in run.contexts or []]
+    ctx_pos = contexts.index(str(context)) if str(context) in contexts else -1
+    x_genes = None  # [n_sets, S, G]: gene-space controls, for the embedding track's residual decode only
+    if getattr(model, "gene_decoder", None) is not None and model.cfg.decoder_residual:
+        x_genes = torch.from_numpy(gather(padded)).to(device)
+    max_log = max_log1p(adata)
+    labels = list(labels)
+    for start in range(0, len(labels), chunk):
+        part = labels[start : start + chunk]
+        k = len(part)
+        z = torch.from_numpy(vocab.encode(part)).to(device).repeat_interleave(n_sets, dim=0)  # [k*n_sets, P]
+        ctx_t = None
+        if getattr(model, "pair_shift", None) is not None:
+            ctx_t = torch.full((k * n_sets,), ctx_pos, dtype=torch.long, device=device)
+        out = model_forward(
+            model,
+            x.repeat(k, 1, 1),  # [k*n_sets, S, D]: perturbation-major, each sees the same sets
+            z,
+            bidx.repeat(k, 1),
+            noise=None if noise is None else noise.repeat(k, 1, 1),
+            context=ctx_t,
+            max_log=max_log,
+            x_genes=lambda k=k, xg=x_genes: xg.repeat(k, 1, 1),
+        )  # [k*n_sets, S, G]
+        cells = out.float().reshape(k, n_sets * S, -1)[:, :n_cells]  # [k, n_cells, G]
+        yield part, cells.cpu().numpy()
 
 
 def real_for_split(adata, split, genes: Sequence[str]) -> ad.AnnData:

@@ -85,7 +85,11 @@ class StateTransitionModel(nn.Module):
         B, S, G = x_ctrl.shape
         if G != self.cfg.num_genes:
             raise ValueError(f"x_ctrl has {G} genes, the model was built for {self.cfg.num_genes}")
-        if z_pert.dim() == 2:
+        # One perturbation per set (z_pert [B, P], how training and prediction call it): encode it and
+        # take its prior shift once per set, not once per cell (with a 1,000-perturbation vocabulary the
+        # per-cell [P, G] product alone cost more than the transformer).
+        z_set = z_pert if z_pert.dim() == 2 else None  # [B, P] or None
+        if z_set is not None:
             z_pert = z_pert.unsqueeze(1).expand(B, S, z_pert.shape[-1])  # [B, S, P]
         if z_pert.shape[:2] != (B, S) or z_pert.shape[-1] != self.cfg.perturbation_dim:
             raise ValueError(
@@ -93,7 +97,10 @@ class StateTransitionModel(nn.Module):
                 f"{self.cfg.perturbation_dim}]; got {tuple(z_pert.shape)}"
             )
         basal = self.basal_encoder(x_ctrl)  # [B, S, H]
-        h = basal + self.pert_encoder(z_pert.to(x_ctrl.dtype))  # [B, S, H]
+        if z_set is not None:
+            h = basal + self.pert_encoder(z_set.to(x_ctrl.dtype)).unsqueeze(1)  # [B, S, H]
+        else:
+            h = basal + self.pert_encoder(z_pert.to(x_ctrl.dtype))  # [B, S, H]
         if self.batch_embedding is not None and batch is not None:
             if batch.dim() == 1:
                 batch = batch.unsqueeze(1).expand(B, S)
@@ -110,7 +117,10 @@ class StateTransitionModel(nn.Module):
         if self.cfg.residual == "expression":
             out = out + x_ctrl
         if self.pert_shift is not None:
-            shift = z_pert.to(out.dtype) @ self.pert_shift  # [B, S, P] @ [P, G]
+            if z_set is not None:
+                shift = (z_set.to(out.dtype) @ self.pert_shift).unsqueeze(1)  # [B, 1, G]
+            else:
+                shift = z_pert.to(out.dtype) @ self.pert_shift  # [B, S, P] @ [P, G]
             if context is not None and self.pair_shift is not None:
                 shift = shift + self._context_correction(z_pert[:, 0].to(out.dtype), context)[:, None]
             out = out + self.prior_cells(x_ctrl, shift, self.cfg.prior_mode) - x_ctrl

@@ -262,8 +262,12 @@ def start(
     threads: int | None = None,
     worker: Sequence[str] | None = None,
     env: dict[str, str] | None = None,
+    dir_flag: str = "--run-dir",
 ) -> RunStatus:
     """Launch ``worker --run-dir RUN_DIR *train_args`` in the background and return its first status.
+
+    ``dir_flag``: the worker's option naming the directory it reports into (``--job-dir`` for a
+    screen, whose ``--run-dir`` is the model it reads).
 
     ``threads`` defaults to all cores but one, split among live runs; it goes to the worker through
     the usual thread environment variables (and ``train_args`` may carry the CLI's own flag).
@@ -273,7 +277,7 @@ def start(
         raise JobError(f"{run_dir} already holds a run; resume it or pick a new name")
     if threads is None:
         threads = _default_threads(run_dir.parent)
-    argv = [*(worker or TRAIN_WORKER), "--run-dir", str(run_dir), *map(str, train_args)]
+    argv = [*(worker or TRAIN_WORKER), dir_flag, str(run_dir), *map(str, train_args)]
     pid, launched_ts = _launch(run_dir, argv, threads, env)
     job = {"argv": argv, "pid": pid, "threads": threads, "env": env or {}, "launches": 1}
     _write_json(run_dir / "job.json", {**job, "launched": _now(), "launched_ts": launched_ts})
