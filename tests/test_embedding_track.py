@@ -32,7 +32,14 @@ def se_run(prepared_synthetic, tmp_path):
     from statecore.embedding.se import fit_embedding
 
     cfg = SEConfig(
-        L=16, hidden_dim=16, gene_feature_dim=8, heads=2, layers=1, output_dim=12, n_loss_genes=16, batch_cells=32
+        L=16,
+        hidden_dim=16,
+        gene_feature_dim=8,
+        heads=2,
+        layers=1,
+        output_dim=12,
+        n_loss_genes=16,
+        batch_cells=32,
     )
     run_dir = tmp_path / "se"
     fit_embedding(

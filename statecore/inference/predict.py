@@ -202,7 +202,8 @@ def predict_shared(
     picked = sample_rows(rows, n_cells, rng)
     padded = np.concatenate([picked, rows[rng.integers(0, len(rows), n_sets * S - n_cells)]])
     padded = padded.reshape(n_sets, S)
-    model_in = embedding_track.input_gatherer(run, adata, padded.ravel(), gather)
+    track = getattr(run, "track", None) or get_track(run.config.track)
+    model_in = track.input_gatherer(run, adata, padded.ravel(), gather)
     device = next(model.parameters()).device
     model.eval()
     x = torch.from_numpy(model_in(padded)).to(device)  # [n_sets, S, D]
