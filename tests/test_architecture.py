@@ -88,3 +88,16 @@ def test_walkthrough_names_stay_importable():
 
     out = model(torch.rand(2, 5, 7), torch.rand(2, 5, 3))
     assert out.shape == (2, 5, 7)
+
+
+def test_no_import_cycles():
+    """No module reaches itself through imports, counting the ones inside functions."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("statecore")
+    cycles = [
+        (a, b)
+        for a in graph.modules
+        for b in graph.find_modules_directly_imported_by(a)
+        if a != b and graph.chain_exists(importer=b, imported=a)
+    ]
+    assert not cycles, cycles[:5]
