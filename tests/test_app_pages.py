@@ -227,42 +227,6 @@ def test_train_form_with_prepared_data(env, prepared_synthetic, tmp_path):
     assert "HVG" in at.radio(key="train_track").options[0]
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, _prepared_synthetic_master):
-    """A real (tiny) training run made by the CLI the app launches: 6 steps on 400 synthetic cells."""
-    import subprocess
-    import sys
-
-    base = tmp_path_factory.mktemp("trained")
-    data = base / "prep.h5ad"
-    _prepared_synthetic_master.write_h5ad(data)
-    run = base / "runs" / "tiny"
-    cmd = [
-        sys.executable,
-        "-m",
-        "statecore",
-        "train",
-        "--data",
-        str(data),
-        "--run-dir",
-        str(run),
-        "--context",
-        "c2",
-        "--steps",
-        "6",
-        "--set-size",
-        "16",
-        "--batch-size",
-        "2",
-        "--threads",
-        "1",
-        "--quiet",
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return run
-
-
 def _with_run(env, run: Path) -> Path:
     import shutil
 

@@ -1,0 +1,114 @@
+"""``evaluate_run``: the one evaluation of a run (model vs every baseline vs the ceiling), its files,
+the CLI's ``evaluate --run-dir`` and the PDS view drawn from the very distances the metric ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from statecore.cli import main
+from statecore.errors import DataError
+from statecore.evaluation.run import (
+    CEILING,
+    MODEL,
+    baseline_name,
+    evaluate_run,
+    read_verdict,
+    split_halves,
+)
+from statecore.evaluation.verdict import HEADLINE
+from statecore.inference.baselines import BASELINE_KINDS
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run):
+    import anndata as ad
+
+    from statecore.training.checkpoint import load_run
+
+    run = load_run(trained_run)
+    adata = ad.read_h5ad(run.config.data_path)
+    return evaluate_run(run, adata, seed=0)
+
+
+def test_every_method_and_the_ceiling_are_scored(evaluated):
+    methods = list(evaluated.summary["method"])
+    assert methods[0] == MODEL and methods[-1] == CEILING
+    # zero-shot on singles: additive needs its parts measured in the target context or elsewhere
+    for kind in BASELINE_KINDS:
+        assert baseline_name(kind) in methods or baseline_name(kind) in evaluated.errors
+    assert set(HEADLINE) <= set(evaluated.summary.columns)
+    assert [v.metric for v in evaluated.verdicts] == list(HEADLINE)
+    assert all(v.sentence for v in evaluated.verdicts)
+    assert evaluated.overall.startswith("The model beats every baseline on ")
+    ceiling = evaluated.summary.set_index("method").loc[CEILING]
+    assert np.isfinite(ceiling["pearson_delta"]) and np.isfinite(ceiling["mse"])
+
+
+def test_pds_view_uses_the_metric_distances(evaluated):
+    """The heatmap's ranks give back exactly the PDS the model's results report (one function)."""
+    pds = evaluated.pds
+    res = evaluated.results[MODEL].results.set_index("perturbation")["discrimination_score_l1"]
+    got = pds.ranks.set_index("perturbation")["pds"]
+    assert np.allclose(got.sort_index().to_numpy(), res.sort_index().to_numpy())
+    assert list(pds.ranks["rank"]) == sorted(pds.ranks["rank"])  # shown by rank, not alphabetically
+    assert list(pds.distances.index) == list(pds.ranks["perturbation"]) == list(pds.distances.columns)
+    assert (pds.ranks["best"] <= pds.ranks["rank"]).all() and (pds.ranks["rank"] <= pds.ranks["worst"]).all()
+
+
+def test_split_halves_keeps_every_group_on_both_sides(evaluated):
+    a, b = split_halves(evaluated.real, seed=1)
+    la, lb = (set(x.obs["perturbation"].astype(str)) for x in (a, b))
+    assert la == lb == set(evaluated.real.obs["perturbation"].astype(str))
+    assert a.n_obs + b.n_obs == evaluated.real.n_obs and abs(a.n_obs - b.n_obs) <= len(la)
+
+
+def test_save_and_read_back_the_verdict(evaluated, trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    out = run / "evaluation"
+    written = evaluated.save(out)
+    assert {p.name for p in written} >= {
+        "summary.csv",
+        "verdict.json",
+        "results_model.csv",
+        "results_ceiling.csv",
+    }
+    doc = json.loads((out / "verdict.json").read_text())
+    assert doc["overall"] == evaluated.overall and len(doc["verdicts"]) == len(HEADLINE)
+    # the file names the run it came from; read back for another copy of the run only when stamps match
+    stamp = doc["model_stamp"]
+    os.utime(run / "model.safetensors", (stamp, stamp))
+    assert read_verdict(run)["overall"] == evaluated.overall
+    os.utime(run / "model.safetensors", (stamp + 10, stamp + 10))  # a newer model: the verdict is stale
+    assert read_verdict(run) is None
+
+
+def test_cli_evaluate_run_dir_prints_the_verdict(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["evaluate", "--run-dir", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "The model beats every baseline on" in text and "Pearson Δ:" in text and CEILING in text
+    assert (run / "evaluation" / "verdict.json").exists() and read_verdict(run) is not None
+
+
+def test_cli_evaluate_needs_run_dir_or_files(trained_run, tmp_path, capsys):
+    assert main(["evaluate", "--run-dir", str(trained_run), "--pred", "x.h5ad"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["evaluate", "--pred", "x.h5ad"]) == 2
+    assert "give --pred, --real and -o" in capsys.readouterr().err
+
+
+def test_baseline_kinds_are_one_list():
+    from statecore.cli import baseline as cli_baseline
+
+    assert tuple(cli_baseline.KINDS) == BASELINE_KINDS  # the CLI's copy (kept to keep --help fast)
+    with pytest.raises(DataError, match="use one of control, context_mean"):
+        from statecore.inference.baselines import predict_baseline
+
+        predict_baseline(None, None, "nope", genes=[])
