@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("streamlit")
@@ -243,7 +244,16 @@ def test_predict_page_with_a_trained_run(env, trained_run):
     assert at.selectbox(key="pred_context").value == "c2"  # the run's target context
     assert "Predicted" in _texts(at.success)
     assert len(at.get("plotly_chart")) == 3  # means, volcano, UMAP
-    assert at.dataframe[0].value.columns[0] == "feature"
+    de = at.dataframe[0].value
+    assert (
+        list(de.columns[:2]) == ["gene", "mean change (log1p)"] and np.isfinite(de["log2 fold change"]).all()
+    )
+    change = de["mean change (log1p)"].abs().to_numpy()
+    assert (change[:-1] >= change[1:] - 1e-12).all()  # ranked by effect size, not by p-value
+    assert "depends on how many cells were generated" in _texts(at.caption)
+    # not evaluated yet: the page says so, offers to measure, and says a single model has no spread
+    assert "Not measured yet" in _texts(at.info) and at.button(key="pred_measure")
+    assert "single model (k = 1)" in _texts(at.caption)
     # An unmeasured combination of measured singles is offered and predicted.
     options = at.multiselect(key="pred_perts").options
     combo = next(o for o in options if "+" in o)
@@ -252,11 +262,12 @@ def test_predict_page_with_a_trained_run(env, trained_run):
     assert not at.error, _texts(at.error)
     assert "for 1 perturbation(s) in c2" in _texts(at.success)
     assert "never measured" in _texts(at.caption)
+    assert "not among the model's" in _texts(at.caption)  # synthetic perturbations name no gene
     assert len(at.get("download_button")) == 2
 
 
 def test_evaluate_page_with_a_trained_run(env, trained_run):
-    _with_run(env, trained_run)
+    run = _with_run(env, trained_run)
     at = _app("5_Evaluate.py")
     _clean(at)
     at.button(key="eval_go").click().run()
@@ -265,9 +276,25 @@ def test_evaluate_page_with_a_trained_run(env, trained_run):
     table = at.dataframe[0].value
     methods = list(table["method"])
     assert methods[0] == "State (this run)" and "baseline: control" in methods and len(methods) >= 5
+    assert methods[-1].startswith("ceiling")
     assert "pearson_delta" in table.columns
-    assert len(at.get("plotly_chart")) >= 4  # bars, PDS heatmap, overlap, Pearson delta (+ UMAP)
+    verdict = _texts(at.success) + _texts(at.warning)
+    assert "The model beats every baseline on" in verdict
+    text = _texts(at.markdown)
+    assert "Pearson Δ:" in text and "ceiling" in text and "NaN:" in text  # verdicts + glossary
+    ranks = at.dataframe[1].value
+    assert list(ranks["rank"]) == sorted(ranks["rank"]) and {"best", "worst", "tied"} <= set(ranks.columns)
+    charts = len(at.get("plotly_chart"))
+    infos = _texts(at.info)
+    assert charts >= 4 or "No bars" in infos  # an empty chart is replaced by the reason
     assert not [b for b in at.button if b.key == "eval_go"]  # evaluated: the button is gone
+    assert (run / "evaluation" / "verdict.json").exists()
+    # the Predict page now carries the measured confidence
+    at.switch_page("pages/4_Predict.py")
+    at.run()
+    _clean(at)
+    assert "this run's predictions reached" in _texts(at.markdown)
+    assert not [b for b in at.button if b.key == "pred_measure"]
 
 
 def test_train_page_starts_and_cancels_a_run(env, prepared_synthetic, tmp_path):
@@ -353,21 +380,92 @@ def test_prediction_choices_offer_only_what_the_run_can_encode():
     assert analysis.prediction_choices(obs, "ctrl", ["w"], ["A"])[0] == ["x", "y"]  # none known: all
 
 
-def test_ranked_de_sorts_one_target():
+def test_readable_de_ranks_by_change_puts_the_perturbed_gene_first():
     import pandas as pd
 
     from statecore.ui import analysis
 
     de = pd.DataFrame(
         {
-            "target": ["A", "A", "A", "B"],
-            "feature": ["g1", "g2", "g3", "g1"],
-            "log2_fold_change": [0.5, -2.0, 1.0, 9.0],
-            "fdr": [0.01, 0.01, 0.001, 0.0],
+            "target": ["A", "A", "A", "A", "B"],
+            "feature": ["g1", "g2", "A", "g0", "g1"],
+            "target_mean": [1.0, 0.0, 0.5, 3.0, 9.0],
+            "ref_mean": [0.0, 2.0, 1.0, 3.0, 0.0],  # g1: zero control mean (was +inf before)
+            "fdr": [0.5, 0.01, 0.2, 1e-30, 0.0],
         }
     )
-    ranked = analysis.ranked_de(de, "A")
-    assert list(ranked["feature"]) == ["g3", "g2", "g1"] and list(ranked.columns) == list(de.columns)
+    table, note = analysis.readable_de(de, "A")
+    assert list(table["gene"]) == ["A", "g2", "g1", "g0"]  # the knock-down first, then by |change|
+    assert np.isfinite(table["log2 fold change"]).all()
+    assert np.isclose(table.loc[2, "log2 fold change"], 1.0)  # log2((1 + 1) / (0 + 1))
+    assert np.isclose(table.loc[1, "mean change (log1p)"], -np.log1p(2.0))
+    assert "Knock-down check: A" in note
+    _, note = analysis.readable_de(de, "B")
+    assert "B is not among the model's 1 genes" in note
+    _, note = analysis.readable_de(de.assign(target="A+g9"), "A+g9")
+    assert "Knock-down check: A" in note
+
+
+def test_empty_charts_say_why():
+    import pandas as pd
+
+    from statecore.ui import analysis
+
+    assert "0 for every method" in analysis.nothing_to_show(pd.Series([0.0, 0.0, np.nan]))
+    assert "undefined (NaN)" in analysis.nothing_to_show(pd.Series([np.nan, np.nan]))
+    assert analysis.nothing_to_show(pd.Series([0.0, 0.2])) == ""
+    zero = pd.Series([0.0, 0.0], index=["A", "B"])
+    assert "no significant DE gene" in analysis.overlap_empty_reason(zero, pd.Series([0, 0]))
+    assert "share none" in analysis.overlap_empty_reason(zero, pd.Series([0, 12]))
+    assert analysis.overlap_empty_reason(pd.Series([0.0, 0.5]), pd.Series([3, 4])) == ""
+
+
+def test_confidence_text_reads_the_saved_verdict():
+    from statecore.ui import analysis
+
+    doc = {
+        "context": "c2",
+        "n_test_perturbations": 3,
+        "verdicts": [
+            {
+                "metric": "pearson_delta",
+                "model": 0.9,
+                "baseline": 0.8,
+                "ceiling": 0.95,
+                "beats": True,
+                "sentence": "Pearson Δ: beats every baseline by 0.1.",
+            }
+        ],
+    }
+    same = analysis.confidence_text(doc, context="c2", perts=["A"], test_perts=["A", "B"])
+    assert "Pearson Δ 0.900" in same and "0.950" in same and "guide" not in same
+    other = analysis.confidence_text(doc, context="c0", perts=["A"], test_perts=[])
+    assert "in another context" in other
+    assert analysis.confidence_text(None, context="c2", perts=["A"], test_perts=[]) == ""
+    assert "0.420" in analysis.confidence_text(None, context="c2", perts=[], test_perts=[], val_pearson=0.42)
+
+
+def test_umap_colours_tell_roles_apart():
+    from statecore.ui import figures
+
+    labels = ["predicted A", "control (c2)", "real A", "real control"]
+    assert [figures.role_of(lab) for lab in labels] == ["predicted", "control", "real", "control"]
+    fig = figures.embedding_scatter(np.zeros((4, 2)), np.array(labels), title="t")
+    colours = {t.name: t.marker.color for t in fig.data}
+    assert colours["predicted A"] != colours["real A"] != colours["control (c2)"]
+    assert colours["control (c2)"] == colours["real control"]
+
+
+def test_qc_removal_chart_has_a_legend_and_counts():
+    import pandas as pd
+
+    from statecore.ui import figures
+
+    table = pd.DataFrame({"filter": ["cells", "genes"], "removed": [4, 6000], "kept": [996, 1000]})
+    fig = figures.removal_bars(table)
+    names = {t.name for t in fig.data}
+    assert names == {"kept", "removed"} and len({t.marker.color for t in fig.data}) == 2
+    assert any("4 (0.4%)" in list(t.text) for t in fig.data)
 
 
 def test_cached_loaders_reread_a_rewritten_file(tmp_path, synthetic_counts):

@@ -94,3 +94,17 @@ def test_discrimination_ranks_report_ties_honestly():
     r = discrimination_ranks(dist)
     assert list(r.rank) == [1, 0, 2] and list(r.tied) == [1, 0, 2]
     assert list(r.best) == [1, 0, 0] and list(r.worst) == [2, 0, 2]
+
+
+def test_pds_differences_below_one_rank_place_are_ties():
+    v = metric_verdict("discrimination_score_l1", 0.593, {"control": 0.556}, 0.80, n_perturbations=9)
+    assert v.beats is False and "is level with the control baseline" in v.sentence
+    w = metric_verdict("discrimination_score_l1", 0.593, {"control": 0.556}, 0.80)
+    assert w.beats  # without N the plain tolerance applies
+
+
+def test_baselines_scoring_the_same_are_all_named():
+    v = metric_verdict(
+        "pearson_delta", 0.96, {"context_mean": 0.862, "additive": 0.862, "control": 0.1}, 0.96
+    )
+    assert v.best_baseline == "context_mean = additive" and "for context_mean = additive" in v.sentence

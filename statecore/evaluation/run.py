@@ -206,7 +206,7 @@ def verdicts_from_summary(
             k.removeprefix(BASELINE_PREFIX): float(v) for k, v in col.items() if k.startswith(BASELINE_PREFIX)
         }
         reason = _nan_reason(m, errors, n_perts)
-        out.append(metric_verdict(m, model, bases, ceiling, reason=reason))
+        out.append(metric_verdict(m, model, bases, ceiling, reason=reason, n_perturbations=n_perts))
     return tuple(out)
 
 

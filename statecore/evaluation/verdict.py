@@ -18,8 +18,10 @@ HEADLINE = ("pearson_delta", "discrimination_score_l1", "overlap_at_N", "mse", "
 
 # Below these ceilings a higher-is-better metric carries almost no signal: even a second sample of
 # the real cells barely agrees with the first (correlation, PDS near random, DE genes not reproducible).
-LOW_CEILING = {"pearson_delta": 0.5, "discrimination_score_l1": 0.6, "overlap_at_N": 0.2}
-# Differences smaller than this (absolute for 0..1 metrics, relative for errors) count as a tie.
+# A random guess scores about 0.5 on PDS, so its bar sits higher.
+LOW_CEILING = {"pearson_delta": 0.5, "discrimination_score_l1": 0.7, "overlap_at_N": 0.2}
+# Differences smaller than this (absolute for 0..1 metrics, relative for errors) count as a tie; PDS
+# moves in steps of 1/N (one rank place), so a difference below 1/N counts as a tie there.
 TIE_ABS = 0.005
 TIE_REL = 0.01
 
@@ -114,22 +116,36 @@ def _better(a: float, b: float, higher: bool) -> float:
     return a - b if higher else b - a
 
 
-def _is_tie(gap: float, ref: float, higher: bool) -> bool:
-    return abs(gap) < (TIE_ABS if higher else TIE_REL * max(abs(ref), 1e-12))
+def _best_baseline(scored: Mapping[str, float], higher: bool) -> tuple[str | None, float]:
+    """The best baseline's value and name (several names joined when they score the same)."""
+    if not scored:
+        return None, float("nan")
+    value = max(scored.values()) if higher else min(scored.values())
+    return " = ".join(k for k, v in scored.items() if v == value), value
 
 
 def metric_verdict(
-    metric: str, model: float, baselines: Mapping[str, float], ceiling: float, *, reason: str = ""
+    metric: str,
+    model: float,
+    baselines: Mapping[str, float],
+    ceiling: float,
+    *,
+    reason: str = "",
+    n_perturbations: int = 0,
 ) -> Verdict:
     """The verdict for ``metric`` from the model's mean score, each baseline's and the ceiling's.
 
-    ``reason`` says why the model's value is missing (NaN), when known."""
+    ``reason`` says why the model's value is missing (NaN), when known; ``n_perturbations`` sets
+    the resolution of PDS (1/N) below which a difference is a tie."""
     info = METRICS[metric]
     higher = info.best == 1.0
     label = GLOSSARY[metric].name if metric in GLOSSARY else metric
-    scored = {k: v for k, v in baselines.items() if _finite(v)}
-    best = max(scored, key=lambda k: scored[k] if higher else -scored[k]) if scored else None
-    base = scored[best] if best else float("nan")
+    best, base = _best_baseline({k: v for k, v in baselines.items() if _finite(v)}, higher)
+    tie_abs = 1.0 / n_perturbations if metric.startswith("discrimination") and n_perturbations else TIE_ABS
+
+    def _is_tie(gap: float, ref: float, higher: bool) -> bool:
+        return abs(gap) < (tie_abs if higher else TIE_REL * max(abs(ref), 1e-12))
+
     low = _low_signal(metric, base, ceiling, higher)
 
     def verdict(beats, share, sentence) -> Verdict:

@@ -5,8 +5,8 @@ Results are shared across sessions: treat the returned AnnData/frames as read-on
 
 from __future__ import annotations
 
+import logging
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,7 @@ import streamlit as st
 
 from statecore.ui import analysis, loaders
 
-MODEL = "State (this run)"
-BASELINES = ("control", "context_mean", "perturbation_mean", "cell_mean", "additive")
+log = logging.getLogger("statecore.app")
 
 
 def run_key(run_dir: str | Path) -> str:
@@ -67,50 +66,22 @@ def h5ad_bytes(key: str, _adata) -> bytes:
         return path.read_bytes()
 
 
-@st.cache_resource(max_entries=4, show_spinner="Predicting the test split and every baseline, then scoring…")
+@st.cache_resource(
+    max_entries=4, show_spinner="Predicting the test split with the model and every baseline, then scoring…"
+)
 def _evaluate(key: str, run_dir: str, seed: int):
-    from statecore.data.io import control_label
-    from statecore.evaluation.metrics import evaluate
-    from statecore.inference.baselines import predict_baseline
-    from statecore.inference.predict import predict_split
+    from statecore.evaluation.run import EVALUATION_DIR, evaluate_run
 
     run = loaders.load_run(run_dir)
     adata = loaders.read_h5ad(loaders.run_data_path(run_dir))
-    control = control_label(adata)
-    pred, real = predict_split(run, adata, seed=seed)
-    outputs = {MODEL: pred}
-    errors: dict[str, str] = {}
-    for kind in BASELINES:
-        try:
-            outputs[f"baseline: {kind}"] = predict_baseline(
-                adata, run.split, kind, genes=list(run.genes), seed=seed
-            )
-        except Exception as exc:  # noqa: BLE001 - one baseline failing must not hide the others
-            errors[f"baseline: {kind}"] = str(exc)
-    results = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        for name, p in outputs.items():
-            try:
-                results[name] = evaluate(p, real, control=control)
-            except Exception as exc:  # noqa: BLE001 - show the others, name the one that failed
-                errors[name] = str(exc)
-    if not results:
-        raise RuntimeError("no method could be scored: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
-    return {"pred": pred, "real": real, "control": control, "results": results, "errors": errors}
+    ev = evaluate_run(run, adata, seed=seed)
+    try:  # the Predict page reads it back as the run's measured confidence
+        ev.save(Path(run_dir) / EVALUATION_DIR)
+    except OSError:
+        log.warning("could not save the evaluation of %s", run_dir, exc_info=True)
+    return ev
 
 
-def evaluate_cached(run_dir, seed: int = 0) -> dict:
+def evaluate_cached(run_dir, seed: int = 0):
+    """``statecore.evaluation.run.evaluate_run`` of the run (the CLI's and bench's path), cached."""
     return _evaluate(run_key(run_dir), str(run_dir), seed)
-
-
-def summary_table(results: dict, statistic: str = "mean") -> pd.DataFrame:
-    """One row per method, one column per metric: the aggregate ``statistic`` over perturbations
-    (and contexts)."""
-    rows = []
-    for name, res in results.items():
-        agg = res.agg[res.agg["statistic"] == statistic].drop(
-            columns=["statistic", "context"], errors="ignore"
-        )
-        rows.append({"method": name, **agg.mean(numeric_only=True).to_dict()})
-    return pd.DataFrame(rows)
