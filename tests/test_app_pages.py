@@ -225,7 +225,20 @@ def test_train_form_with_prepared_data(env, prepared_synthetic, tmp_path):
     _clean(at)
     assert at.selectbox(key="train_context").options == ["c0", "c1", "c2"]
     assert at.button(key="train_start")
-    assert "HVG" in at.radio(key="train_track").options[0]
+    assert not at.radio, "one track only: no radio with a single option"
+    assert "highly variable genes" in _texts(at.caption) and "Kang sample" in _texts(at.caption)
+    # every control carries a plain-words help text
+    widgets = [*at.selectbox, *at.number_input, *at.text_input, *at.slider, *at.multiselect]
+    assert widgets and all(w.help for w in widgets), [w.key for w in widgets if not w.help]
+    # the run name follows context and task until the user edits it
+    first = at.selectbox(key="train_context").value
+    assert at.text_input(key="train_name").value == f"{first}-zeroshot"
+    at.selectbox(key="train_context").set_value("c0").run()
+    at.selectbox(key="train_task").set_value("underrepresented").run()
+    assert at.text_input(key="train_name").value == "c0-underrepresented"
+    at.text_input(key="train_name").input("mine").run()
+    at.selectbox(key="train_context").set_value("c1").run()
+    assert at.text_input(key="train_name").value == "mine"
 
 
 def _with_run(env, run: Path) -> Path:
