@@ -112,3 +112,56 @@ def test_baseline_kinds_are_one_list():
         from statecore.inference.baselines import predict_baseline
 
         predict_baseline(None, None, "nope", genes=[])
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_scores_through_evaluate_run(trained_run, tmp_path):
+    import argparse
+
+    import anndata as ad
+
+    from statecore.training.checkpoint import load_run
+
+    bench = _bench()
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    prepared = load_run(run).config.data_path
+    args = argparse.Namespace(celleval=False)
+    out = bench.score_task({"task": "zeroshot"}, args, 0, prepared, run)
+    assert {"ST", "control", bench.CEILING_ROW} <= set(out["rows"])
+    assert out["overall"].startswith("The model beats every baseline on") and len(out["verdicts"]) == 5
+    assert (
+        out["n_test_perturbations"]
+        == len(ad.read_h5ad(prepared).obs.query("context == 'c2'")["perturbation"].unique()) - 1
+    )
+
+
+def test_bench_mean_and_sd_over_seeds():
+    bench = _bench()
+    runs = [
+        {
+            "seed": s,
+            "train_seconds": 10.0 * (s + 1),
+            "overall": "o",
+            "verdicts": [],
+            "n_genes": 5,
+            "rows": {"ST": {"pearson_delta": v, "mae": np.nan}},
+        }
+        for s, v in ((0, 0.5), (1, 0.7))
+    ]
+    out = bench.over_seeds(runs)
+    assert np.isclose(out["rows"]["ST"]["pearson_delta"], 0.6)
+    assert np.isclose(out["rows_sd"]["ST"]["pearson_delta"], np.std([0.5, 0.7], ddof=1))
+    assert np.isnan(out["rows"]["ST"]["mae"]) and out["train_seconds"] == 15.0 and len(out["seeds"]) == 2
+    assert bench.fmt(0.6, 0.1414) == "0.600 ± 0.141" and bench.fmt(float("nan")) == "—"
+    assert bench.over_seeds(runs[:1]) is runs[0]

@@ -61,6 +61,8 @@ class RunEvaluation:
     overall: str
     pds: PDSView | None = None
     messages: tuple[str, ...] = field(default=())
+    # method -> its predicted cells (the ceiling's: the half scored as the prediction)
+    predictions: Mapping[str, object] = field(default_factory=dict, repr=False)
 
     @property
     def n_perturbations(self) -> int:
@@ -154,8 +156,7 @@ def _predictions(run, adata, seed: int, baselines: Sequence[str]):
 def _score_all(outputs: dict, real, control: str, seed: int, ceiling: bool):
     results, errors, messages = {}, {}, []
     if ceiling:
-        half_a, half_b = split_halves(real, seed)
-        outputs = {**outputs, CEILING: (half_a, half_b)}
+        outputs = {**outputs, CEILING: split_halves(real, seed)}
     for name, pred in outputs.items():
         truth = real
         if name == CEILING:
@@ -169,7 +170,7 @@ def _score_all(outputs: dict, real, control: str, seed: int, ceiling: bool):
                 continue
         results[name] = res
         messages += [f"{name}: {m}" for m in res.messages]
-    return results, errors, messages
+    return results, errors, messages, outputs
 
 
 def summary_table(results: Mapping[str, metrics.EvalResult], statistic: str = "mean") -> pd.DataFrame:
@@ -249,7 +250,7 @@ def evaluate_run(
     scoring fails is left out and named in ``errors``; the rest is still scored."""
     control = control_label(adata)
     pred, real, outputs, errors = _predictions(run, adata, seed, baselines)
-    results, score_errors, messages = _score_all(outputs, real, control, seed, ceiling)
+    results, score_errors, messages, outputs = _score_all(outputs, real, control, seed, ceiling)
     errors.update(score_errors)
     if not results:
         raise StatecoreError(
@@ -273,4 +274,5 @@ def evaluate_run(
         overall=overall_sentence(verdicts),
         pds=pds,
         messages=tuple(messages),
+        predictions={k: (v[0] if k == CEILING else v) for k, v in outputs.items()},
     )
