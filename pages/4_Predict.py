@@ -108,10 +108,28 @@ with st.container(border=True):
         if st.button("Measure now", key="pred_measure"):
             if not widgets.failed(widgets.attempt(results.evaluate_cached, run_dir, what="Evaluation")):
                 st.rerun()
-    st.caption(
-        "Spread between models: not available. This run is a single model (k = 1), so there is no "
-        "agreement between ensemble members to show."
-    )
+    members = widgets.attempt(results.ensemble_candidates, run_dir, what="Looking for ensemble members")
+    members = [] if widgets.failed(members) else members
+    by_name = {p.name: p for p in members}
+    chosen = [
+        by_name[n]
+        for n in st.multiselect(
+            "Ensemble: other runs of the same data and genes (e.g. other seeds)",
+            list(by_name),
+            key="pred_ensemble",
+            help="Predict with these runs too and show, gene by gene, how much the models agree.",
+        )
+    ]
+    if not chosen:
+        st.caption(
+            "Spread between models: not available. This prediction comes from a single model (k = 1), so "
+            "there is no agreement between ensemble members to show"
+            + (
+                ": add runs above to see it."
+                if members
+                else " (train the same task with other seeds to get one)."
+            )
+        )
 
 left, right = st.columns(2)
 left.plotly_chart(
@@ -153,6 +171,20 @@ if not widgets.failed(de):
         },
         key="pred_de_table",
     )
+
+if chosen:
+    st.subheader(f"Agreement between {len(chosen) + 1} ensemble members")
+    agreement = widgets.attempt(
+        results.ensemble_changes, [run_dir, *chosen], context, shown, int(n_cells), what="Ensemble"
+    )
+    if not widgets.failed(agreement):
+        disputed = int(agreement["direction disputed"].sum())
+        st.caption(
+            f"Each member's predicted change of {shown} (mean log1p of its generated cells minus the "
+            f"controls'), largest mean change first. {disputed} gene(s) move up in some members and down in "
+            "others (flagged): do not trust their direction."
+        )
+        st.dataframe(agreement.head(200), hide_index=True, width="stretch", key="pred_ensemble_table")
 
 st.subheader("UMAP")
 real_mask = (obs["context"].astype(str).to_numpy() == context) & (

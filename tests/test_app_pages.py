@@ -279,6 +279,39 @@ def test_predict_page_with_a_trained_run(env, trained_run):
     assert len(at.get("download_button")) == 2
 
 
+def test_predict_page_ensemble_of_two_runs(env, trained_run):
+    import shutil
+
+    _with_run(env, trained_run)
+    shutil.copytree(trained_run, env["runs"] / "tiny-seed1")
+    at = _app("4_Predict.py", sc_run=str(env["runs"] / "tiny"))
+    _clean(at)
+    pick = at.multiselect(key="pred_ensemble")
+    assert pick.options == ["tiny-seed1"]
+    pick.set_value(["tiny-seed1"]).run()
+    _clean(at)
+    assert not at.error, _texts(at.error)
+    assert any("Agreement between 2 ensemble members" in s.value for s in at.subheader)
+    table = next(d.value for d in at.dataframe if "direction disputed" in d.value.columns)
+    assert {"sd between members", "direction disputed"} <= set(table.columns)
+    assert not table["direction disputed"].any()  # two copies of one model agree everywhere
+
+
+def test_ensemble_agreement_flags_sign_disputes():
+    import pandas as pd
+
+    from statecore.ui import analysis
+
+    changes = pd.DataFrame([[1.0, 0.2, 0.01], [0.8, -0.3, -0.01], [1.2, 0.1, 0.0]], columns=["a", "b", "c"])
+    table = analysis.ensemble_agreement(changes).set_index("gene")
+    assert list(table.index) == ["a", "b", "c"]
+    assert table.loc["b", "direction disputed"] and not table.loc["a", "direction disputed"]
+    assert not table.loc["c", "direction disputed"]  # below min_change: noise, not a dispute
+    assert np.isclose(table.loc["b", "members agreeing on direction"], 2 / 3)
+    with pytest.raises(ValueError, match="two ensemble members"):
+        analysis.ensemble_agreement(changes.iloc[:1])
+
+
 def test_evaluate_page_with_a_trained_run(env, trained_run):
     run = _with_run(env, trained_run)
     at = _app("5_Evaluate.py")

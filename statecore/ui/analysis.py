@@ -268,3 +268,29 @@ def confidence_text(
                 + "so they are a guide, not a measurement of it."
             )
     return " ".join(lines)
+
+
+def ensemble_agreement(changes: pd.DataFrame, *, min_change: float = 0.05) -> pd.DataFrame:
+    """Agreement of k ensemble members (rows) on each gene's predicted change (columns, log1p).
+
+    Per gene: the mean and spread (sd) of the members' changes, the share of members moving the
+    gene in the mean's direction, and a flag where members disagree on the sign of a change that
+    at least one of them predicts to be larger than ``min_change``. Largest mean change first."""
+    if len(changes) < 2:
+        raise ValueError("agreement needs at least two ensemble members")
+    x = changes.to_numpy(dtype=float)  # [k, G]
+    mean = x.mean(axis=0)
+    signs = np.sign(x)
+    same = (signs == np.sign(mean)[None, :]).mean(axis=0)
+    disagree = (signs.max(axis=0) > 0) & (signs.min(axis=0) < 0) & (np.abs(x).max(axis=0) > min_change)
+    table = pd.DataFrame(
+        {
+            "gene": list(map(str, changes.columns)),
+            "mean change (log1p)": mean,
+            "sd between members": x.std(axis=0, ddof=1),
+            "members agreeing on direction": same,
+            "direction disputed": disagree,
+        }
+    )
+    order = np.argsort(-np.abs(mean), kind="stable")
+    return table.iloc[order].reset_index(drop=True)

@@ -85,3 +85,36 @@ def _evaluate(key: str, run_dir: str, seed: int):
 def evaluate_cached(run_dir, seed: int = 0):
     """``statecore.evaluation.run.evaluate_run`` of the run (the CLI's and bench's path), cached."""
     return _evaluate(run_key(run_dir), str(run_dir), seed)
+
+
+def ensemble_candidates(run_dir) -> list[Path]:
+    """Other runs with a model on the same prepared data and the same genes (ensemble members)."""
+    from statecore.runs.files import read_lines
+    from statecore.ui import state, training
+
+    run_dir = Path(run_dir)
+    genes, data = read_lines(run_dir / "genes.txt"), loaders.run_data_path(run_dir)
+    out = []
+    for r in training.model_runs(state.runs_dir()):
+        other = Path(r.run_dir)
+        if other.resolve() == run_dir.resolve() or not (other / "genes.txt").exists():
+            continue
+        try:
+            same_data = loaders.run_data_path(other) == data
+        except Exception:  # noqa: BLE001 - a broken run is simply not a candidate
+            continue
+        if same_data and read_lines(other / "genes.txt") == genes:
+            out.append(other)
+    return out
+
+
+def ensemble_changes(run_dirs: list, context: str, pert: str, n_cells: int) -> pd.DataFrame:
+    """Each member's predicted change of ``pert`` in ``context``, and their agreement per gene."""
+    rows = {}
+    for rd in run_dirs:
+        pred = predict_cached(rd, context, [pert], n_cells)
+        labels = pred.obs["perturbation"].astype(str).to_numpy()
+        x = analysis.dense(pred.X)
+        rows[Path(rd).name] = x[labels == pert].mean(axis=0) - x[labels != pert].mean(axis=0)
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=[str(g) for g in pred.var_names])
+    return analysis.ensemble_agreement(frame)
