@@ -87,7 +87,7 @@ st.success(
 
 with st.container(border=True):
     st.markdown("**How far to trust this prediction**")
-    from statecore.evaluation.run import read_verdict
+    from statecore.evaluation.verdict import read_verdict
     from statecore.runs.files import read_metrics
 
     val_rows = [r["val_pearson_delta"] for r in read_metrics(run_dir) if "val_pearson_delta" in r]

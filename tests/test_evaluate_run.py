@@ -17,10 +17,9 @@ from statecore.evaluation.run import (
     MODEL,
     baseline_name,
     evaluate_run,
-    read_verdict,
     split_halves,
 )
-from statecore.evaluation.verdict import HEADLINE
+from statecore.evaluation.verdict import HEADLINE, read_verdict
 from statecore.inference.baselines import BASELINE_KINDS
 
 

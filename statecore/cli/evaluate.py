@@ -84,7 +84,8 @@ def run_dir_evaluation(args: argparse.Namespace) -> int:
     from statecore.cli._common import read_prepared
     from statecore.config import RunConfig
     from statecore.errors import CheckpointError
-    from statecore.evaluation.run import EVALUATION_DIR, evaluate_run
+    from statecore.evaluation.run import evaluate_run
+    from statecore.evaluation.verdict import EVALUATION_DIR
     from statecore.runs.files import read_json
     from statecore.training.checkpoint import load_run
 

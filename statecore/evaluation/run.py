@@ -19,7 +19,15 @@ import pandas as pd
 from statecore.data.io import control_label
 from statecore.errors import StatecoreError
 from statecore.evaluation import metrics
-from statecore.evaluation.verdict import CEILING_NOTE, HEADLINE, Verdict, metric_verdict, overall_sentence
+from statecore.evaluation.verdict import (
+    CEILING_NOTE,
+    HEADLINE,
+    VERDICT_FILE,
+    Verdict,
+    metric_verdict,
+    model_stamp,
+    overall_sentence,
+)
 from statecore.inference.baselines import BASELINE_KINDS, predict_baseline
 from statecore.inference.predict import predict_split
 from statecore.runs.files import atomic_write_json
@@ -27,8 +35,6 @@ from statecore.runs.files import atomic_write_json
 MODEL = "State (this run)"
 CEILING = "ceiling (two halves of the real cells)"
 BASELINE_PREFIX = "baseline: "
-EVALUATION_DIR = "evaluation"  # <run>/evaluation/: what the app's Predict page reads back
-VERDICT_FILE = "verdict.json"
 
 
 def baseline_name(kind: str) -> str:
@@ -81,7 +87,7 @@ class RunEvaluation:
             "summary": self.summary.to_dict(orient="records"),
             "errors": dict(self.errors),
             "ceiling_note": CEILING_NOTE,
-            "model_stamp": _model_stamp(self.run_dir),
+            "model_stamp": model_stamp(self.run_dir),
         }
 
     def text(self) -> str:
@@ -109,22 +115,6 @@ def _slug(name: str) -> str:
     if name == CEILING:
         return "ceiling"
     return name.removeprefix(BASELINE_PREFIX)
-
-
-def _model_stamp(run_dir: str) -> float:
-    """mtime of the run's best model: a verdict.json from an older model is stale."""
-    path = Path(run_dir) / "model.safetensors"
-    return path.stat().st_mtime if path.exists() else 0.0
-
-
-def read_verdict(run_dir: str | Path) -> dict | None:
-    """The run's saved evaluation, or None when there is none or it predates the current model."""
-    from statecore.runs.files import read_json
-
-    doc = read_json(Path(run_dir) / EVALUATION_DIR / VERDICT_FILE)
-    if not isinstance(doc, dict) or doc.get("model_stamp") != _model_stamp(str(run_dir)):
-        return None
-    return doc
 
 
 def split_halves(real, seed: int = 0):

@@ -11,8 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from statecore.evaluation.metrics import METRICS
+from statecore.runs.files import read_json
+
+EVALUATION_DIR = "evaluation"  # <run>/evaluation/: written by evaluate_run's save, read back by the app
+VERDICT_FILE = "verdict.json"
 
 HEADLINE = ("pearson_delta", "discrimination_score_l1", "overlap_at_N", "mse", "mae")
 
@@ -225,3 +230,18 @@ def overall_sentence(verdicts: list[Verdict] | tuple[Verdict, ...]) -> str:
     if not wins:
         return text + ": it has not learned what the data allow yet (see the ceilings)."
     return text + "."
+
+
+def model_stamp(run_dir: str | Path) -> float:
+    """mtime of the run's best model: a verdict.json written for an older model is stale."""
+    path = Path(run_dir) / "model.safetensors"
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+def read_verdict(run_dir: str | Path) -> dict | None:
+    """The run's saved evaluation (``verdict.json``), or None when there is none or it predates
+    the current model. Light on purpose: the app's Home and Predict pages call it on every view."""
+    doc = read_json(Path(run_dir) / EVALUATION_DIR / VERDICT_FILE)
+    if not isinstance(doc, dict) or doc.get("model_stamp") != model_stamp(run_dir):
+        return None
+    return doc

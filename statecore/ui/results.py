@@ -70,7 +70,8 @@ def h5ad_bytes(key: str, _adata) -> bytes:
     max_entries=4, show_spinner="Predicting the test split with the model and every baseline, then scoring…"
 )
 def _evaluate(key: str, run_dir: str, seed: int):
-    from statecore.evaluation.run import EVALUATION_DIR, evaluate_run
+    from statecore.evaluation.run import evaluate_run
+    from statecore.evaluation.verdict import EVALUATION_DIR
 
     run = loaders.load_run(run_dir)
     adata = loaders.read_h5ad(loaders.run_data_path(run_dir))
