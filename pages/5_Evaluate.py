@@ -101,6 +101,13 @@ else:
         "distance (*tied*); the score then follows the alphabetical order of the tied names, as in cell-eval."
     )
     right.dataframe(ev.pds.ranks, hide_index=True, width="stretch")
+    if ev.pds.predictions_alike:
+        st.warning(
+            "The model predicts almost the same change for every perturbation (the distances vary "
+            f"{1 / ev.pds.prediction_spread:.0f}× more between real perturbations than between predictions), "
+            "so every prediction lands nearest the same real perturbation and the ranks mostly follow how large "
+            "each real change is (small, noisy groups have large changes), not what the model learned."
+        )
 
 st.subheader("DE overlap per perturbation")
 if model_res is not None and "overlap_at_N" in model_res.columns:

@@ -57,6 +57,15 @@ def test_pds_view_uses_the_metric_distances(evaluated):
     assert list(pds.ranks["rank"]) == sorted(pds.ranks["rank"])  # shown by rank, not alphabetically
     assert list(pds.distances.index) == list(pds.ranks["perturbation"]) == list(pds.distances.columns)
     assert (pds.ranks["best"] <= pds.ranks["rank"]).all() and (pds.ranks["rank"] <= pds.ranks["worst"]).all()
+    assert np.isfinite(pds.prediction_spread) and pds.prediction_spread > 0
+
+
+def test_pds_view_notices_predictions_that_do_not_differ(evaluated):
+    """A mean baseline predicts one change for all: its ranks follow the real changes' sizes."""
+    from statecore.evaluation.run import baseline_name, pds_view
+
+    same = pds_view(evaluated.predictions[baseline_name("cell_mean")], evaluated.real, evaluated.control)
+    assert same.prediction_spread < 1e-6 and same.predictions_alike
 
 
 def test_split_halves_keeps_every_group_on_both_sides(evaluated):

@@ -50,6 +50,14 @@ class PDSView:
 
     distances: pd.DataFrame  # predicted (rows) x real (columns), L1
     ranks: pd.DataFrame  # perturbation, rank (1 = closest, cell-eval's), best, worst, tied, pds
+    # How much the distances change between predictions (down a column) relative to between real
+    # perturbations (along a row). Near 0: the predictions hardly differ, so every row ranks the real
+    # perturbations the same way (by the size of their real change) and the ranks say little of the model.
+    prediction_spread: float = float("nan")
+
+    @property
+    def predictions_alike(self) -> bool:
+        return bool(self.prediction_spread < 0.25)
 
 
 @dataclass(frozen=True)
@@ -222,7 +230,9 @@ def pds_view(pred, real, control: str, metric: str = "l1") -> PDSView | None:
     order = [list(pb.perts).index(p) for p in ranks["perturbation"]]
     perts = list(ranks["perturbation"])
     frame = pd.DataFrame(dist[np.ix_(order, order)], index=perts, columns=perts)
-    return PDSView(distances=frame, ranks=ranks)
+    along_row = float(dist.std(axis=1).mean())
+    spread = float(dist.std(axis=0).mean()) / along_row if along_row > 0 else float("nan")
+    return PDSView(distances=frame, ranks=ranks, prediction_spread=spread)
 
 
 def evaluate_run(
