@@ -158,8 +158,8 @@ def readable_de(de: pd.DataFrame, target: str, combo_sep: str = "+") -> tuple[pd
         )
     else:
         note = (
-            f"{' and '.join(parts)} is not among the model's {len(table):,} genes, so the knock-down "
-            "itself cannot be checked here."
+            f"{' and '.join(parts)} is not among the model's {len(table):,} genes, so the perturbed gene's "
+            "own change (the knock-down check) cannot be shown here; a drug or cytokine has no such gene."
         )
     return table, note
 
