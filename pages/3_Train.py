@@ -266,6 +266,15 @@ def _run_view(run_dir) -> None:
         st.session_state.setdefault("train_last_state", {})[str(run_dir)] = "queued"
         st.rerun()
     if status.has_model and training.run_kind(run_dir) == "transition":
+        from statecore.evaluation.verdict import read_verdict
+
+        verdict = read_verdict(run_dir)
+        st.caption(
+            f"Evaluation: {verdict['overall']}"
+            if verdict
+            else "Not evaluated yet: the loss only shows a trend; **Evaluate** says whether this model beats "
+            "the baselines and how close it gets to what the data allow."
+        )
         if b3.button("Use for Predict / Evaluate", key="train_use"):
             st.session_state[state.RUN] = str(run_dir)
         if st.session_state[state.RUN] == str(run_dir):

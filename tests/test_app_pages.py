@@ -343,6 +343,14 @@ def test_evaluate_page_with_a_trained_run(env, trained_run):
     assert not [b for b in at.button if b.key == "pred_measure"]
 
 
+def test_train_page_points_a_finished_run_to_its_evaluation(env, trained_run):
+    _with_run(env, trained_run)
+    at = _app("3_Train.py")
+    _clean(at)
+    assert "Not evaluated yet" in _texts(at.caption)
+    assert "(done)" in at.selectbox(key="train_run_pick").options[0]
+
+
 def test_train_page_starts_and_cancels_a_run(env, prepared_synthetic, tmp_path):
     from statecore.runs import jobs
 
