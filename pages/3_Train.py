@@ -20,27 +20,8 @@ TASK_LABELS = {
 }
 
 
-def _new_run_form(runs: list[jobs.RunStatus]) -> None:
-    prepared = widgets.need_data("prepared")
-    if not prepared:
-        return
-    adata = widgets.attempt(loaders.read_h5ad, prepared["path"], what="Reading the prepared data")
-    if widgets.failed(adata):
-        return
-    obs = adata.obs
-    from statecore.data.io import control_label
-
-    control = widgets.attempt(control_label, adata, what="Reading the control label")
-    if widgets.failed(control):
-        return
-    sizes = obs["context"].astype(str).value_counts()
-    contexts = sorted(sizes.index)
-    # Kang's monocytes: the shipped task where the default budget shows learning (docs/RESULTS.md);
-    # elsewhere the smallest context is the natural held-out target
-    default_ctx = FIRST_HOUR_CONTEXT if FIRST_HOUR_CONTEXT in contexts else sizes.index[-1]
-    perts = sorted(p for p in obs["perturbation"].astype(str).unique() if p != control)
-
-    c1, c2, c3 = st.columns(3)
+def _task_widgets(c1, contexts: list[str], default_ctx: str, perts: list[str]):
+    """Task, target context and the task's own option: ``(task, context, test_perts, keep)``."""
     task = c1.selectbox(
         "Task",
         ("zeroshot", "underrepresented", "explicit"),
@@ -82,6 +63,11 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
             key="train_keep",
             help="The rest of the target context's perturbations are held out for testing.",
         )
+    return task, context, test_perts, keep
+
+
+def _model_widgets(c2):
+    """Track, preset and set size: ``(embedding_run, preset, preset_values, set_size)``."""
     tracks = ["HVG genes"]
     se_runs = training.model_runs(root, "embedding") if training.embedding_track_available(root) else []
     if se_runs:
@@ -130,6 +116,11 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
         help="The model maps a group of control cells to a group of perturbed cells at once; this is the "
         "group size. Larger sets see more of the population's spread but cost more memory.",
     )
+    return emb_run, preset, p, set_size
+
+
+def _budget_widgets(c3):
+    """Steps, time budget, learning rate, sets per step and device."""
     steps = c3.number_input(
         "Training steps",
         1,
@@ -170,7 +161,11 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
         key="train_device",
         help="auto uses a GPU when one is present, else the CPU.",
     )
-    c3.caption(training.gpu_summary())
+    return steps, minutes, lr, batch, device
+
+
+def _run_name(context: str, task: str) -> str:
+    """The run name widget; it follows context and task until the user edits it."""
     suggested = f"{context}-{task}"
     if st.session_state.get("train_name") in (None, st.session_state.get("train_name_suggested")):
         st.session_state["train_name"] = suggested  # follows context and task until the user edits it
@@ -180,6 +175,35 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
         key="train_name",
         help="Folder name under checkpoints/; a number is added if it exists.",
     )
+    return name
+
+
+def _new_run_form(runs: list[jobs.RunStatus]) -> None:
+    prepared = widgets.need_data("prepared")
+    if not prepared:
+        return
+    adata = widgets.attempt(loaders.read_h5ad, prepared["path"], what="Reading the prepared data")
+    if widgets.failed(adata):
+        return
+    obs = adata.obs
+    from statecore.data.io import control_label
+
+    control = widgets.attempt(control_label, adata, what="Reading the control label")
+    if widgets.failed(control):
+        return
+    sizes = obs["context"].astype(str).value_counts()
+    contexts = sorted(sizes.index)
+    # Kang's monocytes: the shipped task where the default budget shows learning (docs/RESULTS.md);
+    # elsewhere the smallest context is the natural held-out target
+    default_ctx = FIRST_HOUR_CONTEXT if FIRST_HOUR_CONTEXT in contexts else sizes.index[-1]
+    perts = sorted(p for p in obs["perturbation"].astype(str).unique() if p != control)
+
+    c1, c2, c3 = st.columns(3)
+    task, context, test_perts, keep = _task_widgets(c1, contexts, default_ctx, perts)
+    emb_run, preset, p, set_size = _model_widgets(c2)
+    steps, minutes, lr, batch, device = _budget_widgets(c3)
+    c3.caption(training.gpu_summary())
+    name = _run_name(context, task)
 
     live = [r for r in runs if r.live]
     threads = jobs.worker_threads(len(live))
