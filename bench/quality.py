@@ -1,7 +1,9 @@
 """Quality benchmark: State Transition vs baselines vs the data ceiling, with cell-eval's metrics.
 
-Every step goes through the public CLI (``python -m statecore prepare|train|predict|baseline``) so the
-benchmark measures exactly what a user runs; scoring uses ``statecore.evaluation.metrics.evaluate``.
+Preparing and training go through the public CLI (``python -m statecore prepare|train``) so the benchmark
+measures exactly what a user runs; scoring is ``statecore.evaluation.run.evaluate_run``, the one
+evaluation behind ``python -m statecore evaluate --run-dir`` and the app's Evaluate page (model, every
+baseline of ``BASELINE_KINDS`` and the split-half ceiling, with a verdict per headline metric).
 
 Tasks (see docs/RESULTS.md):
   K1  Kang 2018 PBMC IFN-beta, zero-shot context CD14+Mono, 2,000 HVGs
@@ -14,6 +16,7 @@ Tasks (see docs/RESULTS.md):
 Usage:
   python bench/quality.py --tasks K1,S1,T1,T2,C1 --celleval   # docs/RESULTS.md: small preset, 400 steps each
   python bench/quality.py --tasks K1 --minutes 4             # 400 steps or 4 minutes, whichever ends first
+  python bench/quality.py --tasks K1 --seeds 3               # three training seeds: mean ± sd per metric
   python bench/quality.py --merge a.json b.json              # combine task subsets run in parallel
 Writes bench/results/quality.json (and quality_<tasks>.json when a subset is run) and prints a table.
 """
@@ -43,7 +46,7 @@ METRICS = (
     "overlap_at_100",
     "precision_at_N",
 )
-BASELINES = ("control", "context_mean", "perturbation_mean", "cell_mean")
+CEILING_ROW = "ceiling (two halves)"
 
 
 def sh(args: list[str], log: Path, *, env_extra: dict[str, str] | None = None) -> float:
@@ -81,18 +84,6 @@ def combo_test_perts(prepared: Path, context: str, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     n = max(1, len(doubles) // 3)
     return sorted(rng.choice(doubles, size=n, replace=False).tolist())
-
-
-def split_halves(real, seed: int):
-    """Two random halves of the real cells of every group: the data's own agreement ceiling."""
-    rng = np.random.default_rng(seed)
-    labels = real.obs["perturbation"].astype(str).to_numpy()
-    take = np.zeros(real.n_obs, dtype=bool)
-    for lab in np.unique(labels):
-        idx = np.flatnonzero(labels == lab)
-        rng.shuffle(idx)
-        take[idx[: len(idx) // 2]] = True
-    return real[take].copy(), real[~take].copy()
 
 
 def summarise(result) -> dict[str, float]:
@@ -137,152 +128,108 @@ def spread_ratio(pred, real, control: str) -> float:
     return std(pred) / max(std(real), 1e-12)
 
 
-def run_task(name: str, cfg: dict, args, workdir: Path) -> dict:
-    import anndata as ad
-
-    from statecore.evaluation.metrics import evaluate
-
-    tdir = workdir / name
-    tdir.mkdir(parents=True, exist_ok=True)
-    log = tdir / "log.txt"
-    log.write_text("")
+def prepare_task(cfg: dict, tdir: Path, seed: int, log: Path) -> Path:
     prepared = tdir / "prepared.h5ad"
     if cfg["data"] == "synthetic":
-        raw = tdir / "raw.h5ad"
-        make_synthetic(raw, args.seed)
-        src = raw
+        src = tdir / "raw.h5ad"
+        make_synthetic(src, seed)
     else:
         src = SAMPLE / cfg["data"]
+    n_hvg = str(cfg.get("n_hvg", 2000))
     sh(
-        [
-            "prepare",
-            str(src),
-            "-o",
-            str(prepared),
-            "--n-hvg",
-            str(cfg.get("n_hvg", 2000)),
-            "--no-umap",
-            *cfg.get("prepare", []),
-        ],
+        ["prepare", str(src), "-o", str(prepared), "--n-hvg", n_hvg, "--no-umap", *cfg.get("prepare", [])],
         log,
     )
+    return prepared
 
+
+def train_task(cfg: dict, args, seed: int, prepared: Path, tdir: Path, workdir: Path, log: Path) -> dict:
+    """Train ST on the task through the CLI (Track B fits its SE model first); times and dirs."""
     run_dir = tdir / "run"
-    train = [
-        "train",
-        "--data",
-        str(prepared),
-        "--run-dir",
-        str(run_dir),
-        "--task",
-        cfg["task"],
-        "--context",
-        cfg["context"],
-        "--preset",
-        args.preset,
-        "--seed",
-        str(args.seed),
-        "--max-minutes",
-        str(args.minutes),
-    ]
-    if args.steps:
-        train += ["--steps", str(args.steps)]
+    train = ["train", "--data", str(prepared), "--run-dir", str(run_dir), "--task", cfg["task"]]
+    train += ["--context", cfg["context"], "--preset", args.preset, "--seed", str(seed)]
+    train += ["--max-minutes", str(args.minutes)] + (["--steps", str(args.steps)] if args.steps else [])
     if cfg["task"] == "underrepresented":
         train += ["--keep-fraction", str(cfg.get("keep_fraction", 0.3))]
     if cfg["task"] == "explicit":
-        test_perts = combo_test_perts(prepared, cfg["context"], args.seed)
-        train += ["--test-perts", ",".join(test_perts)]
+        train += ["--test-perts", ",".join(combo_test_perts(prepared, cfg["context"], seed))]
     train += cfg.get("extra", [])
-    se_s, se_dir = None, None
+    out: dict = {"run_dir": run_dir}
     if cfg.get("track") == "embedding":  # Track B: fit the State Embedding model on the prepared data first
         # tasks on the same prepared data share one SE model (T1B and T2B)
-        se_dir = workdir / f"se-{Path(cfg['data']).stem}-{cfg.get('n_hvg', 2000)}-seed{args.seed}"
-        if not (se_dir / "model.safetensors").exists():  # se_s stays None when an earlier task fitted it
-            se_s = sh(
-                [
-                    "embed",
-                    "fit",
-                    "--data",
-                    str(prepared),
-                    "--run-dir",
-                    str(se_dir),
-                    "--overwrite",
-                    "--seed",
-                    str(args.seed),
-                    *cfg.get("embed", []),
-                ],
-                log,
-            )
+        se_dir = workdir / f"se-{Path(cfg['data']).stem}-{cfg.get('n_hvg', 2000)}-seed{seed}"
+        out["se_run"], out["se_fit_seconds"] = str(se_dir), None
+        if not (se_dir / "model.safetensors").exists():  # fitted by an earlier task otherwise
+            fit = ["embed", "fit", "--data", str(prepared), "--run-dir", str(se_dir), "--overwrite"]
+            out["se_fit_seconds"] = sh([*fit, "--seed", str(seed), *cfg.get("embed", [])], log)
         train += ["--track", "embedding", "--embedding-run", str(se_dir)]
-    train_s = sh(train, log)
-    load_avg = os.getloadavg()[0]
+    out["train_seconds"] = sh(train, log)
+    out["load_average_after_training"] = os.getloadavg()[0]
+    return out
 
-    pred_p, real_p = tdir / "pred.h5ad", tdir / "real.h5ad"
-    sh(
-        [
-            "predict",
-            "--run-dir",
-            str(run_dir),
-            "--data",
-            str(prepared),
-            "--split",
-            "test",
-            "-o",
-            str(pred_p),
-            "--real-out",
-            str(real_p),
-            "--seed",
-            str(args.seed),
-        ],
-        log,
-    )
-    kinds = list(BASELINES) + (["additive"] if cfg["task"] == "explicit" else [])
-    for kind in kinds:
-        sh(
-            [
-                "baseline",
-                "--data",
-                str(prepared),
-                "--run-dir",
-                str(run_dir),
-                "--kind",
-                kind,
-                "-o",
-                str(tdir / f"base_{kind}.h5ad"),
-            ],
-            log,
-        )
 
-    real = ad.read_h5ad(real_p)
-    control = str(real.uns.get("statecore", {}).get("control", "ctrl")) if "statecore" in real.uns else "ctrl"
-    rows: dict[str, dict[str, float]] = {}
-    check: dict[str, dict[str, float]] = {}
-    preds = {"ST (embedding)" if cfg.get("track") == "embedding" else "ST": ad.read_h5ad(pred_p)}
-    preds.update({kind: ad.read_h5ad(tdir / f"base_{kind}.h5ad") for kind in kinds})
-    half_a, half_b = split_halves(real, args.seed)
-    for model, pred in preds.items():
-        rows[model] = summarise(evaluate(pred, real, control=control))
-        rows[model]["spread_ratio"] = spread_ratio(pred, real, control)
-        if args.celleval:
-            check[model] = celleval_diff(pred, real, control, rows[model])
-    rows["ceiling (two halves)"] = summarise(evaluate(half_a, half_b, control=control))
-    rows["ceiling (two halves)"]["spread_ratio"] = spread_ratio(half_a, half_b, control)
-    status = json.loads((run_dir / "status.json").read_text())
-    n_test = int((real.obs["perturbation"].astype(str) != control).sum())
-    out = {
-        "task": cfg,
-        "train_seconds": train_s,
-        "train_steps": int(status.get("step", 0)),
-        "load_average_after_training": load_avg,
-        "n_test_cells": n_test,
-        "n_test_perturbations": int(real.obs["perturbation"].astype(str).nunique() - 1),
-        "n_genes": int(real.n_vars),
+def score_task(cfg: dict, args, seed: int, prepared: Path, run_dir: Path) -> dict:
+    """``evaluate_run`` on the trained run: rows per method, the verdicts and (optionally) cell-eval."""
+    import anndata as ad
+
+    from statecore.evaluation.run import CEILING, MODEL, evaluate_run
+    from statecore.training.checkpoint import load_run
+
+    ev = evaluate_run(load_run(run_dir), ad.read_h5ad(prepared), seed=seed)
+    ev.save(run_dir.parent / "evaluation")
+    model = "ST (embedding)" if cfg.get("track") == "embedding" else "ST"
+    names = {MODEL: model, CEILING: CEILING_ROW}
+    rows, check = {}, {}
+    for method, res in ev.results.items():
+        row = names.get(method, method.removeprefix("baseline: "))
+        rows[row] = summarise(res)
+        rows[row]["spread_ratio"] = spread_ratio(ev.predictions[method], ev.real, ev.control)
+        if args.celleval and method != CEILING:
+            check[row] = celleval_diff(ev.predictions[method], ev.real, ev.control, rows[row])
+    return {
         "rows": rows,
+        "verdicts": [v.sentence for v in ev.verdicts],
+        "overall": ev.overall,
+        "skipped": dict(ev.errors),
+        "n_test_cells": int((ev.real.obs["perturbation"].astype(str) != ev.control).sum()),
+        "n_test_perturbations": ev.n_perturbations,
+        "n_genes": int(ev.real.n_vars),
+        **({"celleval_max_abs_diff": check} if check else {}),
     }
-    if check:
-        out["celleval_max_abs_diff"] = check
-    if se_dir is not None:
-        out["se_run"], out["se_fit_seconds"] = str(se_dir), se_s
+
+
+def run_task(name: str, cfg: dict, args, workdir: Path, seed: int) -> dict:
+    tdir = workdir / name / f"seed{seed}"
+    tdir.mkdir(parents=True, exist_ok=True)
+    log = tdir / "log.txt"
+    log.write_text("")
+    prepared = prepare_task(cfg, tdir, seed, log)
+    trained = train_task(cfg, args, seed, prepared, tdir, workdir, log)
+    run_dir = trained.pop("run_dir")
+    status = json.loads((run_dir / "status.json").read_text())
+    scored = score_task(cfg, args, seed, prepared, run_dir)
+    return {"task": cfg, "seed": seed, **trained, "train_steps": int(status.get("step", 0)), **scored}
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """One task's result over training seeds: every metric as mean (``rows``) and sd (``rows_sd``)."""
+    if len(runs) == 1:
+        return runs[0]
+    out = {k: v for k, v in runs[0].items() if k not in ("rows", "verdicts", "overall", "seed")}
+    out["seeds"] = runs
+    out["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
+    out["rows"], out["rows_sd"] = {}, {}
+    for model in runs[0]["rows"]:
+        per = [r["rows"].get(model, {}) for r in runs]
+        metrics = sorted({m for p in per for m in p})
+        vals = {m: np.array([p.get(m, np.nan) for p in per], dtype=float) for m in metrics}
+        out["rows"][model] = {
+            m: float(np.nanmean(v)) if np.isfinite(v).any() else np.nan for m, v in vals.items()
+        }
+        out["rows_sd"][model] = {
+            m: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else np.nan for m, v in vals.items()
+        }
+    out["verdicts"] = [f"seed {r['seed']}: {r['overall']}" for r in runs]
     return out
 
 
@@ -317,8 +264,10 @@ TASKS.update(
 TASKS.update({f"{k}BR": dict(TASKS[f"{k}B"], extra=["--decoder-residual", "on"]) for k in ("T1", "K1")})
 
 
-def fmt(v: float) -> str:
-    return "—" if v is None or not np.isfinite(v) else f"{v:.3f}"
+def fmt(v: float, sd: float | None = None) -> str:
+    if v is None or not np.isfinite(v):
+        return "—"
+    return f"{v:.3f} ± {sd:.3f}" if sd is not None and np.isfinite(sd) else f"{v:.3f}"
 
 
 def table(results: dict) -> str:
@@ -332,15 +281,17 @@ def table(results: dict) -> str:
         )
         lines.append(
             f"### {name} ({res['task']['task']} {res['task']['context']}; {res['n_test_perturbations']} test "
-            f"perturbation(s), {res['n_genes']} genes; ST trained {res.get('train_steps', '?')} steps in "
+            f"perturbation(s), {res['n_genes']} genes; {len(res.get('seeds', [0]))} seed(s); ST trained "
+            f"{res.get('train_steps', '?')} steps in "
             f"{res['train_seconds']:.0f} s, load average {res.get('load_average_after_training', 0):.1f})"
         )
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
+        sd = res.get("rows_sd", {})
         for model, row in res["rows"].items():
-            lines.append(
-                "| " + " | ".join([model] + [fmt(row.get(c, float("nan"))) for c in cols[1:]]) + " |"
-            )
+            cells = [fmt(row.get(c, float("nan")), sd.get(model, {}).get(c)) for c in cols[1:]]
+            lines.append("| " + " | ".join([model, *cells]) + " |")
+        lines += [f"- {v}" for v in res.get("verdicts", [])]
         if res.get("celleval_max_abs_diff"):
             worst = max(
                 (v, f"{m}/{k}") for m, d in res["celleval_max_abs_diff"].items() for k, v in d.items()
@@ -389,7 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also score every prediction with cell-eval itself and report the largest differences",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first training seed")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train each task with this many seeds (seed, seed+1, ...) and report mean ± sd",
+    )
     p.add_argument("--workdir", default=str(ROOT / "bench" / "work" / "quality"))
     p.add_argument("--out", default=None)
     p.add_argument(
@@ -411,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"[quality] {name} ...", flush=True)
         try:
-            results[name] = run_task(name, TASKS[name], args, workdir)
+            seeds = range(args.seed, args.seed + max(1, args.seeds))
+            results[name] = over_seeds([run_task(name, TASKS[name], args, workdir, s) for s in seeds])
         except Exception as exc:  # report the failure in the table, keep going with the other tasks
             results[name] = {"task": TASKS[name], "error": str(exc)}
         print(table({name: results[name]}), flush=True)
@@ -422,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": args.minutes,
         "steps": args.steps,
         "seed": args.seed,
+        "seeds": args.seeds,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "load_average_end": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -37,7 +37,13 @@ default_ctx = split.context if split is not None and split.context in contexts e
 preselect = st.session_state.pop("predict_preselect", None) or {}  # a hit opened from the Screen page
 default_ctx = preselect.get("context") if preselect.get("context") in contexts else default_ctx
 c1, c2, c3 = st.columns([1, 3, 1])
-context = c1.selectbox("Context", contexts, index=contexts.index(default_ctx), key="pred_context")
+context = c1.selectbox(
+    "Context",
+    contexts,
+    index=contexts.index(default_ctx),
+    key="pred_context",
+    help="The cell type / cell line whose control cells are perturbed. The run's target context is preselected.",
+)
 options = trainable + combos
 test_perts = list(split.test.get(context, [])) if split is not None else []
 default = [p for p in test_perts if p in options][:2] or options[:2]
@@ -47,8 +53,18 @@ perts = c2.multiselect(
     options,
     default=default,
     key="pred_perts",
+    help="Measured perturbations, and pairs A+B of measured singles that the data never measured "
+    "(the model predicts the combination). The run's held-out test perturbations are preselected.",
 )
-n_cells = c3.number_input("Cells per perturbation", 10, 5000, 200, key="pred_n_cells")
+n_cells = c3.number_input(
+    "Cells per perturbation",
+    10,
+    5000,
+    200,
+    key="pred_n_cells",
+    help="How many cells to generate for each perturbation (control cells of the context are perturbed "
+    "in silico). More cells give smoother means; they also make the DE p-values smaller.",
+)
 if not perts:
     st.info("Pick one or more perturbations.")
     st.stop()
@@ -58,7 +74,12 @@ if widgets.failed(pred):
     st.stop()
 pred_key = f"{results.run_key(run_dir)}|{context}|{'|'.join(perts)}|{int(n_cells)}"
 labels = pred.obs["perturbation"].astype(str).to_numpy()
-shown = st.selectbox("Show", [p for p in perts if p in set(labels)], key="pred_show")
+shown = st.selectbox(
+    "Show",
+    [p for p in perts if p in set(labels)],
+    key="pred_show",
+    help="Which of the predicted perturbations the charts and the DE table below are about.",
+)
 genes = [str(g) for g in pred.var_names]
 pred_ctrl, pred_shown = pred.X[labels == control], pred.X[labels == shown]
 ctrl_mean = analysis.dense(pred_ctrl).mean(axis=0)
@@ -66,6 +87,52 @@ pert_mean = analysis.dense(pred_shown).mean(axis=0)
 st.success(
     f"Predicted {int((labels != control).sum()):,} cells for {len(perts)} perturbation(s) in {context}."
 )
+
+with st.container(border=True):
+    st.markdown("**How far to trust this prediction**")
+    from statecore.evaluation.verdict import read_verdict
+    from statecore.runs.files import read_metrics
+
+    val_rows = [r["val_pearson_delta"] for r in read_metrics(run_dir) if "val_pearson_delta" in r]
+    trust = analysis.confidence_text(
+        read_verdict(run_dir),
+        context=context,
+        perts=perts,
+        test_perts=test_perts,
+        val_pearson=val_rows[-1] if val_rows else None,
+    )
+    if trust:
+        st.markdown(trust)
+    else:
+        st.info(
+            "Not measured yet: evaluating the run predicts its held-out test perturbations and scores them "
+            "against the real cells, the baselines and the data ceiling (about a minute on the sample data)."
+        )
+        if st.button("Measure now", key="pred_measure"):
+            if not widgets.failed(widgets.attempt(results.evaluate_cached, run_dir, what="Evaluation")):
+                st.rerun()
+    members = widgets.attempt(results.ensemble_candidates, run_dir, what="Looking for ensemble members")
+    members = [] if widgets.failed(members) else members
+    by_name = {p.name: p for p in members}
+    chosen = [
+        by_name[n]
+        for n in st.multiselect(
+            "Ensemble: other runs of the same data and genes (e.g. other seeds)",
+            list(by_name),
+            key="pred_ensemble",
+            help="Predict with these runs too and show, gene by gene, how much the models agree.",
+        )
+    ]
+    if not chosen:
+        st.caption(
+            "Spread between models: not available. This prediction comes from a single model (k = 1), so "
+            "there is no agreement between ensemble members to show"
+            + (
+                ": add runs above to see it."
+                if members
+                else " (train the same task with other seeds to get one)."
+            )
+        )
 
 left, right = st.columns(2)
 left.plotly_chart(
@@ -75,24 +142,52 @@ left.plotly_chart(
 )
 de = widgets.attempt(results.de_table, pred_key, pred, control, what="Differential expression")
 if not widgets.failed(de):
-    ranked = analysis.ranked_de(de, shown)
+    table, knockdown = analysis.readable_de(de, shown, run.config.spec.combo_sep)
     right.plotly_chart(
         figures.volcano(
-            ranked,
-            lfc_col="log2_fold_change",
-            p_col="fdr",
-            gene_col="feature",
-            title=f"{shown}: predicted DE vs control",
+            table,
+            lfc_col="log2 fold change",
+            p_col="FDR",
+            gene_col="gene",
+            title=f"{shown}: predicted change vs control",
         ),
         width="stretch",
         key="pred_fig_volcano",
     )
-    st.subheader("Ranked predicted DE genes")
+    st.subheader("Predicted DE genes, largest change first")
+    st.caption(
+        f"{knockdown} Ranked by the predicted mean change in log space (log1p); log2 fold change uses a "
+        "pseudocount of 1 on normalised counts, so it is never infinite. The FDR (Wilcoxon test of the "
+        f"generated cells vs the controls) depends on how many cells were generated ({int(n_cells)} here): "
+        "more cells give smaller p-values for the same change, so read the change, not the FDR."
+    )
     st.dataframe(
-        ranked[["feature", "log2_fold_change", "fdr", "p_value", "target_mean", "ref_mean"]].head(200),
+        table.head(200),
         hide_index=True,
         width="stretch",
+        column_config={
+            "mean change (log1p)": st.column_config.NumberColumn(format="%.3f"),
+            "log2 fold change": st.column_config.NumberColumn(format="%.3f"),
+            "predicted mean (log1p)": st.column_config.NumberColumn(format="%.3f"),
+            "control mean (log1p)": st.column_config.NumberColumn(format="%.3f"),
+            "FDR": st.column_config.NumberColumn(format="scientific"),
+        },
+        key="pred_de_table",
     )
+
+if chosen:
+    st.subheader(f"Agreement between {len(chosen) + 1} ensemble members")
+    agreement = widgets.attempt(
+        results.ensemble_changes, [run_dir, *chosen], context, shown, int(n_cells), what="Ensemble"
+    )
+    if not widgets.failed(agreement):
+        disputed = int(agreement["direction disputed"].sum())
+        st.caption(
+            f"Each member's predicted change of {shown} (mean log1p of its generated cells minus the "
+            f"controls'), largest mean change first. {disputed} gene(s) move up in some members and down in "
+            "others (flagged): do not trust their direction."
+        )
+        st.dataframe(agreement.head(200), hide_index=True, width="stretch", key="pred_ensemble_table")
 
 st.subheader("UMAP")
 real_mask = (obs["context"].astype(str).to_numpy() == context) & (
@@ -125,4 +220,10 @@ payload = widgets.attempt(results.h5ad_bytes, pred_key, pred, what="Writing the 
 widgets.download(
     d1, "Predicted cells (.h5ad)", payload, f"pred-{run_dir.name}-{context}.h5ad", key="pred_dl_h5ad"
 )
-widgets.download(d2, "DE table (.csv)", de, f"de-{context}.csv", key="pred_dl_csv")
+widgets.download(
+    d2,
+    "DE table (.csv)",
+    None if widgets.failed(de) else table,
+    f"de-{context}-{shown}.csv",
+    key="pred_dl_csv",
+)

@@ -1,4 +1,4 @@
-"""Evaluate: a run's test split scored beside every baseline, with per-perturbation views."""
+"""Evaluate: a run's test split, model vs every baseline vs the data ceiling, with a verdict."""
 
 from __future__ import annotations
 
@@ -17,81 +17,127 @@ key = results.run_key(run_dir)
 done = st.session_state.setdefault("eval_done", [])
 if key not in done:
     st.caption(
-        "Predicts the run's test split with the model and with every baseline, then scores them all "
-        "(cell-eval metrics). Takes up to a minute on the sample data."
+        "Predicts the run's test split with the model and with every baseline, scores them all (cell-eval "
+        "metrics) next to the data ceiling, and says what the scores mean. Takes up to a minute on the sample data."
     )
     if not st.button("Evaluate the test split", type="primary", key="eval_go"):
         st.stop()
-out = widgets.attempt(results.evaluate_cached, run_dir, what="Evaluation")
-if widgets.failed(out):
+ev = widgets.attempt(results.evaluate_cached, run_dir, what="Evaluation")
+if widgets.failed(ev):
     st.stop()
 if key not in done:
     done.append(key)
     st.rerun()  # redraw without the button (the result is cached)
 
-from statecore.evaluation.metrics import CHALLENGE_METRICS, METRICS  # noqa: E402
+from statecore.evaluation.metrics import METRICS  # noqa: E402
+from statecore.evaluation.run import MODEL  # noqa: E402
+from statecore.evaluation.verdict import CEILING_NOTE, GLOSSARY, HEADLINE  # noqa: E402
 
-for name, msg in out["errors"].items():
-    if name == results.MODEL:
+for name, msg in ev.errors.items():
+    if name == MODEL:
         st.error(
             f"Scoring the model failed: {msg}. The baselines are shown below; retrain or resume the run "
             "and evaluate again."
         )
     else:
         st.warning(f"{name} skipped: {msg}")
-summary = results.summary_table(out["results"])
-st.subheader("Model vs baselines (mean over test perturbations)")
-headline = [m for m in (*CHALLENGE_METRICS, "pearson_delta", "mse", "mae_delta") if m in summary.columns]
-st.dataframe(summary[["method", *headline]], hide_index=True, width="stretch")
+
+st.subheader("Verdict")
+wins = any(v.beats for v in ev.verdicts)
+(st.success if wins else st.warning)(ev.overall)
+st.markdown("\n".join(f"- {v.sentence}" for v in ev.verdicts))
+st.caption(
+    f"{ev.n_perturbations} test perturbation(s) in {ev.context}. {CEILING_NOTE} Saved to "
+    f"`{run_name}/evaluation/` (the Predict page shows it with every prediction of this run)."
+)
+with st.expander("What the metrics mean (1, 0 and NaN)"):
+    for m in HEADLINE:
+        g = GLOSSARY[m]
+        st.markdown(f"**{g.name}** (`{m}`): {g.plain}  \n{g.one} {g.zero} {g.nan}")
+
+summary = ev.summary
+st.subheader("Model vs baselines vs ceiling (mean over test perturbations)")
+shown_cols = [m for m in HEADLINE if m in summary.columns]
+st.dataframe(summary[["method", *shown_cols]], hide_index=True, width="stretch")
 metric_names = [c for c in summary.columns if c != "method"]
 metric = st.selectbox(
     "Metric",
     metric_names,
     index=metric_names.index("pearson_delta") if "pearson_delta" in metric_names else 0,
     key="eval_metric",
+    help="Any cell-eval metric; the verdict above reads the five headline ones.",
 )
 info = METRICS.get(metric)
-better = None if info is None or info.best is None else ("higher" if info.best == 1.0 else "lower")
-st.plotly_chart(figures.metric_bars(summary, metric, better=better), width="stretch", key="eval_fig_bars")
+empty = analysis.nothing_to_show(summary[metric])
+if empty:
+    st.info(f"No bars for {metric}: {empty}")
+else:
+    better = None if info is None or info.best is None else ("higher" if info.best == 1.0 else "lower")
+    st.plotly_chart(figures.metric_bars(summary, metric, better=better), width="stretch", key="eval_fig_bars")
 if info is not None:
-    st.caption(info.description)
+    st.caption(GLOSSARY[metric].plain if metric in GLOSSARY else info.description)
 
-pred, real, control = out["pred"], out["real"], out["control"]
-model_eval = out["results"].get(results.MODEL)
+pred, real, control = ev.pred, ev.real, ev.control
+model_eval = ev.results.get(MODEL)
 model_res = model_eval.results if model_eval is not None else None
 st.subheader("Perturbation discrimination (PDS)")
+if ev.pds is None:
+    st.info(
+        "No PDS view: it needs the model's predictions of at least two test perturbations "
+        f"(this split has {ev.n_perturbations})."
+    )
+else:
+    left, right = st.columns([3, 1])
+    left.plotly_chart(
+        figures.distance_heatmap(
+            ev.pds.distances, title="L1 distance: predicted Δ (rows) vs real Δ, ordered by rank"
+        ),
+        width="stretch",
+        key="eval_fig_pds",
+    )
+    right.caption(
+        "Rank of the true perturbation among the real changes (1 = closest), the same ranks the PDS "
+        "score uses. *best*–*worst* bound the rank when other perturbations sit at exactly the same "
+        "distance (*tied*); the score then follows the alphabetical order of the tied names, as in cell-eval."
+    )
+    right.dataframe(ev.pds.ranks, hide_index=True, width="stretch")
+    if ev.pds.predictions_alike:
+        st.warning(
+            "The model predicts almost the same change for every perturbation (the distances vary "
+            f"{1 / ev.pds.prediction_spread:.0f}× more between real perturbations than between predictions), "
+            "so every prediction lands nearest the same real perturbation and the ranks mostly follow how large "
+            "each real change is (small, noisy groups have large changes), not what the model learned."
+        )
+
+st.subheader("DE overlap per perturbation")
+if model_res is not None and "overlap_at_N" in model_res.columns:
+    overlap = model_res.groupby("perturbation")["overlap_at_N"].mean()
+    n_sig = model_res.groupby("perturbation")["de_nsig_counts_real"].mean()
+    empty = analysis.overlap_empty_reason(overlap, n_sig)
+    if empty:
+        st.info(empty)
+    else:
+        st.plotly_chart(
+            figures.per_perturbation_bars(
+                overlap, title="Overlap of top DE genes (model vs real)", y_label="overlap_at_N"
+            ),
+            width="stretch",
+            key="eval_fig_overlap",
+        )
+else:
+    st.info("No DE overlap for the model: its scoring failed (see the message above).")
+
+st.subheader("Pearson Δ for one perturbation")
 deltas = widgets.attempt(
     lambda: (analysis.deltas(pred, control), analysis.deltas(real, control)), what="Computing deltas"
 )
 if widgets.failed(deltas):
     st.stop()
 pred_delta, real_delta = deltas
-dist_ranks = widgets.attempt(analysis.pds_matrix, pred_delta, real_delta, what="PDS distance matrix")
-if not widgets.failed(dist_ranks):
-    dist, ranks = dist_ranks
-    left, right = st.columns([3, 1])
-    left.plotly_chart(
-        figures.distance_heatmap(dist, title="Mean L1 distance: predicted Δ (rows) vs real Δ"),
-        width="stretch",
-        key="eval_fig_pds",
-    )
-    right.caption("Rank of the true perturbation (1 = best)")
-    right.dataframe(ranks.sort_values().to_frame(), width="stretch")
-
-st.subheader("DE overlap per perturbation")
-if model_res is not None and "overlap_at_N" in model_res.columns:
-    overlap = model_res.groupby("perturbation")["overlap_at_N"].mean()
-    st.plotly_chart(
-        figures.per_perturbation_bars(
-            overlap, title="Overlap of top DE genes (model vs real)", y_label="overlap_at_N"
-        ),
-        width="stretch",
-        key="eval_fig_overlap",
-    )
-
-st.subheader("Pearson Δ for one perturbation")
 common = [p for p in pred_delta.index if p in real_delta.index]
-shown = st.selectbox("Perturbation", common, key="eval_pert")
+shown = st.selectbox(
+    "Perturbation", common, key="eval_pert", help="A held-out perturbation of the test split to look at."
+)
 genes = [g for g in pred_delta.columns if g in set(real_delta.columns)]
 real_d, pred_d = real_delta.loc[shown, genes].to_numpy(), pred_delta.loc[shown, genes].to_numpy()
 r = analysis.pearson(real_d, pred_d)

@@ -47,3 +47,22 @@ def sample_path() -> Path:
     if not SAMPLE.exists():
         pytest.skip(f"sample data missing: {SAMPLE}")
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, _prepared_synthetic_master):
+    """A real (tiny) training run made by the CLI the app launches: 6 steps on 400 synthetic cells.
+
+    Shared by the page and evaluation tests; copy it before writing into it."""
+    import subprocess
+    import sys
+
+    base = tmp_path_factory.mktemp("trained")
+    data = base / "prep.h5ad"
+    _prepared_synthetic_master.write_h5ad(data)
+    run = base / "runs" / "tiny"
+    cmd = [sys.executable, "-m", "statecore", "train", "--data", str(data), "--run-dir", str(run)]
+    cmd += ["--context", "c2", "--steps", "6", "--set-size", "16", "--batch-size", "2", "--threads", "1"]
+    done = subprocess.run([*cmd, "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("streamlit")
@@ -226,42 +227,19 @@ def test_train_form_with_prepared_data(env, prepared_synthetic, tmp_path):
     assert at.button(key="train_start")
     assert at.radio(key="train_track").options[0] == "State Transition on expression"
     assert "State Embedding model (SE)" in at.radio(key="train_track").options
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, _prepared_synthetic_master):
-    """A real (tiny) training run made by the CLI the app launches: 6 steps on 400 synthetic cells."""
-    import subprocess
-    import sys
-
-    base = tmp_path_factory.mktemp("trained")
-    data = base / "prep.h5ad"
-    _prepared_synthetic_master.write_h5ad(data)
-    run = base / "runs" / "tiny"
-    cmd = [
-        sys.executable,
-        "-m",
-        "statecore",
-        "train",
-        "--data",
-        str(data),
-        "--run-dir",
-        str(run),
-        "--context",
-        "c2",
-        "--steps",
-        "6",
-        "--set-size",
-        "16",
-        "--batch-size",
-        "2",
-        "--threads",
-        "1",
-        "--quiet",
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return run
+    assert at.radio(key="train_track").help and "Kang sample" in _texts(at.caption)
+    # every control carries a plain-words help text
+    widgets = [*at.selectbox, *at.number_input, *at.text_input, *at.slider, *at.multiselect]
+    assert widgets and all(w.help for w in widgets), [w.key for w in widgets if not w.help]
+    # the run name follows context and task until the user edits it
+    first = at.selectbox(key="train_context").value
+    assert at.text_input(key="train_name").value == f"{first}-zeroshot"
+    at.selectbox(key="train_context").set_value("c0").run()
+    at.selectbox(key="train_task").set_value("underrepresented").run()
+    assert at.text_input(key="train_name").value == "c0-underrepresented"
+    at.text_input(key="train_name").input("mine").run()
+    at.selectbox(key="train_context").set_value("c1").run()
+    assert at.text_input(key="train_name").value == "mine"
 
 
 def _with_run(env, run: Path) -> Path:
@@ -280,7 +258,16 @@ def test_predict_page_with_a_trained_run(env, trained_run):
     assert at.selectbox(key="pred_context").value == "c2"  # the run's target context
     assert "Predicted" in _texts(at.success)
     assert len(at.get("plotly_chart")) == 3  # means, volcano, UMAP
-    assert at.dataframe[0].value.columns[0] == "feature"
+    de = at.dataframe[0].value
+    assert (
+        list(de.columns[:2]) == ["gene", "mean change (log1p)"] and np.isfinite(de["log2 fold change"]).all()
+    )
+    change = de["mean change (log1p)"].abs().to_numpy()
+    assert (change[:-1] >= change[1:] - 1e-12).all()  # ranked by effect size, not by p-value
+    assert "depends on how many cells were generated" in _texts(at.caption)
+    # not evaluated yet: the page says so, offers to measure, and says a single model has no spread
+    assert "Not measured yet" in _texts(at.info) and at.button(key="pred_measure")
+    assert "single model (k = 1)" in _texts(at.caption)
     # An unmeasured combination of measured singles is offered and predicted.
     options = at.multiselect(key="pred_perts").options
     combo = next(o for o in options if "+" in o)
@@ -289,11 +276,45 @@ def test_predict_page_with_a_trained_run(env, trained_run):
     assert not at.error, _texts(at.error)
     assert "for 1 perturbation(s) in c2" in _texts(at.success)
     assert "never measured" in _texts(at.caption)
+    assert "not among the model's" in _texts(at.caption)  # synthetic perturbations name no gene
     assert len(at.get("download_button")) == 2
 
 
-def test_evaluate_page_with_a_trained_run(env, trained_run):
+def test_predict_page_ensemble_of_two_runs(env, trained_run):
+    import shutil
+
     _with_run(env, trained_run)
+    shutil.copytree(trained_run, env["runs"] / "tiny-seed1")
+    at = _app("4_Predict.py", sc_run=str(env["runs"] / "tiny"))
+    _clean(at)
+    pick = at.multiselect(key="pred_ensemble")
+    assert pick.options == ["tiny-seed1"]
+    pick.set_value(["tiny-seed1"]).run()
+    _clean(at)
+    assert not at.error, _texts(at.error)
+    assert any("Agreement between 2 ensemble members" in s.value for s in at.subheader)
+    table = next(d.value for d in at.dataframe if "direction disputed" in d.value.columns)
+    assert {"sd between members", "direction disputed"} <= set(table.columns)
+    assert not table["direction disputed"].any()  # two copies of one model agree everywhere
+
+
+def test_ensemble_agreement_flags_sign_disputes():
+    import pandas as pd
+
+    from statecore.ui import analysis
+
+    changes = pd.DataFrame([[1.0, 0.2, 0.01], [0.8, -0.3, -0.01], [1.2, 0.1, 0.0]], columns=["a", "b", "c"])
+    table = analysis.ensemble_agreement(changes).set_index("gene")
+    assert list(table.index) == ["a", "b", "c"]
+    assert table.loc["b", "direction disputed"] and not table.loc["a", "direction disputed"]
+    assert not table.loc["c", "direction disputed"]  # below min_change: noise, not a dispute
+    assert np.isclose(table.loc["b", "members agreeing on direction"], 2 / 3)
+    with pytest.raises(ValueError, match="two ensemble members"):
+        analysis.ensemble_agreement(changes.iloc[:1])
+
+
+def test_evaluate_page_with_a_trained_run(env, trained_run):
+    run = _with_run(env, trained_run)
     at = _app("5_Evaluate.py")
     _clean(at)
     at.button(key="eval_go").click().run()
@@ -302,9 +323,33 @@ def test_evaluate_page_with_a_trained_run(env, trained_run):
     table = at.dataframe[0].value
     methods = list(table["method"])
     assert methods[0] == "State (this run)" and "baseline: control" in methods and len(methods) >= 5
+    assert methods[-1].startswith("ceiling")
     assert "pearson_delta" in table.columns
-    assert len(at.get("plotly_chart")) >= 4  # bars, PDS heatmap, overlap, Pearson delta (+ UMAP)
+    verdict = _texts(at.success) + _texts(at.warning)
+    assert "The model beats every baseline on" in verdict
+    text = _texts(at.markdown)
+    assert "Pearson Δ:" in text and "ceiling" in text and "NaN:" in text  # verdicts + glossary
+    ranks = at.dataframe[1].value
+    assert list(ranks["rank"]) == sorted(ranks["rank"]) and {"best", "worst", "tied"} <= set(ranks.columns)
+    charts = len(at.get("plotly_chart"))
+    infos = _texts(at.info)
+    assert charts >= 4 or "No bars" in infos  # an empty chart is replaced by the reason
     assert not [b for b in at.button if b.key == "eval_go"]  # evaluated: the button is gone
+    assert (run / "evaluation" / "verdict.json").exists()
+    # the Predict page now carries the measured confidence
+    at.switch_page("pages/4_Predict.py")
+    at.run()
+    _clean(at)
+    assert "this run's predictions reached" in _texts(at.markdown)
+    assert not [b for b in at.button if b.key == "pred_measure"]
+
+
+def test_train_page_points_a_finished_run_to_its_evaluation(env, trained_run):
+    _with_run(env, trained_run)
+    at = _app("3_Train.py")
+    _clean(at)
+    assert "Not evaluated yet" in _texts(at.caption)
+    assert "(done)" in at.selectbox(key="train_run_pick").options[0]
 
 
 def test_train_page_starts_and_cancels_a_run(env, prepared_synthetic, tmp_path):
@@ -395,21 +440,92 @@ def test_prediction_choices_offer_only_what_the_run_can_encode():
     assert analysis.prediction_choices(obs, "ctrl", ["w"], ["A"])[0] == ["x", "y"]  # none known: all
 
 
-def test_ranked_de_sorts_one_target():
+def test_readable_de_ranks_by_change_puts_the_perturbed_gene_first():
     import pandas as pd
 
     from statecore.ui import analysis
 
     de = pd.DataFrame(
         {
-            "target": ["A", "A", "A", "B"],
-            "feature": ["g1", "g2", "g3", "g1"],
-            "log2_fold_change": [0.5, -2.0, 1.0, 9.0],
-            "fdr": [0.01, 0.01, 0.001, 0.0],
+            "target": ["A", "A", "A", "A", "B"],
+            "feature": ["g1", "g2", "A", "g0", "g1"],
+            "target_mean": [1.0, 0.0, 0.5, 3.0, 9.0],
+            "ref_mean": [0.0, 2.0, 1.0, 3.0, 0.0],  # g1: zero control mean (was +inf before)
+            "fdr": [0.5, 0.01, 0.2, 1e-30, 0.0],
         }
     )
-    ranked = analysis.ranked_de(de, "A")
-    assert list(ranked["feature"]) == ["g3", "g2", "g1"] and list(ranked.columns) == list(de.columns)
+    table, note = analysis.readable_de(de, "A")
+    assert list(table["gene"]) == ["A", "g2", "g1", "g0"]  # the knock-down first, then by |change|
+    assert np.isfinite(table["log2 fold change"]).all()
+    assert np.isclose(table.loc[2, "log2 fold change"], 1.0)  # log2((1 + 1) / (0 + 1))
+    assert np.isclose(table.loc[1, "mean change (log1p)"], -np.log1p(2.0))
+    assert "Knock-down check: A" in note
+    _, note = analysis.readable_de(de, "B")
+    assert "B is not among the model's 1 genes" in note
+    _, note = analysis.readable_de(de.assign(target="A+g9"), "A+g9")
+    assert "Knock-down check: A" in note
+
+
+def test_empty_charts_say_why():
+    import pandas as pd
+
+    from statecore.ui import analysis
+
+    assert "0 for every method" in analysis.nothing_to_show(pd.Series([0.0, 0.0, np.nan]))
+    assert "undefined (NaN)" in analysis.nothing_to_show(pd.Series([np.nan, np.nan]))
+    assert analysis.nothing_to_show(pd.Series([0.0, 0.2])) == ""
+    zero = pd.Series([0.0, 0.0], index=["A", "B"])
+    assert "no significant DE gene" in analysis.overlap_empty_reason(zero, pd.Series([0, 0]))
+    assert "share none" in analysis.overlap_empty_reason(zero, pd.Series([0, 12]))
+    assert analysis.overlap_empty_reason(pd.Series([0.0, 0.5]), pd.Series([3, 4])) == ""
+
+
+def test_confidence_text_reads_the_saved_verdict():
+    from statecore.ui import analysis
+
+    doc = {
+        "context": "c2",
+        "n_test_perturbations": 3,
+        "verdicts": [
+            {
+                "metric": "pearson_delta",
+                "model": 0.9,
+                "baseline": 0.8,
+                "ceiling": 0.95,
+                "beats": True,
+                "sentence": "Pearson Δ: beats every baseline by 0.1.",
+            }
+        ],
+    }
+    same = analysis.confidence_text(doc, context="c2", perts=["A"], test_perts=["A", "B"])
+    assert "Pearson Δ 0.900" in same and "0.950" in same and "guide" not in same
+    other = analysis.confidence_text(doc, context="c0", perts=["A"], test_perts=[])
+    assert "in another context" in other
+    assert analysis.confidence_text(None, context="c2", perts=["A"], test_perts=[]) == ""
+    assert "0.420" in analysis.confidence_text(None, context="c2", perts=[], test_perts=[], val_pearson=0.42)
+
+
+def test_umap_colours_tell_roles_apart():
+    from statecore.ui import figures
+
+    labels = ["predicted A", "control (c2)", "real A", "real control"]
+    assert [figures.role_of(lab) for lab in labels] == ["predicted", "control", "real", "control"]
+    fig = figures.embedding_scatter(np.zeros((4, 2)), np.array(labels), title="t")
+    colours = {t.name: t.marker.color for t in fig.data}
+    assert colours["predicted A"] != colours["real A"] != colours["control (c2)"]
+    assert colours["control (c2)"] == colours["real control"]
+
+
+def test_qc_removal_chart_has_a_legend_and_counts():
+    import pandas as pd
+
+    from statecore.ui import figures
+
+    table = pd.DataFrame({"filter": ["cells", "genes"], "removed": [4, 6000], "kept": [996, 1000]})
+    fig = figures.removal_bars(table)
+    names = {t.name for t in fig.data}
+    assert names == {"kept", "removed"} and len({t.marker.color for t in fig.data}) == 2
+    assert any("4 (0.4%)" in list(t.text) for t in fig.data)
 
 
 def test_cached_loaders_reread_a_rewritten_file(tmp_path, synthetic_counts):

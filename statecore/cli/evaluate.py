@@ -1,4 +1,8 @@
-"""``python -m statecore evaluate --pred P.h5ad --real R.h5ad -o OUT``: cell-eval-equivalent metrics."""
+"""``python -m statecore evaluate --pred P.h5ad --real R.h5ad -o OUT``: cell-eval-equivalent metrics.
+
+``python -m statecore evaluate --run-dir R [--data D] [-o OUT]``: the whole evaluation of a run
+(model vs every baseline vs the data ceiling, with a verdict per headline metric), the same
+``evaluate_run`` the app and ``bench/quality.py`` call."""
 
 from __future__ import annotations
 
@@ -18,8 +22,16 @@ SUMMARY = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="score predicted vs real cells with cell-eval's metrics")
-    p.add_argument("--pred", required=True, help="predicted cells (.h5ad, log1p X, controls included)")
-    p.add_argument("--real", required=True, help="real cells (.h5ad, log1p X, controls included)")
+    p.add_argument("--pred", default=None, help="predicted cells (.h5ad, log1p X, controls included)")
+    p.add_argument("--real", default=None, help="real cells (.h5ad, log1p X, controls included)")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="evaluate a trained run instead: its test split predicted by the model and every baseline, "
+        "scored against the real cells and the data ceiling, with a verdict per metric",
+    )
+    p.add_argument("--data", default=None, help="with --run-dir: prepared .h5ad (default: the run's data)")
+    p.add_argument("--seed", type=int, default=0, help="with --run-dir: seed of predictions and halves")
     p.add_argument(
         "--control", default=None, help="control label (default: the one recorded in the real data's uns)"
     )
@@ -31,7 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pool all contexts instead of one table per obs['context'] value",
     )
     p.add_argument("--timings", action="store_true", help="also print seconds per phase as JSON")
-    p.add_argument("-o", "--outdir", required=True, help="directory for results.csv, agg_results.csv, ...")
+    p.add_argument(
+        "-o",
+        "--outdir",
+        default=None,
+        help="directory for results.csv, agg_results.csv, ... (with --run-dir: default <run>/evaluation)",
+    )
     p.set_defaults(func=run)
 
 
@@ -50,6 +67,51 @@ def _read(path: str, what: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from statecore.errors import DataError
+
+    if args.run_dir:
+        if args.pred or args.real or args.baseline:
+            raise DataError("give either --run-dir or --pred/--real/--baseline, not both")
+        return run_dir_evaluation(args)
+    if not (args.pred and args.real and args.outdir):
+        raise DataError("give --pred, --real and -o (or --run-dir to evaluate a trained run)")
+    return files_evaluation(args)
+
+
+def run_dir_evaluation(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from statecore.cli._common import read_prepared
+    from statecore.config import RunConfig
+    from statecore.errors import CheckpointError
+    from statecore.evaluation.run import evaluate_run
+    from statecore.evaluation.verdict import EVALUATION_DIR
+    from statecore.runs.files import read_json
+    from statecore.training.checkpoint import load_run
+
+    run_dir = Path(args.run_dir)
+    cfg = read_json(run_dir / "config.json")
+    data = args.data or (RunConfig.from_dict(cfg).data_path if isinstance(cfg, dict) else "")
+    if not data:
+        raise CheckpointError(f"{str(run_dir)!r} has no config.json naming its data; pass --data")
+    run = load_run(run_dir, device="cpu")
+    adata = read_prepared(data)
+    ev = evaluate_run(run, adata, seed=args.seed)
+    outdir = Path(args.outdir) if args.outdir else run_dir / EVALUATION_DIR
+    written = ev.save(outdir)
+    print(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.4f}", columns=_summary_cols(ev)))
+    print(ev.text())
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _summary_cols(ev) -> list[str]:
+    from statecore.evaluation.verdict import HEADLINE
+
+    return ["method", *(m for m in HEADLINE if m in ev.summary.columns)]
+
+
+def files_evaluation(args: argparse.Namespace) -> int:
     import json
     import time
     import warnings

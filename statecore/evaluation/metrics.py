@@ -148,24 +148,67 @@ def _distances(real: np.ndarray, pred_row: np.ndarray, metric: str) -> np.ndarra
     raise ValueError(f"unknown distance {metric!r}")
 
 
+def discrimination_distances(
+    pb: PseudobulkArrays, metric: str = "l1", exclude_target_gene: bool = True
+) -> np.ndarray:
+    """(K, K) distance of each predicted delta (row i) to every real delta (column j): the matrix
+    the PDS ranks, and the one the app draws. A gene named like row i's perturbation is left out
+    of row i (its knock-down is trivially predictable)."""
+    dr, dp = pb.real_delta, pb.pred_delta
+    gene_set = set(pb.genes.tolist())
+    out = np.empty((len(pb.perts), len(pb.perts)))
+    for i, p in enumerate(pb.perts):
+        keep = pb.genes != p if exclude_target_gene and p in gene_set else slice(None)
+        out[i] = _distances(dr[:, keep], dp[i, keep], metric)
+    return out
+
+
+@dataclass(frozen=True)
+class DiscriminationRanks:
+    """Where each true perturbation lands among the real deltas, 0 = closest.
+
+    ``rank`` is cell-eval's: the position in ``np.argsort`` of the row, so real deltas at exactly
+    the same distance are ordered by their index (alphabetically); ``best``/``worst`` bound the
+    rank over every order of those ties, ``tied`` counts the other perturbations at the same distance."""
+
+    rank: np.ndarray  # (K,) int
+    best: np.ndarray  # (K,) int
+    worst: np.ndarray  # (K,) int
+    tied: np.ndarray  # (K,) int
+
+
+def discrimination_ranks(dist: np.ndarray) -> DiscriminationRanks:
+    own = np.diag(dist)[:, None]
+    rank = np.array([int(np.flatnonzero(np.argsort(row) == i)[0]) for i, row in enumerate(dist)], dtype=int)
+    tied = (dist == own).sum(axis=1) - 1
+    best = (dist < own).sum(axis=1)
+    return DiscriminationRanks(rank=rank, best=best, worst=best + tied, tied=tied)
+
+
 def discrimination_score(
     pb: PseudobulkArrays, metric: str = "l1", exclude_target_gene: bool = True
 ) -> np.ndarray:
     """PDS per perturbation: 1 - rank/N of the true perturbation among all real deltas, ranked by
-    distance to the predicted delta (rank 0 = closest). A gene named like the perturbation is
-    left out of the distance (its knock-down is trivially predictable). NaN when N == 1."""
+    distance to the predicted delta (rank 0 = closest; ``discrimination_ranks``). NaN when N == 1."""
     k = len(pb.perts)
     if k < 2:
         return np.full(k, np.nan)
-    dr, dp = pb.real_delta, pb.pred_delta
-    gene_set = set(pb.genes.tolist())
-    out = np.empty(k)
-    for i, p in enumerate(pb.perts):
-        keep = pb.genes != p if exclude_target_gene and p in gene_set else slice(None)
-        d = _distances(dr[:, keep], dp[i, keep], metric)
-        rank = int(np.flatnonzero(np.argsort(d) == i)[0])  # same argsort as cell-eval for ties
-        out[i] = 1.0 - rank / k
-    return out
+    ranks = discrimination_ranks(discrimination_distances(pb, metric, exclude_target_gene))
+    return 1.0 - ranks.rank / k
+
+
+def pseudobulks(pred, real, *, control: str, pert_col: str = "perturbation") -> PseudobulkArrays:
+    """Pseudobulks of the perturbations pred and real share (real's gene order), for views that
+    need the arrays ``evaluate`` scores (the PDS heatmap)."""
+    genes = np.asarray(real.var_names).astype(str)
+    lr, lp = _labels(real, pert_col, "real"), _labels(pred, pert_col, "pred")
+    perts = np.array(sorted((set(lr) & set(lp)) - {control}))
+    groups = np.append(perts, control)
+    br = _group_means(_matrix(real), lr, groups)
+    bp = _group_means(_matrix(pred[:, genes]), lp, groups)
+    return PseudobulkArrays(
+        perts=perts, genes=genes, real=br[:-1], pred=bp[:-1], real_ctrl=br[-1], pred_ctrl=bp[-1]
+    )
 
 
 def _top_sig(fdr: np.ndarray, abs_lfc: np.ndarray, thr: float) -> np.ndarray:

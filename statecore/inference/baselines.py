@@ -26,7 +26,8 @@ from statecore.data.sets import RowGatherer, gene_indices, obs_labels
 from statecore.errors import DataError
 from statecore.inference.predict import control_rows, make_prediction_adata, sample_rows
 
-KINDS = ("control", "context_mean", "perturbation_mean", "cell_mean", "additive")
+# The one list of baseline kinds (the CLI keeps a copy so that `--help` does not import torch).
+BASELINE_KINDS = ("control", "context_mean", "perturbation_mean", "cell_mean", "additive")
 
 
 def group_means(adata, mask: np.ndarray, keys: np.ndarray, gene_idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,8 +58,8 @@ def predict_baseline(
     combo_sep: str = "+",
 ) -> ad.AnnData:
     """Baseline prediction of every test perturbation of ``split`` (contract of ``predict``)."""
-    if kind not in KINDS:
-        raise DataError(f"unknown baseline {kind!r}; use one of {', '.join(KINDS)}")
+    if kind not in BASELINE_KINDS:
+        raise DataError(f"unknown baseline {kind!r}; use one of {', '.join(BASELINE_KINDS)}")
     genes = list(genes)
     gidx = gene_indices(adata, genes)
     pert, ctx, _ = obs_labels(adata)

@@ -94,11 +94,74 @@ def prediction_choices(
     return contexts, [p for p in measured if encodable(p)], [c for c in combos if encodable(c)]
 
 
-def ranked_de(de: pd.DataFrame, target: str) -> pd.DataFrame:
-    """One target's rows of a ``compute_de`` table, most significant first (ties: larger |log2 FC|)."""
-    one = de[de["target"].astype(str) == target].copy()
-    one["abs_lfc"] = one["log2_fold_change"].abs()
-    return one.sort_values(["fdr", "abs_lfc"], ascending=[True, False]).drop(columns="abs_lfc")
+def nothing_to_show(values: pd.Series) -> str:
+    """Why a bar chart of ``values`` would be empty ("" when there is something to draw)."""
+    v = pd.to_numeric(values, errors="coerce")
+    if v.isna().all():
+        return "the metric is undefined (NaN) for every method; see the glossary for when that happens."
+    if (v.fillna(0) == 0).all():
+        return "the metric is 0 for every method, the ceiling included."
+    return ""
+
+
+def overlap_empty_reason(overlap: pd.Series, n_sig_real: pd.Series) -> str:
+    """Why the per-perturbation DE-overlap chart would be empty ("" when it has bars to show)."""
+    if overlap.empty:
+        return "No DE overlap: no perturbation was scored."
+    if (overlap.fillna(0) > 0).any():
+        return ""
+    if (n_sig_real.fillna(0) == 0).all():
+        return (
+            "No bars: the real test cells have no significant DE gene (FDR < 0.05) for any perturbation "
+            "(too few cells or no effect), so every method, the ceiling included, overlaps 0 genes."
+        )
+    return (
+        "No bars: the model's top predicted DE genes share none with the real significant genes for any "
+        f"perturbation (the real cells have {int(n_sig_real.max())} significant genes at most)."
+    )
+
+
+# log2 of a ratio of geometric means with pseudocount 1 on normalised counts: since pdex's mean is
+# expm1(mean log1p x), log2((m_t + 1) / (m_r + 1)) = (mean log1p t - mean log1p r) / ln 2, never infinite.
+LOG2_PER_LN = 1.0 / np.log(2.0)
+
+
+def readable_de(de: pd.DataFrame, target: str, combo_sep: str = "+") -> tuple[pd.DataFrame, str]:
+    """One target's predicted DE as a biologist reads it, and a note on the knock-down check.
+
+    Ranked by effect size: the predicted mean change in log space (mean log1p of the predicted
+    cells minus that of the controls); log2 fold change with a pseudocount of 1 (never infinite);
+    the perturbed gene(s) first when they are in the panel."""
+    one = de[de["target"].astype(str) == target]
+    pred_mean = np.log1p(one["target_mean"].to_numpy(float))
+    ctrl_mean = np.log1p(one["ref_mean"].to_numpy(float))
+    table = pd.DataFrame(
+        {
+            "gene": one["feature"].astype(str).to_numpy(),
+            "mean change (log1p)": pred_mean - ctrl_mean,
+            "log2 fold change": (pred_mean - ctrl_mean) * LOG2_PER_LN,
+            "predicted mean (log1p)": pred_mean,
+            "control mean (log1p)": ctrl_mean,
+            "FDR": one["fdr"].to_numpy(float),
+        }
+    )
+    parts = split_combo(str(target), combo_sep) if combo_sep else [str(target)]
+    table["perturbed gene"] = table["gene"].isin(parts)
+    table["order"] = -table["mean change (log1p)"].abs()
+    table = table.sort_values(["perturbed gene", "order"], ascending=[False, True], kind="stable")
+    table = table.drop(columns="order").reset_index(drop=True)
+    inside = [p for p in parts if p in set(table["gene"])]
+    if inside:
+        note = (
+            f"Knock-down check: {', '.join(inside)} (the perturbed gene) is at the top; a CRISPRi/knock-out "
+            "should show a negative change there, CRISPRa a positive one."
+        )
+    else:
+        note = (
+            f"{' and '.join(parts)} is not among the model's {len(table):,} genes, so the perturbed gene's "
+            "own change (the knock-down check) cannot be shown here; a drug or cytokine has no such gene."
+        )
+    return table, note
 
 
 def group_means(x, labels: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -168,3 +231,66 @@ def umap_coords(x, seed: int = 0, n_pcs: int = 30) -> np.ndarray:
     pcs = PCA(n_components=n_pcs, random_state=seed).fit_transform(arr)
     neighbours = max(2, min(15, arr.shape[0] - 1))
     return UMAP(n_neighbors=neighbours, random_state=seed, n_jobs=1).fit_transform(pcs)
+
+
+def confidence_text(
+    verdict: dict | None,
+    *,
+    context: str,
+    perts: list[str],
+    test_perts: list[str],
+    val_pearson: float | None = None,
+) -> str:
+    """ "Predictions like this one were right to this degree": the run's measured Pearson Δ on its
+    held-out test perturbations, with the best baseline and the data ceiling ("" when not measured)."""
+    lines = []
+    if val_pearson is not None:
+        lines.append(f"During training, the validation Pearson Δ reached {val_pearson:.3f}.")
+    if verdict:
+        pearson = next((v for v in verdict.get("verdicts", []) if v["metric"] == "pearson_delta"), None)
+        if pearson and pearson.get("beats") is not None:
+            lines.append(
+                f"On its {verdict['n_test_perturbations']} held-out test perturbation(s) in "
+                f"{verdict['context']}, this run's predictions reached **Pearson Δ {pearson['model']:.3f}** "
+                f"(best baseline {pearson['baseline']:.3f}; two halves of the real cells agree to "
+                f"{pearson['ceiling']:.3f}). {pearson['sentence']}"
+            )
+        comparable = context == verdict.get("context") and all(p in set(test_perts) for p in perts)
+        if not comparable:
+            lines.append(
+                "These numbers were measured on held-out perturbations of "
+                f"{verdict.get('context')}; the prediction shown here is "
+                + (
+                    "in another context, "
+                    if context != verdict.get("context")
+                    else "of perturbations outside that test set, "
+                )
+                + "so they are a guide, not a measurement of it."
+            )
+    return " ".join(lines)
+
+
+def ensemble_agreement(changes: pd.DataFrame, *, min_change: float = 0.05) -> pd.DataFrame:
+    """Agreement of k ensemble members (rows) on each gene's predicted change (columns, log1p).
+
+    Per gene: the mean and spread (sd) of the members' changes, the share of members moving the
+    gene in the mean's direction, and a flag where members disagree on the sign of a change that
+    at least one of them predicts to be larger than ``min_change``. Largest mean change first."""
+    if len(changes) < 2:
+        raise ValueError("agreement needs at least two ensemble members")
+    x = changes.to_numpy(dtype=float)  # [k, G]
+    mean = x.mean(axis=0)
+    signs = np.sign(x)
+    same = (signs == np.sign(mean)[None, :]).mean(axis=0)
+    disagree = (signs.max(axis=0) > 0) & (signs.min(axis=0) < 0) & (np.abs(x).max(axis=0) > min_change)
+    table = pd.DataFrame(
+        {
+            "gene": list(map(str, changes.columns)),
+            "mean change (log1p)": mean,
+            "sd between members": x.std(axis=0, ddof=1),
+            "members agreeing on direction": same,
+            "direction disputed": disagree,
+        }
+    )
+    order = np.argsort(-np.abs(mean), kind="stable")
+    return table.iloc[order].reset_index(drop=True)

@@ -23,32 +23,47 @@ def histogram(values: np.ndarray, *, title: str, x_label: str, threshold: float 
 
 
 def removal_bars(table: pd.DataFrame) -> go.Figure:
-    long = table.melt(id_vars="filter", value_vars=["kept", "removed"], var_name="", value_name="count")
+    """Kept vs removed per filter, each bar labelled with its count and share (a filter removing 4
+    cells must not look like one removing 6,000)."""
+    long = table.melt(
+        id_vars="filter", value_vars=["kept", "removed"], var_name="outcome", value_name="count"
+    )
+    totals = long.groupby("filter")["count"].transform("sum").clip(lower=1)
+    long["label"] = [f"{c:,} ({c / t:.1%})" for c, t in zip(long["count"], totals)]
     fig = px.bar(
         long,
         x="count",
         y="filter",
-        color="",
+        color="outcome",
         orientation="h",
         barmode="stack",
+        text="label",
         color_discrete_map={"kept": "#4c78a8", "removed": "#e45756"},
+        category_orders={"outcome": ["kept", "removed"]},
     )
-    return _finish(fig, "What each filter removes", 260)
+    fig.update_traces(textposition="inside", insidetextanchor="middle")
+    fig.update_layout(legend_title_text="")
+    return _finish(fig, "What each filter removes (kept vs removed)", 260)
 
 
 def hvg_scatter(mean: np.ndarray, dispersion: np.ndarray, is_hvg: np.ndarray, *, y_label: str) -> go.Figure:
+    """Mean vs variability per gene, log mean axis (expression spans orders of magnitude); the
+    variability axis is log too unless it holds normalised dispersions (which go below zero)."""
     frame = pd.DataFrame(
         {"mean": mean, y_label: dispersion, "highly variable": np.where(is_hvg, "yes", "no")}
     )
+    log_y = bool((frame[y_label] > 0).all())
     fig = px.scatter(
-        frame,
+        frame[frame["mean"] > 0],
         x="mean",
         y=y_label,
         color="highly variable",
         opacity=0.6,
+        log_x=True,
+        log_y=log_y,
         color_discrete_map={"yes": "#e45756", "no": "#9ca3af"},
     )
-    return _finish(fig, f"Highly variable genes ({int(np.sum(is_hvg))})")
+    return _finish(fig, f"Highly variable genes ({int(np.sum(is_hvg))}; log axes)")
 
 
 def training_curves(metrics: pd.DataFrame) -> go.Figure:
@@ -93,18 +108,56 @@ def volcano(
     return _finish(fig, title)
 
 
+# Cell roles on every UMAP: predicted cells warm, controls grey, real perturbed cells blue.
+ROLE_COLOURS = {"predicted": "#e4572e", "control": "#9ca3af", "real": "#1f77b4"}
+
+
+def role_of(label: str) -> str:
+    """'predicted X' / 'control (...)' / 'real X' / 'real control' -> the colour role."""
+    text = str(label).lower()
+    if text.startswith("predicted"):
+        return "predicted"
+    if "control" in text:
+        return "control"
+    return "real"
+
+
 def embedding_scatter(coords: np.ndarray, groups: np.ndarray, *, title: str) -> go.Figure:
-    frame = pd.DataFrame({"UMAP1": coords[:, 0], "UMAP2": coords[:, 1], "cells": np.asarray(groups)})
-    fig = px.scatter(frame, x="UMAP1", y="UMAP2", color="cells", opacity=0.6)
+    """UMAP with one fixed colour per role (predicted / control / real), so they read at a glance."""
+    groups = np.asarray(groups).astype(str)
+    frame = pd.DataFrame({"UMAP1": coords[:, 0], "UMAP2": coords[:, 1], "cells": groups})
+    colours = {g: ROLE_COLOURS[role_of(g)] for g in pd.unique(groups)}
+    order = sorted(colours, key=lambda g: ("control", "real", "predicted").index(role_of(g)))
+    fig = px.scatter(
+        frame,
+        x="UMAP1",
+        y="UMAP2",
+        color="cells",
+        opacity=0.6,
+        color_discrete_map=colours,
+        category_orders={"cells": order},  # controls drawn first, predictions on top
+    )
     fig.update_traces(marker=dict(size=4))
     return _finish(fig, title, 480)
 
 
 def metric_bars(table: pd.DataFrame, metric: str, *, better: str | None = None) -> go.Figure:
-    """One bar per method (model and baselines) for one metric."""
-    fig = px.bar(table, x="method", y=metric, color="method", text_auto=".3f")
+    """One bar per method for one metric: the model in colour, baselines grey, the ceiling green."""
+    frame = table[["method", metric]].copy()
+    frame["kind"] = [
+        "ceiling" if m.startswith("ceiling") else "baseline" if m.startswith("baseline") else "model"
+        for m in frame["method"]
+    ]
+    fig = px.bar(
+        frame,
+        x="method",
+        y=metric,
+        color="kind",
+        text_auto=".3g",
+        color_discrete_map={"model": "#e4572e", "baseline": "#9ca3af", "ceiling": "#54a24b"},
+    )
     suffix = f" ({better} is better)" if better else ""
-    fig.update_layout(showlegend=False)
+    fig.update_layout(legend_title_text="")
     return _finish(fig, f"{metric}{suffix}", 340)
 
 

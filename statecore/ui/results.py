@@ -5,8 +5,8 @@ Results are shared across sessions: treat the returned AnnData/frames as read-on
 
 from __future__ import annotations
 
+import logging
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,7 @@ import streamlit as st
 
 from statecore.ui import analysis, loaders
 
-MODEL = "State (this run)"
-BASELINES = ("control", "context_mean", "perturbation_mean", "cell_mean", "additive")
+log = logging.getLogger("statecore.app")
 
 
 def run_key(run_dir: str | Path) -> str:
@@ -67,50 +66,56 @@ def h5ad_bytes(key: str, _adata) -> bytes:
         return path.read_bytes()
 
 
-@st.cache_resource(max_entries=4, show_spinner="Predicting the test split and every baseline, then scoring…")
+@st.cache_resource(
+    max_entries=4, show_spinner="Predicting the test split with the model and every baseline, then scoring…"
+)
 def _evaluate(key: str, run_dir: str, seed: int):
-    from statecore.data.io import control_label
-    from statecore.evaluation.metrics import evaluate
-    from statecore.inference.baselines import predict_baseline
-    from statecore.inference.predict import predict_split
+    from statecore.evaluation.run import evaluate_run
+    from statecore.evaluation.verdict import EVALUATION_DIR
 
     run = loaders.load_run(run_dir)
     adata = loaders.read_h5ad(loaders.run_data_path(run_dir))
-    control = control_label(adata)
-    pred, real = predict_split(run, adata, seed=seed)
-    outputs = {MODEL: pred}
-    errors: dict[str, str] = {}
-    for kind in BASELINES:
-        try:
-            outputs[f"baseline: {kind}"] = predict_baseline(
-                adata, run.split, kind, genes=list(run.genes), seed=seed
-            )
-        except Exception as exc:  # noqa: BLE001 - one baseline failing must not hide the others
-            errors[f"baseline: {kind}"] = str(exc)
-    results = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        for name, p in outputs.items():
-            try:
-                results[name] = evaluate(p, real, control=control)
-            except Exception as exc:  # noqa: BLE001 - show the others, name the one that failed
-                errors[name] = str(exc)
-    if not results:
-        raise RuntimeError("no method could be scored: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
-    return {"pred": pred, "real": real, "control": control, "results": results, "errors": errors}
+    ev = evaluate_run(run, adata, seed=seed)
+    try:  # the Predict page reads it back as the run's measured confidence
+        ev.save(Path(run_dir) / EVALUATION_DIR)
+    except OSError:
+        log.warning("could not save the evaluation of %s", run_dir, exc_info=True)
+    return ev
 
 
-def evaluate_cached(run_dir, seed: int = 0) -> dict:
+def evaluate_cached(run_dir, seed: int = 0):
+    """``statecore.evaluation.run.evaluate_run`` of the run (the CLI's and bench's path), cached."""
     return _evaluate(run_key(run_dir), str(run_dir), seed)
 
 
-def summary_table(results: dict, statistic: str = "mean") -> pd.DataFrame:
-    """One row per method, one column per metric: the aggregate ``statistic`` over perturbations
-    (and contexts)."""
-    rows = []
-    for name, res in results.items():
-        agg = res.agg[res.agg["statistic"] == statistic].drop(
-            columns=["statistic", "context"], errors="ignore"
-        )
-        rows.append({"method": name, **agg.mean(numeric_only=True).to_dict()})
-    return pd.DataFrame(rows)
+def ensemble_candidates(run_dir) -> list[Path]:
+    """Other runs with a model on the same prepared data and the same genes (ensemble members)."""
+    from statecore.runs.files import read_lines
+    from statecore.ui import state, training
+
+    run_dir = Path(run_dir)
+    genes, data = read_lines(run_dir / "genes.txt"), loaders.run_data_path(run_dir)
+    out = []
+    for r in training.model_runs(state.runs_dir()):
+        other = Path(r.run_dir)
+        if other.resolve() == run_dir.resolve() or not (other / "genes.txt").exists():
+            continue
+        try:
+            same_data = loaders.run_data_path(other) == data
+        except Exception:  # noqa: BLE001 - a broken run is simply not a candidate
+            continue
+        if same_data and read_lines(other / "genes.txt") == genes:
+            out.append(other)
+    return out
+
+
+def ensemble_changes(run_dirs: list, context: str, pert: str, n_cells: int) -> pd.DataFrame:
+    """Each member's predicted change of ``pert`` in ``context``, and their agreement per gene."""
+    rows = {}
+    for rd in run_dirs:
+        pred = predict_cached(rd, context, [pert], n_cells)
+        labels = pred.obs["perturbation"].astype(str).to_numpy()
+        x = analysis.dense(pred.X)
+        rows[Path(rd).name] = x[labels == pert].mean(axis=0) - x[labels != pert].mean(axis=0)
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=[str(g) for g in pred.var_names])
+    return analysis.ensemble_agreement(frame)
