@@ -109,3 +109,16 @@ def test_se_runs_written_before_runconfig_still_load(prepared_synthetic, tmp_pat
     loaded = load_embedding(run)
     assert loaded.config.batch_cells == 16
     assert transform(loaded, prepared_synthetic[:5]).shape == (5, 8)
+
+
+def test_validation_logs_pearson_delta_and_a_short_run_still_has_a_model(prepared_synthetic, tmp_path):
+    train_run(prepared_synthetic, _cfg(steps=6), tmp_path / "a")
+    val_rows = [r for r in read_metrics(tmp_path / "a") if "val_loss" in r]
+    assert val_rows and all(-1.0 <= r["val_pearson_delta"] <= 1.0 for r in val_rows)
+
+    def stop_early(p):  # as a time budget would: before the first validation
+        if p.step == 3:
+            (tmp_path / "b" / "STOP").touch()
+
+    res = train_run(prepared_synthetic, _cfg(steps=6), tmp_path / "b", hook=stop_early)
+    assert res.step == 3 and res.best_val is None and (tmp_path / "b" / ckpt.BEST).exists()

@@ -263,6 +263,7 @@ class _Loop:
         record.update({k: float(v) for k, v in self.extra.items()})  # e.g. Track B's loss terms
         if val is not None:
             record["val_loss"] = val
+            record.update(getattr(self.task, "val_extras", {}))
         if self.writer:
             runs.append_metrics(self.run_dir, record)
         self.emit("val" if val is not None else "log", loss, val)
@@ -354,6 +355,9 @@ class _Loop:
                 self.checkpoint_if_due(now)
             last = self.flush_losses()
             self.save()
+            if self.writer and self.best_val is None and self.task.has_val:
+                # the budget ended before the first validation: the last model is the best one there is
+                ckpt.save_weights(self.run_dir / ckpt.BEST, self.model, self._meta())
             self.result.step, self.result.best_val = self.step, self.best_val
             self.status(state=self.result.state, eta_s=0.0 if self.result.state == "done" else None)
             self.emit("end", last)

@@ -91,6 +91,7 @@ class STTask:
         self.meta = dict(meta or {})
         self.meta.setdefault("genes", data.genes)
         self.has_val = data.val is not None
+        self.val_extras: dict[str, float] = {}  # logged beside val_loss (metrics.jsonl)
         # the shift prior's per-context table needs each set's context; other models never see it
         self._uses_context = getattr(model, "pair_shift", None) is not None
 
@@ -114,7 +115,7 @@ class STTask:
         ds, model = self.data.val, self.model
         was_training = model.training
         model.eval()
-        total, n = 0.0, 0
+        total, n, corr = 0.0, 0, []
         with torch.random.fork_rng(devices=[]):  # a noise input must not shift the training RNG stream
             torch.manual_seed(0)
             for b in ds.iter_epoch(batch_size, epoch=0, max_sets=VAL_MAX_SETS):
@@ -122,8 +123,22 @@ class STTask:
                 pred = model(b.x_ctrl, b.z_pert, b.batch_idx, **self._kw(ds, b))
                 total += float(self.step_loss(pred, b)[0]) * b.x_target.shape[0]
                 n += b.x_target.shape[0]
+                if pred.shape == b.x_target.shape:  # expression track: genes on both sides
+                    corr.append(set_pearson_delta(pred, b.x_target, b.x_ctrl))
         model.train(was_training)
+        self.val_extras = {"val_pearson_delta": float(torch.cat(corr).nanmean())} if corr else {}
         return total / max(n, 1)
+
+
+def set_pearson_delta(pred: torch.Tensor, real: torch.Tensor, ctrl: torch.Tensor) -> torch.Tensor:
+    """Per set ``[B]``: Pearson correlation over genes of the predicted and the real mean change from the
+    set's controls (a set-level pearson_delta, on validation pairs the model never trained on)."""
+    base = ctrl.mean(1)  # [B, G]
+    a = pred.mean(1) - base
+    b = real.mean(1) - base
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
 
 
 def vocab_meta(data: TrainData) -> dict[str, Any]:
