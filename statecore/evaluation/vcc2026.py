@@ -240,9 +240,10 @@ def pds_cosine(pred: CountBulks, real: CountBulks, perts: np.ndarray, control: s
         raise DataError("every gene is the target of some perturbation: pds_cosine has no features left")
     real_eff, pred_eff = real_eff[:, keep], pred_eff[:, keep]
     sim = pred_eff @ real_eff.T
-    den = np.sqrt(np.einsum("ij,ij->i", pred_eff, pred_eff))[:, None] * np.sqrt(
-        np.einsum("ij,ij->i", real_eff, real_eff)
-    )[None, :]
+    den = (
+        np.sqrt(np.einsum("ij,ij->i", pred_eff, pred_eff))[:, None]
+        * np.sqrt(np.einsum("ij,ij->i", real_eff, real_eff))[None, :]
+    )
     cos = np.divide(sim, den, out=np.zeros_like(sim), where=den != 0)
     dist = np.clip(1.0 - cos, 0.0, 2.0)
     match = pd.Index(real_perts).get_indexer(perts)
@@ -294,8 +295,10 @@ def control_gate(ctrl_cpm, cfg: Vcc2026Config) -> np.ndarray:
 def gated_de(cpm_target, labels, cpm_ctrl, perts, keep: np.ndarray, genes, cfg: Vcc2026Config) -> GatedDE:
     """DE of each label group of ``cpm_target`` (CPM rows) vs the control rows ``cpm_ctrl``."""
     ctrl = "\x00control"  # a label no perturbation can carry
-    stack = sp.vstack([cpm_ctrl, cpm_target]).tocsr() if sp.issparse(cpm_target) else np.vstack(
-        [cpm_ctrl, cpm_target]
+    stack = (
+        sp.vstack([cpm_ctrl, cpm_target]).tocsr()
+        if sp.issparse(cpm_target)
+        else np.vstack([cpm_ctrl, cpm_target])
     )
     lab = np.r_[np.full(cpm_ctrl.shape[0], ctrl, dtype=object), np.asarray(labels, dtype=object)]
     sub = stack[:, keep]
@@ -469,7 +472,9 @@ def evaluate_vcc2026(
     xr, xp = _matrix(real, "real")[keep_r], _matrix(pred, "pred")[keep_p]
     lr, lp = lr[keep_r], lp[keep_p]
     if not target_columns(perts, genes):
-        messages.append("no perturbation names a measured gene: nothing is excluded (cell-eval2 refuses this)")
+        messages.append(
+            "no perturbation names a measured gene: nothing is excluded (cell-eval2 refuses this)"
+        )
 
     rb = count_bulks(xr, lr, cfg.bulk_target_sum)
     pb = count_bulks(xp, lp, cfg.bulk_target_sum)
