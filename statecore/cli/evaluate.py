@@ -1,10 +1,19 @@
-"""``python -m statecore evaluate --pred P.h5ad --real R.h5ad -o OUT``: cell-eval-equivalent metrics."""
+"""``python -m statecore evaluate --pred P.h5ad --real R.h5ad [--profile celleval|vcc2026|all] -o OUT``.
+
+``celleval`` (default): cell-eval 0.8.2's metrics on log1p values, plus Systema's
+perturbation-referenced ``pearson_delta_pert`` / ``discrimination_score_cosine_pert``;
+``vcc2026``: cell-eval2 0.20.0's 2026-challenge metrics on raw counts; ``all``: both, one table.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 SUMMARY = (
+    "pds_cosine",
+    "expr_mse_unbiased_capped_norm",
+    "de_wilcoxon_sig_jaccard",
+    "de_wilcoxon_lfc_nmae",
     "overlap_at_N",
     "discrimination_score_l1",
     "mae",
@@ -13,13 +22,24 @@ SUMMARY = (
     "de_direction_match",
     "de_sig_genes_recall",
     "pr_auc",
+    "pearson_delta_pert",
+    "discrimination_score_cosine_pert",
 )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="score predicted vs real cells with cell-eval's metrics")
-    p.add_argument("--pred", required=True, help="predicted cells (.h5ad, log1p X, controls included)")
-    p.add_argument("--real", required=True, help="real cells (.h5ad, log1p X, controls included)")
+    p.add_argument(
+        "--pred", required=True, help="predicted cells (.h5ad, log1p X or counts, controls included)"
+    )
+    p.add_argument("--real", required=True, help="real cells (.h5ad, log1p X or counts, controls included)")
+    p.add_argument(
+        "--profile",
+        choices=["celleval", "vcc2026", "all"],
+        default="celleval",
+        help="celleval: cell-eval 0.8.2 metrics on log1p (+ Systema deltas); vcc2026: cell-eval2 "
+        "0.20.0 metrics on raw counts (predict --counts); all: both in one table",
+    )
     p.add_argument(
         "--control", default=None, help="control label (default: the one recorded in the real data's uns)"
     )
@@ -55,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     from statecore.data.io import control_label
-    from statecore.evaluation.metrics import evaluate
+    from statecore.evaluation.profiles import evaluate_profile
 
     t0 = time.perf_counter()
     real = _read(args.real, "--real")
@@ -65,31 +85,31 @@ def run(args: argparse.Namespace) -> int:
     t_read = time.perf_counter() - t0
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        res = evaluate(
+        res = evaluate_profile(
             pred,
             real,
+            profile=args.profile,
             control=control,
             pert_col=args.pert_col,
             baseline=base,
             context_col=None if args.no_contexts else "context",
         )
+    t_eval = time.perf_counter() - t0 - t_read
     t1 = time.perf_counter()
-    res.save(args.outdir)
+    files = res.save(args.outdir)
     t_save = time.perf_counter() - t1
     for m in res.messages:
         print(f"note: {m}")
     print(_summary(res))
-    print(
-        f"wrote {args.outdir}/results.csv, agg_results.csv, real_de.csv, pred_de.csv"
-        + (", score.csv" if res.score is not None else "")
-    )
+    print(f"wrote {args.outdir}/: {', '.join(files)}")
     if args.timings:
-        print("timings " + json.dumps({"read": t_read, **res.timings, "save": t_save}))
+        phases = res.celleval.timings if res.celleval is not None else {}
+        print("timings " + json.dumps({"read": t_read, **phases, "evaluate": t_eval, "save": t_save}))
     return 0
 
 
 def _summary(res) -> str:
-    agg = res.agg[res.agg["statistic"] == "mean"]
+    agg = res.agg[res.agg["statistic"] == "mean"].dropna(axis=1, how="all")
     cols = [c for c in SUMMARY if c in agg.columns]
     table = agg[(["context"] if "context" in agg.columns else []) + cols].copy()
     n = res.results.groupby("context").size() if "context" in res.results.columns else None
@@ -98,10 +118,9 @@ def _summary(res) -> str:
         + (f" in {len(n)} context(s)" if n is not None else "")
     ]
     lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if res.score is not None:
-        s = res.score[
-            res.score["metric"].isin(["avg_score", "overlap_at_N", "discrimination_score_l1", "mae"])
-        ]
+    score = res.celleval.score if res.celleval is not None else None
+    if score is not None:
+        s = score[score["metric"].isin(["avg_score", "overlap_at_N", "discrimination_score_l1", "mae"])]
         lines.append("score vs baseline:")
         lines.append(s.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return "\n".join(lines)
