@@ -216,7 +216,8 @@ def de_metrics(real: DEArrays, pred: DEArrays, fdr_threshold: float = FDR_THRESH
             out["de_spearman_lfc_sig"][i] = spearman(rl[i, s], pl_[i, s])
             out["de_sig_genes_recall"][i] = (s & psig[i]).sum() / n_real[i]
         if 0 < n_real[i] < rsig.shape[1]:
-            score = -np.log10(np.clip(pf[i].astype(np.float64), 1e-10, 1.0))
+            # float32 like cell-eval's polars column: FDRs a float32 ULP apart can tie here
+            score = -np.log10(np.clip(pf[i], np.float32(1e-10), np.float32(1.0)))
             out["pr_auc"][i], out["roc_auc"][i] = _pr_roc_auc(s, score)
     has = n_real > 0
     rho = 1.0 if not has.any() else spearman(n_real[has], n_pred[has])
