@@ -155,3 +155,38 @@ def test_cell_eval2_scores_sampled_counts(prepared_synthetic):
         logging.disable(logging.NOTSET)
     assert set(res["perturbation"]) == set(perts)
     assert res["value"].notna().any()
+
+
+def test_cli_predict_counts_then_evaluate_vcc2026(_prepared_synthetic_master, tmp_path, capsys):
+    """predict --split test --counts --real-out, then evaluate --profile vcc2026 on the files."""
+    import anndata as ad
+
+    from statecore.cli import main
+    from statecore.config import RunConfig, SplitConfig, STConfig, TrainConfig
+    from statecore.training.engine import train_run
+
+    data = tmp_path / "prep.h5ad"
+    _prepared_synthetic_master.write_h5ad(data)
+    cfg = RunConfig(
+        data_path=str(data),
+        split=SplitConfig(task="underrepresented", context="c0"),
+        model=STConfig(
+            hidden_dim=16, transformer_heads=2, transformer_layers=1, mlp_hidden_dim=32, set_size=8
+        ),
+        train=TrainConfig(steps=3, batch_size=2, num_threads=1),
+    )
+    train_run(_prepared_synthetic_master, cfg, tmp_path / "run")
+    pred, real = tmp_path / "pred.h5ad", tmp_path / "real.h5ad"
+    argv = ["predict", "--run-dir", str(tmp_path / "run"), "--split", "test", "--counts"]
+    assert main([*argv, "-o", str(pred), "--real-out", str(real)]) == 0
+    assert "carried over" in capsys.readouterr().out
+    p, r = ad.read_h5ad(pred), ad.read_h5ad(real)
+    assert list(p.var_names) == list(r.var_names) == list(_prepared_synthetic_master.var_names)
+    for a in (p, r):
+        x = a.X.toarray()
+        assert np.array_equal(x, np.round(x)) and x.min() >= 0
+    assert p.uns["statecore"]["counts"]["dispersion_cells"] == "training cells"
+    out = tmp_path / "ev"
+    rc = main(["evaluate", "--pred", str(pred), "--real", str(real), "--profile", "vcc2026", "-o", str(out)])
+    assert rc == 0
+    assert "pds_cosine" in (out / "results.csv").read_text()
