@@ -1,8 +1,9 @@
 """One entry point for every scorer: ``celleval`` (cell-eval 0.8.2 on log1p values, plus the
 perturbation-referenced Systema metrics), ``vcc2026`` (cell-eval2 0.20.0 on raw counts) or ``all``.
 
-Each profile reads the representation its reference reads: ``celleval`` the log1p X (count
-input is normalised like ``prepare`` does: normalize_total to the recorded target sum, log1p);
+Each profile reads the representation its reference reads: ``celleval`` the log1p X (under
+``all``, count input is normalised like ``prepare`` does: normalize_total to the recorded target
+sum, log1p);
 ``vcc2026`` raw counts (an integer X, else ``layers["counts"]``). ``all`` writes one results table
 (one row per perturbation and context) and one aggregate with both scorers' columns.
 """
@@ -110,7 +111,8 @@ def evaluate_profile(
     ce = vr = None
     tables, aggs = [], []
     if profile in ("celleval", "all"):
-        lp, lr = as_log1p(pred, "pred"), as_log1p(real, "real")
+        # only 'all' converts counts (it is given count files); celleval alone keeps refusing them
+        lp, lr = (as_log1p(pred, "pred"), as_log1p(real, "real")) if profile == "all" else (pred, real)
         for a, b, which in ((pred, lp, "pred"), (real, lr, "real")):
             if a is not b:
                 messages.append(f"{which} X holds counts: normalised and log1p'd for the celleval metrics")
