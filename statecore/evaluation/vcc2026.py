@@ -295,13 +295,9 @@ def control_gate(ctrl_cpm, cfg: Vcc2026Config) -> np.ndarray:
 def gated_de(cpm_target, labels, cpm_ctrl, perts, keep: np.ndarray, genes, cfg: Vcc2026Config) -> GatedDE:
     """DE of each label group of ``cpm_target`` (CPM rows) vs the control rows ``cpm_ctrl``."""
     ctrl = "\x00control"  # a label no perturbation can carry
-    stack = (
-        sp.vstack([cpm_ctrl, cpm_target]).tocsr()
-        if sp.issparse(cpm_target)
-        else np.vstack([cpm_ctrl, cpm_target])
-    )
+    parts = [cpm_ctrl[:, keep], cpm_target[:, keep]]  # gated genes only: no full-width copy
+    sub = sp.vstack(parts).tocsr() if sp.issparse(cpm_target) else np.vstack(parts)
     lab = np.r_[np.full(cpm_ctrl.shape[0], ctrl, dtype=object), np.asarray(labels, dtype=object)]
-    sub = stack[:, keep]
     de = rank_sum_arrays(_log1p(sub), lab, ctrl, genes=np.asarray(genes)[keep])
     idx = pd.Index(de.groups).get_indexer(perts)
     if (idx < 0).any():
