@@ -95,14 +95,19 @@ def _float_keys(block: np.ndarray) -> np.ndarray:
 
 
 def _dense_codes(block: np.ndarray) -> np.ndarray:
-    """Per-column dense ranks (0..) of a float block; used when values are not exact float32."""
-    order = np.argsort(block, axis=0, kind="stable")
-    srt = np.take_along_axis(block, order, axis=0)
-    step = np.vstack([np.zeros((1, block.shape[1]), bool), srt[1:] != srt[:-1]])
-    codes_sorted = np.cumsum(step, axis=0).astype(np.uint64)
-    codes = np.empty_like(codes_sorted)
-    np.put_along_axis(codes, order, codes_sorted, axis=0)
-    return codes
+    """Dense ranks (0..) of a float block's values, one code table for the whole block (order
+    within every column is what matters); used when values are not exact float32. Only the
+    non-zero values are sorted: expression data are mostly zeros, which share one code."""
+    flat = block.ravel() + 0.0  # -0.0 -> 0.0
+    nz = flat != 0
+    uniq, inv = np.unique(flat[nz], return_inverse=True)
+    if uniq.size >= 2**32 - 1:
+        raise DataError("too many distinct values in one gene block; use a smaller block_size")
+    zero = np.searchsorted(uniq, 0.0)  # number of distinct negative values
+    codes = np.full(flat.shape, zero, dtype=np.uint64)
+    inv = inv.ravel().astype(np.uint64)
+    codes[nz] = inv + (inv >= zero)  # leave code `zero` to the zeros
+    return codes.reshape(block.shape)
 
 
 def _block_keys(block: np.ndarray) -> np.ndarray:
