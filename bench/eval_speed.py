@@ -1,10 +1,14 @@
-"""Speed of ``statecore evaluate`` vs ``cell-eval run --profile full`` on the same files.
+"""Speed of ``statecore evaluate`` vs ``cell-eval run --profile full`` (0.8.2) and
+``cell-eval2 run --preset vcc2026`` (0.20.0) on the same pair, whole process each, one run each.
 
-Data: 100 perturbations x 200 cells (+ 2,000 controls) x 2,000 genes. Real = log1p of Poisson counts
-(sparse CSR, like real screens); pred = continuous model-like log1p values (dense). Both tools run
-as separate processes on the same .h5ad files; cell-eval with ``--num-threads`` = all cores,
-statecore single-threaded numpy. Phase times: statecore from ``--timings``; cell-eval from its
-own log records (INFO, timestamped) emitted by the very same ``cell-eval run`` entry point.
+Data: 100 perturbations x 200 cells (+ 2,000 controls) x 2,000 genes; perturbation ``g<i>`` knocks
+down gene ``g<i>`` (targets in the panel, as cell-eval2 requires). Real = Poisson counts; pred =
+Poisson counts around a noisy model mean. The log1p pair (cell-eval, ``--profile celleval``):
+real = log1p(counts) as sparse CSR, pred = continuous model-like log1p values (dense). The count
+pair (cell-eval2, ``--profile vcc2026``): the same draws as integer counts (CSR). cell-eval and
+cell-eval2 run with all cores (``--num-threads``; cell-eval2's CPU DE engine is pdex), statecore
+single-threaded numpy. Phase times: statecore from ``--timings``; cell-eval from its own
+timestamped log records emitted by the very same ``cell-eval run`` entry point.
 
     nice python bench/eval_speed.py [--quick]      # JSON -> bench/results/eval_speed[_quick].json
 """
@@ -43,29 +47,36 @@ def make_data(tmp: Path, n_perts: int, n_cells: int, n_ctrl: int, n_genes: int, 
 
     rng = np.random.default_rng(seed)
     base = rng.gamma(0.6, 1.0, n_genes)
-    labels = ["ctrl"] * n_ctrl + [f"p{i}" for i in range(n_perts) for _ in range(n_cells)]
+    labels = ["ctrl"] * n_ctrl + [f"g{i}" for i in range(n_perts) for _ in range(n_cells)]
     eff = np.ones((n_perts + 1, n_genes))
     for i in range(1, n_perts + 1):
         hit = rng.choice(n_genes, 40, replace=False)
         eff[i, hit] = rng.choice([0.3, 2.5], 40)
+        eff[i, i - 1] = 0.1  # knock-down of the perturbation's own gene
     rows = np.r_[np.zeros(n_ctrl, int), np.repeat(np.arange(1, n_perts + 1), n_cells)]
     mu = base[None, :] * eff[rows]
-    real_x = np.log1p(rng.poisson(mu)).astype(np.float32)
+    real_c = rng.poisson(mu)
+    real_x = np.log1p(real_c).astype(np.float32)
     pred_mu = mu * rng.lognormal(0, 0.3, mu.shape)
-    pred_x = np.log1p(rng.poisson(pred_mu) + rng.random(mu.shape) * 0.5).astype(np.float32)
+    pred_c = rng.poisson(pred_mu)
+    pred_x = np.log1p(pred_c + rng.random(mu.shape) * 0.5).astype(np.float32)
     obs = pd.DataFrame({"perturbation": labels}, index=[f"c{i}" for i in range(len(labels))])
     genes = [f"g{j}" for j in range(n_genes)]
     real = ad.AnnData(sp.csr_matrix(real_x), obs=obs.copy())
     pred = ad.AnnData(pred_x, obs=obs.copy())
     real.var_names = genes
     pred.var_names = genes
-    paths = tmp / "real.h5ad", tmp / "pred.h5ad"
+    paths = tmp / "real.h5ad", tmp / "pred.h5ad", tmp / "real_counts.h5ad", tmp / "pred_counts.h5ad"
     real.write_h5ad(paths[0])
     pred.write_h5ad(paths[1])
+    for c, path in ((real_c, paths[2]), (pred_c, paths[3])):
+        a = ad.AnnData(sp.csr_matrix(c.astype(np.float32)), obs=obs.copy())
+        a.var_names = genes
+        a.write_h5ad(path)
     return paths
 
 
-def run_statecore(real: Path, pred: Path, outdir: Path) -> dict:
+def run_statecore(real: Path, pred: Path, outdir: Path, profile: str = "celleval") -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -77,6 +88,8 @@ def run_statecore(real: Path, pred: Path, outdir: Path) -> dict:
         str(real),
         "--control",
         "ctrl",
+        "--profile",
+        profile,
         "-o",
         str(outdir),
         "--timings",
@@ -122,6 +135,27 @@ def run_cell_eval(real: Path, pred: Path, outdir: Path, threads: int) -> dict:
     return {"wall_s": wall, "phases_s": _cell_eval_phases(proc.stderr)}
 
 
+def run_cell_eval2(real: Path, pred: Path, outdir: Path, threads: int) -> dict:
+    exe = Path(sys.executable).with_name("cell-eval2")
+    cmd = [str(exe), "run", "-ap", str(pred), "-ar", str(real), "--preset", "vcc2026"]
+    cmd += [
+        "--pert-col",
+        "perturbation",
+        "--control",
+        "ctrl",
+        "--set",
+        f"num_threads={threads}",
+        "-o",
+        str(outdir),
+    ]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return {"wall_s": wall}
+
+
 def _cell_eval_phases(log: str) -> dict:
     """Turn timestamped log records into seconds per phase (a phase lasts until the next one)."""
     marks = []
@@ -147,18 +181,26 @@ def _cell_eval_phases(log: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10 perturbations x 500 genes (smoke run)")
+    ap.add_argument("--skip-cell-eval", action="store_true", help="leave out the (slow) cell-eval 0.8.2 run")
     args = ap.parse_args()
     size = (10, 200, 2000, 500) if args.quick else (100, 200, 2000, 2000)
     threads = len(os.sched_getaffinity(0))
     load_before = os.getloadavg()[0]  # shared machine: record how busy it was
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        real, pred = make_data(tmp, *size)
+        real, pred, real_c, pred_c = make_data(tmp, *size)
         ours = run_statecore(real, pred, tmp / "ours")
-        ref = run_cell_eval(real, pred, tmp / "cell_eval", threads)
-        agree = _agreement(tmp / "ours" / "agg_results.csv", tmp / "cell_eval" / "agg_results.csv")
+        ours2 = run_statecore(real_c, pred_c, tmp / "ours2", profile="vcc2026")
+        ref2 = run_cell_eval2(real_c, pred_c, tmp / "cell_eval2", threads)
+        agree2 = _agreement(tmp / "ours2" / "agg_results.csv", tmp / "cell_eval2" / "agg_results.csv")
+        ref = run_cell_eval(real, pred, tmp / "cell_eval", threads) if not args.skip_cell_eval else None
+        agree = (
+            _agreement(tmp / "ours" / "agg_results.csv", tmp / "cell_eval" / "agg_results.csv")
+            if ref
+            else None
+        )
     not_ours = ("metric pearson_edistance", "metric clustering_agreement")
-    ce_same = ref["wall_s"] - sum(ref["phases_s"].get(k, 0.0) for k in not_ours)
+    ce_same = ref["wall_s"] - sum(ref["phases_s"].get(k, 0.0) for k in not_ours) if ref else None
     result = {
         "data": dict(zip(("n_perturbations", "cells_per_perturbation", "n_control", "n_genes"), size)),
         "cpu_threads": threads,
@@ -166,9 +208,13 @@ def main() -> int:
         "statecore": ours,
         "cell_eval_full": ref,
         "cell_eval_same_metrics_s": ce_same,
-        "speedup_vs_full": ref["wall_s"] / ours["wall_s"],
-        "speedup_same_metrics": ce_same / ours["wall_s"],
+        "speedup_vs_full": ref["wall_s"] / ours["wall_s"] if ref else None,
+        "speedup_same_metrics": ce_same / ours["wall_s"] if ref else None,
         "max_abs_diff_agg_mean": agree,
+        "statecore_vcc2026": ours2,
+        "cell_eval2_vcc2026": ref2,
+        "speedup_vs_cell_eval2": ref2["wall_s"] / ours2["wall_s"],
+        "max_abs_diff_agg_mean_vcc2026": agree2,
     }
     out = OUT.with_name("eval_speed_quick.json") if args.quick else OUT  # a smoke run never overwrites
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,16 +242,23 @@ def _print(r: dict) -> None:
         f"data: {r['data']}  threads: {r['cpu_threads']}  "
         f"load avg before/after: {r['load_avg_1min_before_after']}"
     )
-    print(f"{'tool':<34}{'wall s':>10}")
-    print(f"{'statecore evaluate':<34}{r['statecore']['wall_s']:>10.1f}")
-    print(f"{'cell-eval run --profile full':<34}{r['cell_eval_full']['wall_s']:>10.1f}")
-    print(f"{'cell-eval, same metrics only':<34}{r['cell_eval_same_metrics_s']:>10.1f}")
-    print(
-        f"speedup: {r['speedup_vs_full']:.1f}x vs full profile, "
-        f"{r['speedup_same_metrics']:.1f}x on the metrics both compute"
-    )
-    print(f"agg mean agreement: {r['max_abs_diff_agg_mean']}")
+    print(f"{'tool':<44}{'wall s':>10}")
+    print(f"{'statecore evaluate (celleval)':<44}{r['statecore']['wall_s']:>10.1f}")
+    if r["cell_eval_full"]:
+        print(f"{'cell-eval run --profile full':<44}{r['cell_eval_full']['wall_s']:>10.1f}")
+        print(f"{'cell-eval, same metrics only':<44}{r['cell_eval_same_metrics_s']:>10.1f}")
+        print(
+            f"speedup: {r['speedup_vs_full']:.1f}x vs full profile, "
+            f"{r['speedup_same_metrics']:.1f}x on the metrics both compute"
+        )
+        print(f"agg mean agreement: {r['max_abs_diff_agg_mean']}")
+    print(f"{'statecore evaluate --profile vcc2026':<44}{r['statecore_vcc2026']['wall_s']:>10.1f}")
+    print(f"{'cell-eval2 run --preset vcc2026':<44}{r['cell_eval2_vcc2026']['wall_s']:>10.1f}")
+    print(f"speedup vs cell-eval2: {r['speedup_vs_cell_eval2']:.1f}x")
+    print(f"agg mean agreement (vcc2026): {r['max_abs_diff_agg_mean_vcc2026']}")
     for name in ("statecore", "cell_eval_full"):
+        if not r[name]:
+            continue
         print(f"\nwhere the time goes ({name}):")
         for k, v in sorted(r[name]["phases_s"].items(), key=lambda kv: -kv[1]):
             if v >= 0.05:

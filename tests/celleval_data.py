@@ -15,11 +15,16 @@ def make_pair(
     n_ctrl: int = 60,
     control: str = "ctrl",
     mix: float = 0.0,
+    ties: bool = False,
 ):
     """Return (pred, real) AnnData with log1p X. Edge cases built in: integer-valued (tied) counts,
     a zero-variance gene and a constant non-zero gene, one perturbation with no effect (usually no
     significant genes), and perturbation ``g1`` named like a gene (target-gene exclusion in PDS).
-    ``mix`` blends each predicted effect with the next perturbation's, so that PDS falls below 1."""
+    ``mix`` blends each predicted effect with the next perturbation's, so that PDS falls below 1.
+    ``ties`` appends 12 genes: exact copies of genes 6-11 (tied fold changes and p-values) and
+    copies whose cells are shuffled within every perturbation (fold changes equal in exact
+    arithmetic but not in float32 sums: near-ties that only the pseudobulk's float32 summation
+    order decides)."""
     rng = np.random.default_rng(seed)
     genes = [f"g{i}" for i in range(n_genes)]
     perts = ["g1"] + [f"p{i}" for i in range(1, n_perts)]
@@ -49,8 +54,15 @@ def make_pair(
             x = np.clip(x + rng.normal(0, 0.05, x.shape), 0, None)
             x[:, 3] = 0.0
         obs = pd.DataFrame({"perturbation": labels}, index=[f"c{i}" for i in range(len(labels))])
+        if ties:
+            lab = np.asarray(labels)
+            shuffled = x[:, 6:12].copy()
+            for g in np.unique(lab):
+                rows = np.flatnonzero(lab == g)
+                shuffled[rows] = shuffled[rng.permutation(rows)]
+            x = np.hstack([x, x[:, 6:12], shuffled])
         a = ad.AnnData(x.astype(np.float32), obs=obs)
-        a.var_names = genes
+        a.var_names = genes + ([f"t{i}" for i in range(12)] if ties else [])
         return a
 
     real = build(0.0, continuous=False, mix=0.0)

@@ -22,7 +22,14 @@ pytest.importorskip("pdex")
 logging.getLogger("cell_eval").setLevel(logging.ERROR)
 
 SKIP = ["pearson_edistance", "clustering_agreement"]  # not implemented here (docs/METRICS.md)
-CASES = [(0, 0.0, False), (1, 0.3, False), (2, 0.6, True), (3, 0.9, False)]
+CASES = [
+    (0, 0.0, False, False),
+    (1, 0.3, False, False),
+    (2, 0.6, True, False),
+    (3, 0.9, False, False),
+    (7, 0.4, False, True),  # tied and near-tied fold changes (de_spearman_lfc_sig, top-k order)
+    (9, 0.7, True, True),
+]
 
 
 def _cell_eval(pred, real, tmp_path):
@@ -53,11 +60,13 @@ def _assert_frames_equal(ref, ours, atol=1e-6):
 
 
 @pytest.fixture(
-    scope="module", params=CASES, ids=lambda c: f"seed{c[0]}-mix{c[1]}-{'csr' if c[2] else 'dense'}"
+    scope="module",
+    params=CASES,
+    ids=lambda c: f"seed{c[0]}-mix{c[1]}-{'csr' if c[2] else 'dense'}{'-ties' if c[3] else ''}",
 )
 def case(request, tmp_path_factory):
-    seed, mix, sparse = request.param
-    pred, real = make_pair(seed, mix=mix)
+    seed, mix, sparse, ties = request.param
+    pred, real = make_pair(seed, mix=mix, ties=ties)
     if sparse:
         pred.X, real.X = sp.csr_matrix(pred.X), sp.csr_matrix(real.X)
     ref_res, ref_agg = _cell_eval(pred, real, tmp_path_factory.mktemp("ce"))
@@ -113,12 +122,13 @@ def test_score_equal_to_cell_eval(tmp_path):
     assert np.allclose(again["from_baseline"], ours.to_numpy())
 
 
-def test_de_table_equal_to_pdex():
+@pytest.mark.parametrize("ties", [False, True])
+def test_de_table_equal_to_pdex(ties):
     from pdex import pdex
 
     from statecore.evaluation.de import compute_de
 
-    pred, _ = make_pair(3, mix=0.5)
+    pred, _ = make_pair(3, mix=0.5, ties=ties)
     ref = pdex(
         pred, groupby="perturbation", mode="ref", reference="ctrl", threads=1, is_log1p=True, epsilon=0.0
     ).to_pandas()
@@ -128,9 +138,9 @@ def test_de_table_equal_to_pdex():
     assert (ref["feature"].to_numpy() == ours["feature"].to_numpy()).all()
     for c in ("p_value", "statistic", "fdr", "target_membership", "ref_membership"):
         np.testing.assert_allclose(ours[c], ref[c], rtol=0, atol=1e-12, err_msg=c)
-    # pdex averages float32 input in float32; we average in float64 (docs/METRICS.md)
+    # pseudobulks averaged in the input's dtype as pdex does: bit-identical, ties included
     for c in ("target_mean", "ref_mean", "log2_fold_change", "percent_change"):
-        np.testing.assert_allclose(ours[c], ref[c], rtol=2e-5, atol=1e-6, err_msg=c)
+        np.testing.assert_array_equal(ours[c].to_numpy(), ref[c].to_numpy(), err_msg=c)
 
 
 def test_single_perturbation_documented_difference(tmp_path):
@@ -146,3 +156,71 @@ def test_single_perturbation_documented_difference(tmp_path):
     assert np.isnan(res[pds].to_numpy()).all()  # ours: undefined
     _assert_frames_equal(ref.drop(columns=pds), res.drop(columns=pds))
     assert any("only one perturbation" in m for m in ours.messages)
+
+
+def _threshold_tables(seed: int):
+    """Real and pred DE tables (pdex columns) with FDRs exactly at, a float64 ULP below, and a
+    float32 ULP below 0.05, and fold changes that tie exactly or only in float32."""
+    import pandas as pd
+
+    from statecore.evaluation.de import DEArrays
+
+    rng = np.random.default_rng(seed)
+    perts, genes = np.array(["p1", "p2", "p3"]), np.array([f"g{i}" for i in range(40)])
+    k, g = len(perts), len(genes)
+    edges = np.array([0.05, np.nextafter(0.05, 0.0), float(np.nextafter(np.float32(0.05), np.float32(0)))])
+
+    def side():
+        fdr = rng.choice(np.r_[edges, rng.uniform(0, 0.2, 5)], (k, g))
+        lfc = np.round(rng.normal(0, 1, (k, g)), 1)  # many exact ties
+        lfc[:, ::7] += 1e-12  # ties in float32 only
+        return DEArrays(
+            groups=perts,
+            genes=genes,
+            target_mean=np.ones((k, g)),
+            ref_mean=np.ones(g),
+            n_target=np.full(k, 10),
+            n_ref=20,
+            lfc=lfc,
+            statistic=np.zeros((k, g)),
+            p_value=fdr / 2,
+            fdr=fdr,
+        )
+
+    real, pred = side(), side()
+    real.fdr[2] = 0.05  # a perturbation with no significant gene at all (FDR == threshold)
+    frames = [pl.from_pandas(pd.DataFrame(d.to_frame())) for d in (real, pred)]
+    return real, pred, frames
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_threshold_and_tied_fold_changes_equal(seed, tmp_path):
+    """DE metrics from the same DE tables: ties in |LFC| (top-k order) and in the LFCs
+    (de_spearman_lfc_sig), and FDRs at the threshold, compared as cell-eval does (float32, <)."""
+    from statecore.evaluation.metrics import de_metrics
+
+    real_de, pred_de, (real_tab, pred_tab) = _threshold_tables(seed)
+    pred, real = make_pair(seed, n_perts=3, n_genes=40)
+    mapping = {"g1": "p1", "p1": "p2", "p2": "p3"}
+    for a in (pred, real):
+        a.obs["perturbation"] = a.obs["perturbation"].map(lambda v: mapping.get(v, v))
+        a.var_names = list(real_de.genes)
+    ev = cell_eval.MetricsEvaluator(
+        pred,
+        real,
+        de_pred=pred_tab,
+        de_real=real_tab,
+        control_pert="ctrl",
+        pert_col="perturbation",
+        num_threads=1,
+        outdir=str(tmp_path),
+    )
+    ref, _ = ev.compute(profile="de", write_csv=False)
+    ref = ref.to_pandas().set_index("perturbation").sort_index()
+    ours = de_metrics(real_de, pred_de)
+    assert np.isnan(ours["de_spearman_lfc_sig"][2])  # no real significant gene for p3
+    for m in ref.columns:
+        if m in ours:
+            a, b = ref[m].to_numpy(float), np.asarray(ours[m], float)
+            ok = np.isclose(a, b, atol=1e-12, rtol=0, equal_nan=True)
+            assert ok.all(), f"{m}: cell-eval {a} vs ours {b}"

@@ -1,14 +1,23 @@
-"""``python -m statecore evaluate --pred P.h5ad --real R.h5ad -o OUT``: cell-eval-equivalent metrics.
+"""``python -m statecore evaluate``: score predictions, or a whole trained run.
 
-``python -m statecore evaluate --run-dir R [--data D] [-o OUT]``: the whole evaluation of a run
-(model vs every baseline vs the data ceiling, with a verdict per headline metric), the same
-``evaluate_run`` the app and ``bench/quality.py`` call."""
+``--pred P.h5ad --real R.h5ad [--profile celleval|vcc2026|all] -o OUT``: ``celleval`` (default) is cell-eval
+0.8.2's metrics on log1p values plus Systema's perturbation-referenced ``pearson_delta_pert`` /
+``discrimination_score_cosine_pert``; ``vcc2026`` cell-eval2 0.20.0's 2026-challenge metrics on raw
+counts; ``all`` both, one table.
+
+``--run-dir R [--data D] [-o OUT]``: the whole evaluation of a run (model vs every baseline vs the data
+ceiling, with a verdict per headline metric), the same ``evaluate_run`` the app and ``bench/quality.py`` call.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 SUMMARY = (
+    "pds_cosine",
+    "expr_mse_unbiased_capped_norm",
+    "de_wilcoxon_sig_jaccard",
+    "de_wilcoxon_lfc_nmae",
     "overlap_at_N",
     "discrimination_score_l1",
     "mae",
@@ -17,6 +26,8 @@ SUMMARY = (
     "de_direction_match",
     "de_sig_genes_recall",
     "pr_auc",
+    "pearson_delta_pert",
+    "discrimination_score_cosine_pert",
 )
 
 
@@ -32,6 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", default=None, help="with --run-dir: prepared .h5ad (default: the run's data)")
     p.add_argument("--seed", type=int, default=0, help="with --run-dir: seed of predictions and halves")
+    p.add_argument(
+        "--profile",
+        choices=["celleval", "vcc2026", "all"],
+        default="celleval",
+        help="celleval: cell-eval 0.8.2 metrics on log1p (+ Systema deltas); vcc2026: cell-eval2 "
+        "0.20.0 metrics on raw counts (predict --counts); all: both in one table",
+    )
     p.add_argument(
         "--control", default=None, help="control label (default: the one recorded in the real data's uns)"
     )
@@ -82,16 +100,13 @@ def run_dir_evaluation(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from statecore.cli._common import read_prepared
-    from statecore.config import RunConfig
     from statecore.errors import CheckpointError
     from statecore.evaluation.run import evaluate_run
     from statecore.evaluation.verdict import EVALUATION_DIR
-    from statecore.runs.files import read_json
-    from statecore.training.checkpoint import load_run
+    from statecore.training.checkpoint import load_run, read_config
 
     run_dir = Path(args.run_dir)
-    cfg = read_json(run_dir / "config.json")
-    data = args.data or (RunConfig.from_dict(cfg).data_path if isinstance(cfg, dict) else "")
+    data = args.data or read_config(run_dir).data_path
     if not data:
         raise CheckpointError(f"{str(run_dir)!r} has no config.json naming its data; pass --data")
     run = load_run(run_dir, device="cpu")
@@ -117,7 +132,7 @@ def files_evaluation(args: argparse.Namespace) -> int:
     import warnings
 
     from statecore.data.io import control_label
-    from statecore.evaluation.metrics import evaluate
+    from statecore.evaluation.profiles import evaluate_profile
 
     t0 = time.perf_counter()
     real = _read(args.real, "--real")
@@ -127,31 +142,31 @@ def files_evaluation(args: argparse.Namespace) -> int:
     t_read = time.perf_counter() - t0
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        res = evaluate(
+        res = evaluate_profile(
             pred,
             real,
+            profile=args.profile,
             control=control,
             pert_col=args.pert_col,
             baseline=base,
             context_col=None if args.no_contexts else "context",
         )
+    t_eval = time.perf_counter() - t0 - t_read
     t1 = time.perf_counter()
-    res.save(args.outdir)
+    files = res.save(args.outdir)
     t_save = time.perf_counter() - t1
     for m in res.messages:
         print(f"note: {m}")
     print(_summary(res))
-    print(
-        f"wrote {args.outdir}/results.csv, agg_results.csv, real_de.csv, pred_de.csv"
-        + (", score.csv" if res.score is not None else "")
-    )
+    print(f"wrote {args.outdir}/: {', '.join(files)}")
     if args.timings:
-        print("timings " + json.dumps({"read": t_read, **res.timings, "save": t_save}))
+        phases = res.celleval.timings if res.celleval is not None else {}
+        print("timings " + json.dumps({"read": t_read, **phases, "evaluate": t_eval, "save": t_save}))
     return 0
 
 
 def _summary(res) -> str:
-    agg = res.agg[res.agg["statistic"] == "mean"]
+    agg = res.agg[res.agg["statistic"] == "mean"].dropna(axis=1, how="all")
     cols = [c for c in SUMMARY if c in agg.columns]
     table = agg[(["context"] if "context" in agg.columns else []) + cols].copy()
     n = res.results.groupby("context").size() if "context" in res.results.columns else None
@@ -160,10 +175,9 @@ def _summary(res) -> str:
         + (f" in {len(n)} context(s)" if n is not None else "")
     ]
     lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if res.score is not None:
-        s = res.score[
-            res.score["metric"].isin(["avg_score", "overlap_at_N", "discrimination_score_l1", "mae"])
-        ]
+    score = res.celleval.score if res.celleval is not None else None
+    if score is not None:
+        s = score[score["metric"].isin(["avg_score", "overlap_at_N", "discrimination_score_l1", "mae"])]
         lines.append("score vs baseline:")
         lines.append(s.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return "\n".join(lines)

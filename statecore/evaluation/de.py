@@ -45,7 +45,7 @@ class DEArrays:
 
     groups: np.ndarray  # (K,) str, sorted
     genes: np.ndarray  # (G,) str
-    target_mean: np.ndarray  # (K, G) pseudobulk, count space
+    target_mean: np.ndarray  # (K, G) pseudobulk, count space, in the input's dtype (as pdex)
     ref_mean: np.ndarray  # (G,)
     n_target: np.ndarray  # (K,) cells per group
     n_ref: int
@@ -57,15 +57,15 @@ class DEArrays:
     def to_frame(self) -> pd.DataFrame:
         """The long table pdex writes: one row per (group, gene), groups sorted, genes in var order."""
         k, g = self.lfc.shape
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pc = (self.target_mean - self.ref_mean) / self.ref_mean
+        with np.errstate(divide="ignore", invalid="ignore"):  # pdex: difference in the means' dtype
+            pc = (self.target_mean - self.ref_mean).astype(np.float64) / self.ref_mean.astype(np.float64)
         pc[np.isnan(pc)] = 0.0
         return pd.DataFrame(
             {
                 "target": np.repeat(self.groups.astype(str), g),
                 "feature": np.tile(self.genes.astype(str), k),
-                "target_mean": self.target_mean.ravel(),
-                "ref_mean": np.tile(self.ref_mean, k),
+                "target_mean": self.target_mean.ravel().astype(np.float64),
+                "ref_mean": np.tile(self.ref_mean, k).astype(np.float64),
                 "target_membership": np.repeat(self.n_target, g),
                 "ref_membership": np.full(k * g, self.n_ref),
                 "log2_fold_change": self.lfc.ravel(),
@@ -95,14 +95,19 @@ def _float_keys(block: np.ndarray) -> np.ndarray:
 
 
 def _dense_codes(block: np.ndarray) -> np.ndarray:
-    """Per-column dense ranks (0..) of a float block; used when values are not exact float32."""
-    order = np.argsort(block, axis=0, kind="stable")
-    srt = np.take_along_axis(block, order, axis=0)
-    step = np.vstack([np.zeros((1, block.shape[1]), bool), srt[1:] != srt[:-1]])
-    codes_sorted = np.cumsum(step, axis=0).astype(np.uint64)
-    codes = np.empty_like(codes_sorted)
-    np.put_along_axis(codes, order, codes_sorted, axis=0)
-    return codes
+    """Dense ranks (0..) of a float block's values, one code table for the whole block (order
+    within every column is what matters); used when values are not exact float32. Only the
+    non-zero values are sorted: expression data are mostly zeros, which share one code."""
+    flat = block.ravel() + 0.0  # -0.0 -> 0.0
+    nz = flat != 0
+    uniq, inv = np.unique(flat[nz], return_inverse=True)
+    if uniq.size >= 2**32 - 1:
+        raise DataError("too many distinct values in one gene block; use a smaller block_size")
+    zero = np.searchsorted(uniq, 0.0)  # number of distinct negative values
+    codes = np.full(flat.shape, zero, dtype=np.uint64)
+    inv = inv.ravel().astype(np.uint64)
+    codes[nz] = inv + (inv >= zero)  # leave code `zero` to the zeros
+    return codes.reshape(block.shape)
 
 
 def _block_keys(block: np.ndarray) -> np.ndarray:
@@ -205,6 +210,7 @@ def rank_sum_arrays(x, groups, control: str, *, genes=None, block_size: int = 25
     k = len(tgroups)
     n_per = np.bincount(lab, minlength=k).astype(np.int64)
     n_ref = len(ref_rows)
+    target_mean, ref_mean = _pdex_means(x, ref_rows, grp_rows, lab, k)
     # Reorder the rows once (controls first, then groups in order), so that each gene block is
     # a plain column slice: CSC for sparse input (cheap column slices), a row copy for dense.
     rows = np.r_[ref_rows, grp_rows]
@@ -212,25 +218,18 @@ def rank_sum_arrays(x, groups, control: str, *, genes=None, block_size: int = 25
 
     u1 = np.zeros((k, n_genes))
     tie = np.zeros((k, n_genes))
-    sum_grp = np.zeros((k, n_genes))
-    sum_ref = np.zeros(n_genes)
     if k >= 2**24:
         raise DataError(f"{k} perturbation groups: at most {2**24 - 1} are supported")
     block_size = max(1, min(block_size, 256))  # the gene index is packed into 8 bits of the key
     for start in range(0, n_genes, block_size):
         cols = slice(start, min(start + block_size, n_genes))
-        both = _column_block(x, cols)
-        ref_blk, grp_blk = both[:n_ref], both[n_ref:]
         if k and len(grp_rows):
-            keys = _block_keys(both)
+            keys = _block_keys(_column_block(x, cols))
             u1[:, cols], tie[:, cols] = _rank_sums_block(keys[:n_ref], keys[n_ref:], lab, k)
-            sum_grp[:, cols] = _group_sums(grp_blk, lab, k)
-        sum_ref[cols] = ref_blk.astype(np.float64).sum(axis=0)
 
-    target_mean = np.expm1(sum_grp / np.maximum(n_per, 1)[:, None])
-    ref_mean = np.expm1(sum_ref / max(n_ref, 1))
+    # pdex: float64 log2 ratio of the (input-dtype) pseudobulks
     with np.errstate(divide="ignore", invalid="ignore"):
-        lfc = np.log2(target_mean / ref_mean[None, :])
+        lfc = np.log2(target_mean.astype(np.float64) / ref_mean.astype(np.float64)[None, :])
     lfc[np.isnan(lfc)] = 0.0
     u1, p = _mwu_pvalues(u1, tie, n_per, n_ref)
     return DEArrays(
@@ -247,13 +246,25 @@ def rank_sum_arrays(x, groups, control: str, *, genes=None, block_size: int = 25
     )
 
 
-def _group_sums(blk: np.ndarray, lab: np.ndarray, k: int) -> np.ndarray:
-    """Per-group column sums of a block whose rows are sorted by group (reduceat, no loop)."""
-    out = np.zeros((k, blk.shape[1]))
-    present = np.flatnonzero(np.bincount(lab, minlength=k))
-    starts = np.searchsorted(lab, present, side="left")
-    out[present] = np.add.reduceat(blk.astype(np.float64), starts, axis=0)
-    return out
+def _pdex_means(x, ref_rows, grp_rows, lab, k: int):
+    """Pseudobulks ``expm1(mean(log1p values))`` computed as pdex does, in the input's dtype:
+    the group's rows in their original order, numpy/scipy's own ``mean(axis=0)``, numpy's
+    ``expm1``. Averaging float32 input in float32 (not float64) matters: near-tied fold changes
+    otherwise order differently from cell-eval's, which moves rank metrics such as
+    ``de_spearman_lfc_sig`` (docs/METRICS.md)."""
+    x = x.tocsr() if sp.issparse(x) else np.asarray(x)
+
+    def mean(rows):
+        if rows.size == 0:
+            return np.full(x.shape[1], np.nan, dtype=x.dtype)
+        return np.asarray(x[rows].mean(axis=0)).ravel()
+
+    ref_mean = np.expm1(mean(ref_rows))
+    starts = np.searchsorted(lab, np.arange(k + 1))
+    target = np.empty((k, x.shape[1]), dtype=ref_mean.dtype)
+    for i in range(k):
+        target[i] = np.expm1(mean(grp_rows[starts[i] : starts[i + 1]]))
+    return target, ref_mean
 
 
 def rank_sum_de(x, groups, control: str, *, genes=None) -> pd.DataFrame:

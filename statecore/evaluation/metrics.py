@@ -71,6 +71,18 @@ def _registry() -> dict[str, MetricInfo]:
             )
             for d in ("l1", "l2", "cosine")
         ]
+        + [  # Systema (Vinas Torne et al., Nat Biotechnol 2025): effects vs the perturbed centroid
+            MetricInfo(
+                "pearson_delta_pert",
+                None,
+                "Pearson of pseudobulk deltas from the mean of all real perturbed cells, pred vs real",
+            ),
+            MetricInfo(
+                "discrimination_score_cosine_pert",
+                None,
+                "PDS (cosine) of deltas from the mean of all real perturbed cells",
+            ),
+        ]
     )
     return {m.name: m for m in items}
 
@@ -247,7 +259,8 @@ def de_metrics(real: DEArrays, pred: DEArrays, fdr_threshold: float = FDR_THRESH
             out["de_spearman_lfc_sig"][i] = spearman(rl[i, s], pl_[i, s])
             out["de_sig_genes_recall"][i] = (s & psig[i]).sum() / n_real[i]
         if 0 < n_real[i] < rsig.shape[1]:
-            score = -np.log10(np.clip(pf[i].astype(np.float64), 1e-10, 1.0))
+            # float32 like cell-eval's polars column: FDRs a float32 ULP apart can tie here
+            score = -np.log10(np.clip(pf[i], np.float32(1e-10), np.float32(1.0)))
             out["pr_auc"][i], out["roc_auc"][i] = _pr_roc_auc(s, score)
     has = n_real > 0
     rho = 1.0 if not has.any() else spearman(n_real[has], n_pred[has])
@@ -399,7 +412,23 @@ def _group_means(x, labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return sums / counts[:, None]
 
 
-def _evaluate_one(pred, real, control: str, pert_col: str, timings: dict[str, float]):
+def perturbed_reference_metrics(pb: PseudobulkArrays, centroid: np.ndarray) -> dict[str, np.ndarray]:
+    """Systema's perturbation-specific scores: both sides' pseudobulks measured from one reference,
+    the mean of all real perturbed cells, so the shift shared by every perturbation (perturbed vs
+    control) earns nothing. Only the cosine PDS is reported: with one shared reference, L1/L2
+    distances between deltas do not depend on the reference at all."""
+    ref = PseudobulkArrays(
+        perts=pb.perts, genes=pb.genes, real=pb.real, pred=pb.pred, real_ctrl=centroid, pred_ctrl=centroid
+    )
+    return {
+        "pearson_delta_pert": _pearson_rows(ref.pred_delta, ref.real_delta),
+        "discrimination_score_cosine_pert": discrimination_score(ref, "cosine"),
+    }
+
+
+def _evaluate_one(
+    pred, real, control: str, pert_col: str, timings: dict[str, float], perturbed_reference: bool = False
+):
     """Evaluate one context: (results, missing mask, real DE, pred DE, messages)."""
     messages: list[str] = []
     clock = _Clock(timings)
@@ -458,6 +487,11 @@ def _evaluate_one(pred, real, control: str, pert_col: str, timings: dict[str, fl
     for d in ("l1", "l2", "cosine"):
         vals[f"discrimination_score_{d}"] = discrimination_score(pb, d)
     clock("discrimination_scores")
+    if perturbed_reference:
+        is_pert = np.where(lr == control, control, "\x00perturbed")
+        centroid = _group_means(xr, is_pert, np.array(["\x00perturbed"]))[0]
+        vals.update(perturbed_reference_metrics(pb, centroid))
+        clock("perturbed_reference")
     rde = rank_sum_arrays(xr, lr, control, genes=genes_r)
     clock("de_real")
     pde = rank_sum_arrays(xp, lp, control, genes=genes_r)
@@ -495,6 +529,7 @@ def evaluate(
     pert_col: str = "perturbation",
     baseline=None,
     context_col: str | None = "context",
+    perturbed_reference: bool = False,
 ) -> EvalResult:
     """Evaluate a prediction against real data (both AnnData with log1p X and ``obs[pert_col]``,
     control cells included) with cell-eval's metrics.
@@ -502,7 +537,9 @@ def evaluate(
     When both have ``obs[context_col]``, every context is evaluated on its own and the tables gain
     a ``context`` column. ``baseline`` may be an AnnData (a baseline prediction, evaluated the same
     way), an ``EvalResult`` or an aggregate table; the score is then filled in.
-    ``context_col=None`` pools all cells. Problems that do not stop the evaluation (perturbations
+    ``context_col=None`` pools all cells. ``perturbed_reference`` adds Systema's
+    ``pearson_delta_pert`` and ``discrimination_score_cosine_pert`` (not part of cell-eval, not
+    scored against a baseline). Problems that do not stop the evaluation (perturbations
     present on one side only, reordered genes, a single perturbation) are listed in ``messages``
     and raised as ``UserWarning``; unusable input raises ``DataError``.
     """
@@ -517,12 +554,17 @@ def evaluate(
             raise DataError(f"pred and real share no {context_col!r} value")
         for c in ctxs:
             res = _evaluate_one(
-                pred[(cp == c).to_numpy()], real[(cr == c).to_numpy()], control, pert_col, timings
+                pred[(cp == c).to_numpy()],
+                real[(cr == c).to_numpy()],
+                control,
+                pert_col,
+                timings,
+                perturbed_reference,
             )
             parts.append((c, res))
             messages += [f"[{c}] {m}" for m in res[4]]
     else:
-        res = _evaluate_one(pred, real, control, pert_col, timings)
+        res = _evaluate_one(pred, real, control, pert_col, timings, perturbed_reference)
         parts.append((None, res))
         messages += res[4]
 
