@@ -58,8 +58,12 @@ def make_prediction_adata(
     control: str,
     genes: Sequence[str],
     ctrl_names=None,
+    paired: Sequence[np.ndarray] | None = None,
 ) -> ad.AnnData:
-    """Predicted blocks (one per label) + real controls -> one AnnData (cell-eval format)."""
+    """Predicted blocks (one per label) + real controls -> one AnnData (cell-eval format).
+
+    ``paired``: per block, the obs names of the control cells each predicted cell was made from
+    (``obs["paired_control"]``; empty for the real controls)."""
     X = np.concatenate([*blocks, ctrl_X], axis=0).astype(np.float32, copy=False)
     pert = [lab for lab, blk in zip(labels, blocks) for _ in range(len(blk))] + [control] * len(ctrl_X)
     n_pred = sum(len(b) for b in blocks)
@@ -73,6 +77,8 @@ def make_prediction_adata(
         },
         index=pd.Index(names, dtype=str),
     )
+    if paired is not None:
+        obs["paired_control"] = [str(c) for blk in paired for c in blk] + [""] * len(ctrl_X)
     out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(list(genes), dtype=str)))
     out.uns["statecore"] = {"control": control, "context": str(context)}
     return out
@@ -137,9 +143,10 @@ def predict(
     ctx_pos = contexts.index(str(context)) if str(context) in contexts else -1  # -1: unseen in training
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(seed))
-    blocks = []
+    blocks, paired = [], []
     for z in z_all:
         picked = sample_rows(rows, n, rng)
+        paired.append(np.asarray(adata.obs_names[picked]).astype(str))  # predicted cell i came from picked[i]
         n_sets = -(-n // S)
         padded = np.concatenate([picked, rows[rng.integers(0, len(rows), n_sets * S - n)]]).reshape(n_sets, S)
         preds = []
@@ -174,6 +181,7 @@ def predict(
         control=control,
         genes=run.genes,
         ctrl_names=adata.obs_names[rows].astype(str),
+        paired=paired,
     )
 
 
