@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
+from statecore.data.pseudobulk import group_means
 from statecore.errors import DataError
 from statecore.evaluation.de import DEArrays, rank_sum_arrays
 
@@ -402,14 +403,8 @@ def _labels(adata, pert_col: str, which: str) -> np.ndarray:
 
 
 def _group_means(x, labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Mean row per group (float64), via a sparse indicator product (no loop over groups)."""
-    idx = pd.Index(groups).get_indexer(labels)
-    keep = np.flatnonzero(idx >= 0)
-    ind = sp.csr_matrix((np.ones(keep.size), (idx[keep], keep)), shape=(len(groups), x.shape[0]))
-    counts = np.asarray(ind.sum(axis=1)).ravel()
-    sums = ind @ (x.astype(np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64))
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-    return sums / counts[:, None]
+    """Mean row per group (float64), in the order of ``groups``."""
+    return group_means(x, labels, groups)[1]
 
 
 def perturbed_reference_metrics(pb: PseudobulkArrays, centroid: np.ndarray) -> dict[str, np.ndarray]:

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import anndata as ad
 import numpy as np
-import scipy.sparse as sp
 
+from statecore.data import pseudobulk
 from statecore.data.sets import RowGatherer, gene_indices, obs_labels
 from statecore.errors import DataError
 from statecore.inference.predict import control_rows, make_prediction_adata, sample_rows
@@ -31,16 +31,10 @@ BASELINE_KINDS = ("control", "context_mean", "perturbation_mean", "cell_mean", "
 
 
 def group_means(adata, mask: np.ndarray, keys: np.ndarray, gene_idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean expression over ``gene_idx`` per key among masked cells, via one sparse product."""
+    """Mean expression over ``gene_idx`` per key among masked cells."""
     rows = np.flatnonzero(mask)
-    labels, inv = np.unique(keys[rows], return_inverse=True)
-    counts = np.bincount(inv, minlength=len(labels)).astype(np.float64)
-    ind = sp.csr_matrix((1.0 / counts[inv], (inv, np.arange(len(rows)))), shape=(len(labels), len(rows)))
-    X = adata.X[rows]
-    X = X[:, gene_idx]
-    means = ind @ X
-    means = means.toarray() if sp.issparse(means) else np.asarray(means)
-    return {str(k): means[i] for i, k in enumerate(labels)}
+    names, means = pseudobulk.group_means(adata.X[rows][:, gene_idx], keys[rows])
+    return dict(zip(names, means))
 
 
 def _key(c: str, p: str) -> str:
@@ -98,21 +92,12 @@ def predict_baseline(
             return np.mean(found, axis=0) if found else None
 
         vectors = []
+        context_mean = None
+        if kind == "context_mean":  # the same vector for every perturbation: computed once
+            context_mean = _context_mean(adata, gidx, train_mask, train_pairs, ctrl_mean, target, control)
         for p in perts:
             if kind == "context_mean":
-                own = [c_p for c_p in train_pairs if c_p[0] == target]
-                if own:
-                    rows_t = train_mask & (ctx == target) & (pert != control)
-                    vec = group_means(adata, rows_t, np.zeros(len(ctx), dtype="<U1"), gidx)[""]
-                else:
-                    others = sorted({c for c, _ in train_pairs if c != target and c in ctrl_mean})
-                    shifts = []
-                    for c in others:
-                        m = train_mask & (ctx == c) & (pert != control)
-                        shifts.append(
-                            group_means(adata, m, np.zeros(len(ctx), dtype="<U1"), gidx)[""] - ctrl_mean[c]
-                        )
-                    vec = ctrl_mean[target] + (np.mean(shifts, axis=0) if shifts else 0.0)
+                vec = context_mean
             elif kind == "cell_mean":
                 vals = [means[_key(c, q)] for c, q in sorted(train_pairs) if _key(c, q) in means]
                 if not vals:
@@ -136,6 +121,20 @@ def predict_baseline(
         genes=genes,
         ctrl_names=adata.obs_names[rows].astype(str),
     )
+
+
+def _context_mean(adata, gidx, train_mask, train_pairs, ctrl_mean, target: str, control: str) -> np.ndarray:
+    """The target context's mean perturbed training cell; without any, its controls plus the other contexts'
+    average perturbed-minus-control shift."""
+    pert, ctx, _ = obs_labels(adata)
+    one_key = np.zeros(len(ctx), dtype="<U1")
+    if any(c == target for c, _ in train_pairs):
+        return group_means(adata, train_mask & (ctx == target) & (pert != control), one_key, gidx)[""]
+    shifts = [
+        group_means(adata, train_mask & (ctx == c) & (pert != control), one_key, gidx)[""] - ctrl_mean[c]
+        for c in sorted({c for c, _ in train_pairs if c != target and c in ctrl_mean})
+    ]
+    return ctrl_mean[target] + (np.mean(shifts, axis=0) if shifts else 0.0)
 
 
 def _additive(p: str, sep: str, pert_shift) -> np.ndarray:

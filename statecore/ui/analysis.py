@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from statecore.config import QCConfig
+from statecore.data.pseudobulk import group_means
 
 
 def dense(x) -> np.ndarray:
@@ -162,20 +163,6 @@ def readable_de(de: pd.DataFrame, target: str, combo_sep: str = "+") -> tuple[pd
             "own change (the knock-down check) cannot be shown here; a drug or cytokine has no such gene."
         )
     return table, note
-
-
-def group_means(x, labels: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Mean expression per label (pseudobulk): ``(labels, means [n_labels, n_genes])``."""
-    labels = np.asarray(labels).astype(str)
-    names = sorted(set(labels))
-    index = {n: i for i, n in enumerate(names)}
-    codes = np.array([index[v] for v in labels])
-    onehot = sp.csr_matrix(
-        (np.ones(codes.size), (codes, np.arange(codes.size))), shape=(len(names), codes.size)
-    )
-    counts = np.asarray(onehot.sum(axis=1)).ravel()
-    sums = onehot @ (x if sp.issparse(x) else np.asarray(x, dtype=np.float64))
-    return names, dense(sums) / counts[:, None]
 
 
 def deltas(adata, control: str, pert_col: str = "perturbation") -> pd.DataFrame:
