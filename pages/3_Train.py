@@ -156,7 +156,17 @@ def _budget_widgets(c3):
         key="train_device",
         help="auto uses a GPU when one is present, else the CPU.",
     )
-    return steps, minutes, lr, batch, device
+    members = c3.number_input(
+        "Ensemble members (seeds)",
+        1,
+        5,
+        1,
+        key="train_members",
+        help="Train the same model this many times with different random seeds. Predict then shows how much "
+        "the members agree on each gene's change, and flags genes whose direction they dispute. Each member "
+        "costs a full run.",
+    )
+    return steps, minutes, lr, batch, device, members
 
 
 def _run_name(context: str, task: str) -> str:
@@ -196,7 +206,7 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
     c1, c2, c3 = st.columns(3)
     task, context, test_perts, keep = _task_widgets(c1, contexts, default_ctx, perts)
     kind, emb_run, preset, p, set_size = _model_widgets(c2)
-    steps, minutes, lr, batch, device = _budget_widgets(c3)
+    steps, minutes, lr, batch, device, members = _budget_widgets(c3)
     c3.caption(training.gpu_summary())
     name = _run_name(context, task)
 
@@ -231,7 +241,12 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
                 **train,
             )
         run_dir = jobs.new_run_dir(root, name)
-        started = widgets.attempt(training.launch, run_dir, config, threads=threads, what="Starting the run")
+        for i, member in enumerate(training.ensemble_configs(config, int(members))):
+            share = jobs.worker_threads(len(live) + i)
+            where = training.member_dir(run_dir, i)
+            started = widgets.attempt(training.launch, where, member, threads=share, what="Starting the run")
+            if widgets.failed(started):
+                break
         if not widgets.failed(started):
             st.session_state[state.RUN] = str(run_dir)
             st.session_state["train_run_pick"] = run_dir.name

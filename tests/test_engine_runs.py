@@ -122,3 +122,31 @@ def test_validation_logs_pearson_delta_and_a_short_run_still_has_a_model(prepare
 
     res = train_run(prepared_synthetic, _cfg(steps=6), tmp_path / "b", hook=stop_early)
     assert res.step == 3 and res.best_val is None and (tmp_path / "b" / ckpt.BEST).exists()
+
+
+def test_cli_ensemble_trains_members_with_their_own_seeds_on_one_split(prepared_synthetic, tmp_path):
+    from statecore.cli.main import main
+    from statecore.ui.training import ensemble_configs, member_dir
+
+    data = tmp_path / "p.h5ad"
+    prepared_synthetic.write_h5ad(data)
+    args = ["train", "--data", str(data), "--run-dir", str(tmp_path / "r"), "--context", "c0", "--steps", "2"]
+    args += [
+        "--set-size",
+        "8",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--quiet",
+        "--ensemble",
+        "2",
+        "--seed",
+        "3",
+    ]
+    assert main(args) == 0
+    a, b = ckpt.read_config(tmp_path / "r"), ckpt.read_config(tmp_path / "r-seed1")
+    assert (a.train.seed, b.train.seed) == (3, 4) and a.split == b.split
+    assert (tmp_path / "r" / "split.json").read_text() == (tmp_path / "r-seed1" / "split.json").read_text()
+    members = ensemble_configs(a, 3)
+    assert [m.train.seed for m in members] == [3, 4, 5] and member_dir(tmp_path / "r", 2).name == "r-seed2"

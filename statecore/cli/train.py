@@ -64,6 +64,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="keep X on disk (h5ad backed='r') and read each batch's rows: data larger than RAM")  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (meant for GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (meant for GPUs)")
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        help="train K members with seeds seed..seed+K-1 on the same split: RUN_DIR, RUN_DIR-seed1, ... "
+        "(Predict shows their agreement per gene)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
 
@@ -223,10 +230,23 @@ def progress_printer(quiet: bool, total: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    from statecore.errors import DataError
+
+    if args.ensemble < 1:
+        raise DataError(f"--ensemble must be at least 1; got {args.ensemble}")
+    cfg, run_dir, adata = _resolve(args)
+    code = 0
+    for i in range(args.ensemble):
+        member = cfg.replace(train=cfg.train.replace(seed=cfg.train.seed + i))  # the split keeps its seed
+        where = run_dir if i == 0 else run_dir.with_name(f"{run_dir.name}-seed{i}")
+        code = max(code, _train_one(args, member, where, adata))
+    return code
+
+
+def _train_one(args: argparse.Namespace, cfg, run_dir, adata) -> int:
     from statecore.training import distributed
     from statecore.training.engine import resolve_device, train_run
 
-    cfg, run_dir, adata = _resolve(args)
     if not (run_dir / "job.json").exists():  # started from a shell: an old stop request is void (the app's
         (run_dir / "STOP").unlink(
             missing_ok=True

@@ -61,6 +61,19 @@ def launch(run_dir: str | Path, config: RunConfig, *, threads: int) -> jobs.RunS
     return jobs.start(run_dir, args, threads=threads)
 
 
+def ensemble_configs(config: RunConfig, k: int) -> list[RunConfig]:
+    """``k`` members of an ensemble: the same split and data, training seeds seed, seed+1, ..."""
+    if k < 1:
+        raise ValueError(f"an ensemble needs at least one member; got {k}")
+    return [config.replace(train=config.train.replace(seed=config.train.seed + i)) for i in range(k)]
+
+
+def member_dir(run_dir: str | Path, i: int) -> Path:
+    """Member i of the ensemble started as ``run_dir``: the run itself, then ``<run>-seed<i>`` siblings."""
+    run_dir = Path(run_dir)
+    return run_dir if i == 0 else run_dir.with_name(f"{run_dir.name}-seed{i}")
+
+
 def run_kind(run_dir: str | Path) -> str:
     """ "embedding" for State Embedding runs, "transition" for State Transition runs, "" when unreadable."""
     try:
