@@ -94,8 +94,9 @@ with st.container(border=True):
     from statecore.runs.files import read_metrics
 
     val_rows = [r["val_pearson_delta"] for r in read_metrics(run_dir) if "val_pearson_delta" in r]
+    verdict = read_verdict(run_dir)
     trust = analysis.confidence_text(
-        read_verdict(run_dir),
+        verdict,
         context=context,
         perts=perts,
         test_perts=test_perts,
@@ -103,7 +104,7 @@ with st.container(border=True):
     )
     if trust:
         st.markdown(trust)
-    else:
+    if verdict is None:
         st.info(
             "Not measured yet: evaluating the run predicts its held-out test perturbations and scores them "
             "against the real cells, the baselines and the data ceiling (about a minute on the sample data)."
