@@ -224,7 +224,7 @@ def _h5_bytes(f) -> int:
         nonlocal total
         if isinstance(obj, h5py.Dataset):
             per = _BYTES_PER_STRING if obj.dtype.kind in "OSU" else obj.dtype.itemsize
-            total += int(obj.size) * per
+            total += int(obj.size or 0) * per  # size None: an empty (null) dataset
 
     f.visititems(add)
     return total
@@ -253,13 +253,15 @@ def _h5ad_preflight(path: Path) -> None:
 
 
 def _h5_x_shape(f) -> tuple[int, int] | None:
+    import h5py
+
     if "X" not in f:
         return None
     x = f["X"]
     shape = tuple(int(v) for v in (x.attrs["shape"] if "shape" in x.attrs else x.shape))
     if len(shape) != 2:
         raise ValueError(f"X has {len(shape)} dimensions, not 2")
-    if "indptr" in x:  # CSR: one pointer per row (+1), CSC: per column
+    if isinstance(x, h5py.Group) and "indptr" in x:  # CSR: one pointer per row (+1), CSC: per column
         major = shape[1] if str(x.attrs.get("encoding-type", "")).startswith("csc") else shape[0]
         if x["indptr"].shape[0] != major + 1 or x["data"].shape != x["indices"].shape:
             raise ValueError("the sparse X arrays do not match its shape")
