@@ -152,9 +152,17 @@ BAD: list[tuple[str, Callable, str]] = [
         lambda d: (_h5(d, _labels(_base(), ["ctrl"] * n)), ["--control", "ctrl"]),
         "no perturbed cells",
     ),
-    ("all-unlabeled", lambda d: (_h5(d, _labels(_base(), [np.nan] * n)), ["--control", "ctrl"]), "no cell has a label"),
+    (
+        "all-unlabeled",
+        lambda d: (_h5(d, _labels(_base(), [np.nan] * n)), ["--control", "ctrl"]),
+        "no cell has a label",
+    ),
     ("pert-col-missing", lambda d: (_h5(d, _base()), ["--pert-col", "gene"]), "'gene' not found"),
-    ("context-col-missing", lambda d: (_h5(d, _base()), ["--context-col", "celltype"]), "'celltype' not found"),
+    (
+        "context-col-missing",
+        lambda d: (_h5(d, _base()), ["--context-col", "celltype"]),
+        "'celltype' not found",
+    ),
     ("batch-col-missing", lambda d: (_h5(d, _base()), ["--batch-col", "lane"]), "'lane' not found"),
     (
         "context-without-controls",
@@ -211,7 +219,11 @@ BAD: list[tuple[str, Callable, str]] = [
     ("meta-is-folder", lambda d: (_bundle(d), ["--metadata", str(d)]), "no readable data"),
     ("meta-fifo", lambda d: (_bundle(d), ["--metadata", str(_fifo(d, "m.csv"))]), "no readable data"),
     ("meta-dev-zero", lambda d: (_bundle(d), ["--metadata", "/dev/zero"]), "no readable data"),
-    ("meta-id-col-missing", lambda d: (_with_meta(d, _meta(_base())), ["--cell-id-col", "barcode"]), "not in"),
+    (
+        "meta-id-col-missing",
+        lambda d: (_with_meta(d, _meta(_base())), ["--cell-id-col", "barcode"]),
+        "not in",
+    ),
     (
         "meta-stim-unknown-control",
         lambda d: (_with_meta(d, _meta(_base(), perturbation=np.where(np.arange(n) % 2, "IFN", "LPS"))), []),
@@ -339,7 +351,11 @@ VALID: list[tuple[str, Callable, Callable]] = [
         _has(pert_col="perturbation", control="ctrl"),
     ),
     ("markdown-and-unicode-labels", lambda d: (_h5(d, _odd_labels(_base())), []), _has(control="ctrl")),
-    ("numeric-labels-explicit-control", lambda d: (_h5(d, _numeric(_base())), ["--control", "0"]), _has(control="0")),
+    (
+        "numeric-labels-explicit-control",
+        lambda d: (_h5(d, _numeric(_base())), ["--control", "0"]),
+        _has(control="0"),
+    ),
     ("dense-counts", lambda d: (_h5(d, _X(_base(), lambda x: x)), []), _has(n_obs=n)),
     ("csc-counts", lambda d: (_h5(d, _csc(_base())), []), _has(n_obs=n)),
     ("log-normalised", lambda d: (_h5(d, _lognorm(_base())), []), _has(n_obs=n)),

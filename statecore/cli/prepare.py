@@ -92,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
     qc = qc.replace(**changes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prepared = prepare(adata, spec=spec, qc=qc, source=str(src))
+        try:
+            prepared = prepare(adata, spec=spec, qc=qc, source=str(src))
+        except MemoryError:
+            raise DataError(
+                f"not enough memory to prepare {adata.n_obs:,} cells x {adata.n_vars:,} genes; use a "
+                "machine with more memory, or skip the UMAP (--no-umap)"
+            ) from None
     for w in caught:
         if issubclass(w.category, UserWarning) and "statecore" in str(w.filename):
             print(f"warning: {w.message}", file=sys.stderr)
