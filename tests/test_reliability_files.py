@@ -29,6 +29,8 @@ def test_two_writers_of_one_target_both_succeed(tmp_path, prepared_synthetic):
         t.join()
     assert errors == [] and ad.read_h5ad(target).shape == prepared_synthetic.shape
     assert [p.name for p in tmp_path.iterdir()] == ["p.h5ad"]  # no temporary file left
+    (tmp_path / "plain").write_text("")  # the unique temp name must not make the file private
+    assert target.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, prepared_synthetic, monkeypatch):

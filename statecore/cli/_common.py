@@ -72,6 +72,7 @@ def write_h5ad(adata, path) -> None:
         os.close(fd)
         tmp = Path(name)
         adata.write_h5ad(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; others on the server must read it
         tmp.replace(out)
     except OSError as exc:
         reason = (exc.strerror or str(exc) or type(exc).__name__).strip().splitlines()[0]
@@ -81,6 +82,17 @@ def write_h5ad(adata, path) -> None:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _check_free_space(adata, folder: Path) -> None:
