@@ -660,8 +660,13 @@ def check(adata, spec: DataSpec, *, require_counts: bool = False) -> ValidationR
                 f"{role} column {col!r} not found in obs{_suggest(col, cols)}; available columns: "
                 f"{cols[:20]}; pass {flag}"
             )
-    if spec.pert_col not in obs.columns:
-        return rep
+    if spec.pert_col in obs.columns:
+        _check_labels(obs, spec, rep)
+    return rep
+
+
+def _check_labels(obs: pd.DataFrame, spec: DataSpec, rep: ValidationReport) -> None:
+    """The perturbation labels: unlabeled cells, the control, perturbed cells, controls per context."""
     labelled = labelled_mask(obs, spec)
     n_unlabeled = int((~labelled).sum())
     if n_unlabeled:
@@ -672,7 +677,7 @@ def check(adata, spec: DataSpec, *, require_counts: bool = False) -> ValidationR
         )
     if not labelled.any():
         rep.errors.append(f"no cell has a label in column {spec.pert_col!r}; choose the perturbation column")
-        return rep
+        return
     pert = obs[spec.pert_col][labelled].astype(str)
     is_ctrl = (pert == spec.control).to_numpy()
     if not spec.control:
@@ -710,7 +715,6 @@ def check(adata, spec: DataSpec, *, require_counts: bool = False) -> ValidationR
             f"{len(small)} perturbation(s) have fewer than {spec.min_cells_per_perturbation} cells: "
             f"{listed}{' ...' if len(small) > 10 else ''}; their predictions will be noisy"
         )
-    return rep
 
 
 def validate(adata, spec: DataSpec, *, require_counts: bool = False) -> list[str]:
