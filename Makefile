@@ -5,6 +5,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 PORT   ?= 8501
+ADDRESS ?= 127.0.0.1
 
 .PHONY: run test test-all lint bench setup setup-dev browser clean
 
@@ -27,7 +28,7 @@ browser:
 	@bash scripts/ensure_chromium.sh
 
 run: setup
-	$(BIN)/streamlit run app.py --server.port $(PORT)
+	$(BIN)/streamlit run app.py --server.port $(PORT) --server.address $(ADDRESS)
 
 test: setup-dev browser
 	$(BIN)/ruff check .

@@ -33,12 +33,23 @@ def _load(info: dict) -> None:
 
 
 def _save_upload(uploaded, folder: Path) -> Path:
-    """Write an uploaded file to disk at once (uploads otherwise live only in server memory)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / Path(uploaded.name).name
-    if not target.exists() or target.stat().st_size != uploaded.size:
-        target.write_bytes(uploaded.getbuffer())
+    """Write an uploaded file to disk at once (uploads otherwise live only in server memory).
+
+    ``folder`` is new for every load (``state.upload_dir``), so a corrected file of the same name and
+    size is read afresh and a second MTX bundle never mixes with the first."""
+    target = folder / state.upload_name(uploaded.name)
+    target.write_bytes(uploaded.getbuffer())
     return target
+
+
+def _save_bundle(files, meta) -> dict:
+    folder = state.upload_dir()
+    bundle = folder / "mtx"
+    bundle.mkdir()
+    for f in files:
+        _save_upload(f, bundle)
+    meta_path = str(_save_upload(meta, folder)) if meta is not None else None
+    return {"path": str(bundle), "metadata": meta_path}
 
 
 source = st.radio("Source", SOURCES, horizontal=True, key="data_source")
@@ -52,8 +63,9 @@ elif source == SOURCES[1]:
         "Upload limit: 2 GB (`server.maxUploadSize` in .streamlit/config.toml). For larger files use a server path."
     )
     if up is not None and st.button("Load", type="primary", key="data_load_upload"):
-        path = _save_upload(up, state.upload_dir())
-        _load({"path": str(path), "metadata": None, "cell_id_col": None, "label": up.name})
+        path = widgets.attempt(_save_upload, up, state.upload_dir(), what="Saving the upload")
+        if not widgets.failed(path):
+            _load({"path": str(path), "metadata": None, "cell_id_col": None, "label": up.name})
 elif source == SOURCES[2]:
     files = st.file_uploader(
         "matrix.mtx[.gz], barcodes.tsv[.gz], features.tsv[.gz] (or genes.tsv)",
@@ -65,26 +77,24 @@ elif source == SOURCES[2]:
     )
     cell_id = st.text_input("Cell id column in the CSV (empty: detect)", key="data_cell_id")
     if files and st.button("Load", type="primary", key="data_load_mtx"):
-        folder = state.upload_dir() / "mtx"
-        for f in files:
-            _save_upload(f, folder)
-        meta_path = str(_save_upload(meta, state.upload_dir())) if meta is not None else None
-        _load(
-            {
-                "path": str(folder),
-                "metadata": meta_path,
-                "cell_id_col": cell_id or None,
-                "label": "MTX bundle",
-            }
-        )
+        saved = widgets.attempt(_save_bundle, files, meta, what="Saving the upload")
+        if not widgets.failed(saved):
+            _load({**saved, "cell_id_col": cell_id or None, "label": "MTX bundle"})
 else:
     path = st.text_input(
         "Path to an .h5ad file or an MTX bundle folder on the server", key="data_server_path"
     )
     meta_path = st.text_input("Metadata CSV path (MTX bundles; optional)", key="data_server_meta")
     if st.button("Load", type="primary", key="data_load_path", disabled=not path.strip()):
+        # "server": reads stay inside the allowed data folders (STATECORE_DATA_ROOTS), see loaders.
         _load(
-            {"path": path.strip(), "metadata": meta_path.strip() or None, "cell_id_col": None, "label": path}
+            {
+                "path": path.strip(),
+                "metadata": meta_path.strip() or None,
+                "cell_id_col": None,
+                "label": path.strip(),
+                "source": "server",
+            }
         )
 
 info = st.session_state[state.DATA]
@@ -95,7 +105,7 @@ if not info:
 adata = widgets.attempt(loaders.read_data, info, what="Reading the data")
 if widgets.failed(adata):
     st.stop()
-st.success(f"Loaded **{info['label']}**: {adata.n_obs:,} cells × {adata.n_vars:,} genes")
+st.success(f"Loaded **{state.plain(info['label'])}**: {adata.n_obs:,} cells × {adata.n_vars:,} genes")
 
 st.subheader("Column mapping")
 spec = DataSpec.from_dict(info["spec"])
@@ -114,10 +124,13 @@ values = adata.obs[pert_col].astype(str).value_counts()
 labels = list(values.index[:500])
 if spec.control in values.index and spec.control not in labels:
     labels.append(spec.control)
+# No recognised control label: the picker starts empty and validation blocks until one is chosen
+# (the most frequent value is often the treated group, e.g. STIM).
 control = c2.selectbox(
     "Control label",
     labels,
-    index=labels.index(spec.control) if spec.control in labels else 0,
+    index=labels.index(spec.control) if spec.control in labels else None,
+    placeholder="Choose the control label",
     key="data_control",
 )
 optional = ["(none)", *columns]
@@ -136,7 +149,7 @@ batch_col = c4.selectbox(
 combo_sep = c5.text_input("Combination separator", value=spec.combo_sep, key="data_combo_sep")
 spec = spec.replace(
     pert_col=pert_col,
-    control=control,
+    control=control or "",
     context_col=None if context_col == "(none)" else context_col,
     batch_col=None if batch_col == "(none)" else batch_col,
     combo_sep=combo_sep or "+",
@@ -151,15 +164,17 @@ from statecore.data.io import check  # noqa: E402 - after the page shell renders
 report = widgets.attempt(check, adata, spec, what="Validating the data")
 if not widgets.failed(report):
     for msg in report.errors:
-        st.error(msg)
+        st.error(state.plain(msg))
     for msg in report.warnings:
-        st.warning(msg)
+        st.warning(state.plain(msg))
     if report.ok:
         st.success("No blocking problems. Next: **Preprocess**.")
         st.page_link(state.PAGES["preprocess"], label="Go to Preprocess", icon="🧪")
 
 st.subheader("Summary")
-table = analysis.crosstab(adata.obs, spec.pert_col, spec.context_col)
+table = widgets.attempt(analysis.crosstab, adata.obs, spec.pert_col, spec.context_col, what="Counting cells")
+if widgets.failed(table):
+    st.stop()
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Cells", f"{adata.n_obs:,}")
 m2.metric("Genes", f"{adata.n_vars:,}")

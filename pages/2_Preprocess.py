@@ -32,7 +32,9 @@ if not widgets.failed(report) and report.errors:
     st.page_link(state.PAGES["data"], label="Go to Data", icon="📂")
     st.stop()
 
-suggested = analysis.suggest_qc(adata)
+suggested = widgets.attempt(analysis.suggest_qc, adata, what="Suggesting QC settings")
+if widgets.failed(suggested):
+    st.stop()
 st.subheader("Settings")
 c1, c2, c3 = st.columns(3)
 min_genes = c1.number_input("Min genes per cell", 0, 100_000, suggested.min_genes, key="prep_min_genes")
@@ -71,7 +73,8 @@ metrics = widgets.attempt(preprocess.qc_metrics, adata, what="Computing QC metri
 if not widgets.failed(metrics):
     applied = preprocess.effective_min_genes(qc, adata.n_vars)
     counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
-    gene_cells = analysis.cells_per_gene(counts)
+    gene_cells = widgets.attempt(analysis.cells_per_gene, counts, what="Counting cells per gene")
+if not widgets.failed(metrics) and not widgets.failed(gene_cells):
     p1, p2, p3 = st.columns(3)
     p1.plotly_chart(
         figures.histogram(
@@ -115,10 +118,10 @@ def _apply() -> dict:
     target = _target_path()
     if not target.exists():  # same input, mapping and settings: reuse the file on disk
         with st.spinner("Preparing: QC, normalization, HVGs" + (", UMAP" if qc.umap else "") + "…"):
+            from statecore.cli._common import write_h5ad
+
             prepared = preprocess.prepare(adata, spec=spec, qc=qc, source=info["path"])
-            tmp = target.with_name(f".{target.name}.tmp.h5ad")
-            prepared.write_h5ad(tmp)
-            tmp.replace(target)
+            write_h5ad(prepared, target)  # unique temp name: two sessions may Apply at once
     prepared = loaders.read_h5ad(target)
     return {
         "path": str(target),

@@ -81,7 +81,9 @@ def test_pages_with_nothing_loaded_point_the_way(env, page):
     assert not at.error
 
 
-def test_data_load_from_server_path(env, small_h5ad):
+def test_data_load_from_server_path(env, small_h5ad, monkeypatch):
+    # Server paths are read only inside the allowed data folders (see test_reliability_app.py).
+    monkeypatch.setenv("STATECORE_DATA_ROOTS", str(small_h5ad.parent))
     at = _app("1_Data.py")
     at.radio(key="data_source").set_value("Path on the server").run()
     at.text_input(key="data_server_path").input(str(small_h5ad)).run()
@@ -118,7 +120,7 @@ def test_data_missing_server_path(env, tmp_path):
     at.text_input(key="data_server_path").input(str(tmp_path / "nope.h5ad")).run()
     at.button(key="data_load_path").click().run()
     _clean(at)
-    assert "not found" in _texts(at.error)
+    assert "no readable data" in _texts(at.error)
 
 
 def test_data_blocking_mapping_error_stops_preprocess(env, small_h5ad):

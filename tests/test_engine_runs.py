@@ -150,3 +150,19 @@ def test_cli_ensemble_trains_members_with_their_own_seeds_on_one_split(prepared_
     assert (tmp_path / "r" / "split.json").read_text() == (tmp_path / "r-seed1" / "split.json").read_text()
     members = ensemble_configs(a, 3)
     assert [m.train.seed for m in members] == [3, 4, 5] and member_dir(tmp_path / "r", 2).name == "r-seed2"
+
+
+def test_a_second_worker_on_a_locked_run_is_refused(prepared_synthetic, tmp_path, capsys):
+    from statecore.cli.main import main
+    from statecore.runs.jobs import hold_run_lock
+
+    data = tmp_path / "p.h5ad"
+    prepared_synthetic.write_h5ad(data)
+    held = hold_run_lock(tmp_path / "r")  # a worker already owns the run
+    try:
+        args = ["train", "--data", str(data), "--run-dir", str(tmp_path / "r"), "--context", "c0"]
+        assert main([*args, "--steps", "1", "--set-size", "8", "--threads", "1", "--quiet"]) == 2
+        assert "in use" in capsys.readouterr().err
+        assert not (tmp_path / "r" / "status.json").exists()
+    finally:
+        held.release()

@@ -121,9 +121,10 @@ def test_cancel_then_resume_continues(tmp_path, worker):
 def test_resume_refuses_live_and_unknown_runs(tmp_path, worker):
     run = tmp_path / "live"
     jobs.start(run, ["--steps", "400", "--sleep", "0.02"], worker=worker, threads=1)
-    with pytest.raises(jobs.JobError, match="still"):
+    # A live worker holds the run's lock: start and resume both refuse, naming the reason.
+    with pytest.raises(jobs.JobError, match="in use by a running worker"):
         jobs.resume(run)
-    with pytest.raises(jobs.JobError, match="already holds a run"):
+    with pytest.raises(jobs.JobError, match="in use by a running worker"):
         jobs.start(run, [], worker=worker)
     jobs.cancel(run, kill_after_s=10)
     jobs.wait(run, 20)
@@ -194,7 +195,7 @@ def test_helpers(tmp_path):
     assert not jobs.pid_alive(None) and not jobs.pid_alive(0)
     first = jobs.new_run_dir(tmp_path, "my run/1")
     assert first.parent == tmp_path and "/" not in first.name and first.name.startswith("my-run-1")
-    first.mkdir()
+    assert first.is_dir()  # created exclusively: a second call in the same second gets another name
     assert jobs.new_run_dir(tmp_path, "my run/1") != first
     assert jobs.list_runs(tmp_path / "none") == []
     with pytest.raises(jobs.JobError):

@@ -123,6 +123,7 @@ def _fit(args: argparse.Namespace) -> int:
     from statecore.embedding.se import load_embedding
     from statecore.errors import CheckpointError, DataError
     from statecore.runs.files import read_status
+    from statecore.runs.jobs import hold_run_lock
     from statecore.training import checkpoint
     from statecore.training.engine import train_run
 
@@ -143,11 +144,13 @@ def _fit(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "job.json").exists():  # see cli/train.py: the app's job manager owns STOP for its runs
         (run_dir / "STOP").unlink(missing_ok=True)
+    lock = hold_run_lock(run_dir)  # one worker per run: a second start is refused
     hook, close = progress_printer(False, config.train.steps)
     try:
         result = train_run(adata, config, run_dir, hook=hook)
     finally:
         close()
+        lock.release()
     run = load_embedding(run_dir)
     print(
         f"{result.state}: wrote {run_dir}: SE model on {len(run.genes)} genes, embedding width "

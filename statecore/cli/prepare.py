@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from statecore.cli._common import write_h5ad
     from statecore.config import QCConfig
-    from statecore.data.io import detect_spec, read_data
+    from statecore.data.io import detect, read_data, suggest_control
     from statecore.data.preprocess import prepare
     from statecore.errors import DataError
 
@@ -62,12 +62,21 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise DataError("the output would overwrite the input; choose another -o path")
     adata = read_data(src, metadata=args.metadata, cell_id_col=args.cell_id_col)
-    found = detect_spec(adata)
+    detection = detect(adata)
+    found = detection.spec
+    control = args.control or found.control
+    if args.pert_col and args.pert_col != found.pert_col and not args.control:
+        # The detected control belongs to the detected column: look again in the one asked for.
+        column = adata.obs[args.pert_col] if args.pert_col in adata.obs.columns else None
+        control = suggest_control(column) if column is not None else ""
+    elif detection.control_found and not (args.pert_col or args.control):
+        for note in detection.notes:
+            print(f"warning: {note}", file=sys.stderr)
     spec = found.replace(
         pert_col=args.pert_col or found.pert_col,
         context_col=_column(args.context_col, found.context_col),
         batch_col=_column(args.batch_col, found.batch_col),
-        control=args.control or found.control,
+        control=control,
         cell_id_col=args.cell_id_col,
     )
     qc = QCConfig()
@@ -83,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
     qc = qc.replace(**changes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prepared = prepare(adata, spec=spec, qc=qc, source=str(src))
+        try:
+            prepared = prepare(adata, spec=spec, qc=qc, source=str(src))
+        except MemoryError:
+            raise DataError(
+                f"not enough memory to prepare {adata.n_obs:,} cells x {adata.n_vars:,} genes; use a "
+                "machine with more memory, or skip the UMAP (--no-umap)"
+            ) from None
     for w in caught:
         if issubclass(w.category, UserWarning) and "statecore" in str(w.filename):
             print(f"warning: {w.message}", file=sys.stderr)

@@ -244,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_one(args: argparse.Namespace, cfg, run_dir, adata) -> int:
+    from statecore.runs.jobs import hold_run_lock
     from statecore.training import distributed
     from statecore.training.engine import resolve_device, train_run
 
@@ -252,12 +253,15 @@ def _train_one(args: argparse.Namespace, cfg, run_dir, adata) -> int:
             missing_ok=True
         )  # job manager clears it at launch; a later one is a cancel)
     main = distributed.env_info().is_main
+    lock = hold_run_lock(run_dir) if main else None  # one worker per run: a second start is refused
     hook, close = progress_printer(args.quiet or not main, cfg.train.steps)
     try:
         with distributed.session(resolve_device(cfg.train.device)):
             result = train_run(adata, cfg, run_dir, hook=hook)
     finally:
         close()
+        if lock is not None:
+            lock.release()
     if not main:
         return 0 if result.state == "done" else 3
     last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"

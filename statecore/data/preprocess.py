@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from statecore.config import DataSpec, QCConfig
-from statecore.data.io import looks_like_counts, looks_log_normalized, validate
+from statecore.data.io import labelled_mask, looks_like_counts, looks_log_normalized, validate
 from statecore.errors import DataError
 
 HVG_FLAVORS = ("auto", "seurat_v3", "seurat", "cell_ranger")
@@ -76,9 +76,11 @@ def prepare(adata, *, spec: DataSpec, qc: QCConfig = QCConfig(), source: str = "
     out = _skeleton(adata, spec)
     src = adata.layers[counts_src] if counts_src not in (None, "X") else adata.X
     report = {"cells_in": int(out.n_obs), "genes_in": int(out.n_vars)}
-    keep_cells, keep_genes = _qc_masks(src, qc, report)
+    keep_cells, keep_genes = _qc_masks(src, qc, report, labelled_mask(adata.obs, spec))
     if not keep_cells.all() or not keep_genes.all():
         out = out[keep_cells, keep_genes].copy()  # no matrix in it yet: obs, var, obsm... only
+        for col in ("perturbation", "context", "batch"):  # e.g. the "nan" of dropped unlabeled cells
+            out.obs[col] = out.obs[col].cat.remove_unused_categories()
     _check_controls_left(out, spec.control, report["min_genes_applied"])
     matrix = _owned_float32(src, keep_cells, keep_genes)
     if log_input:
@@ -201,17 +203,19 @@ def _skeleton(adata, spec: DataSpec):
         raw=adata.raw.copy() if adata.raw is not None else None,
     )
     out.var_names_make_unique()
+    out.obs_names_make_unique()  # check() warned about duplicate cell ids
     return out
 
 
-def _qc_masks(X, qc: QCConfig, report: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Cells kept by min_genes and, among them, genes kept by min_cells (one subset of both, later)."""
+def _qc_masks(X, qc: QCConfig, report: dict, labelled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled cells kept by min_genes and, among them, genes kept by min_cells (one subset of both, later)."""
     n_cells, n_vars = X.shape
     n_genes, _ = _per_cell_stats(X)
     min_genes = effective_min_genes(qc, n_vars)
     report["min_genes_applied"] = min_genes
     report["min_cells_applied"] = int(qc.min_cells)
-    keep_cells = n_genes >= min_genes
+    report["cells_removed_unlabeled"] = int((~labelled).sum())
+    keep_cells = (n_genes >= min_genes) & labelled
     if not keep_cells.any():
         raise DataError(
             f"min_genes={min_genes} would remove all {n_cells} cells (median "
@@ -225,7 +229,7 @@ def _qc_masks(X, qc: QCConfig, report: dict) -> tuple[np.ndarray, np.ndarray]:
             "lower --min-cells"
         )
     keep_genes = cells_per_gene >= qc.min_cells
-    report["cells_removed_min_genes"] = int((~keep_cells).sum())
+    report["cells_removed_min_genes"] = int((labelled & (n_genes < min_genes)).sum())
     report["genes_removed_min_cells"] = int((~keep_genes).sum())
     return keep_cells, keep_genes
 
@@ -424,6 +428,42 @@ def _umap(out) -> None:
     hv = out[:, out.var["highly_variable"].to_numpy()].copy()
     n_comps = int(max(2, min(50, hv.n_vars - 1, hv.n_obs - 1)))
     sc.pp.pca(hv, n_comps=n_comps, random_state=0)
-    sc.pp.neighbors(hv, n_neighbors=int(min(15, hv.n_obs - 1)), random_state=0)
+    n_neighbors = int(min(15, hv.n_obs - 1))
+    sc.pp.neighbors(
+        hv, n_neighbors=n_neighbors, random_state=0, transformer=_knn_transformer(hv.n_obs, n_neighbors)
+    )
     sc.tl.umap(hv, random_state=0)
     out.obsm["X_umap"] = np.asarray(hv.obsm["X_umap"], dtype=np.float32)
+
+
+# scanpy switches from an exact kNN to pynndescent at this many cells (scanpy.neighbors, "legacy logic").
+_SCANPY_EXACT_KNN_BELOW = 8192
+
+
+def _knn_transformer(n_obs: int, n_neighbors: int):
+    """The kNN transformer scanpy would pick itself, made to return a ``csr_matrix``; None below 8,192 cells.
+
+    pynndescent 0.7 returns a ``csr_array``, and scanpy 1.11 reads its neighbours with ``getnnz``,
+    which scipy's sparse arrays no longer have: ``sc.pp.neighbors`` fails with AttributeError from
+    8,192 cells on (where scanpy leaves the exact kNN for pynndescent). Same parameters as scanpy's
+    own default (those of umap's ``nearest_neighbors``), so the graph is the one scanpy would build.
+    Below the threshold scanpy's exact kNN is left untouched (None = scanpy's default).
+    """
+    if n_obs < _SCANPY_EXACT_KNN_BELOW:
+        return None
+    import scanpy as sc
+    from pynndescent import PyNNDescentTransformer
+
+    class _CsrMatrixNNDescent(PyNNDescentTransformer):
+        def transform(self, X, y=None):
+            return sp.csr_matrix(super().transform(X, y))
+
+    return _CsrMatrixNNDescent(
+        n_neighbors=n_neighbors,
+        metric="euclidean",
+        metric_kwds={},
+        random_state=0,
+        n_jobs=sc.settings.n_jobs,
+        n_trees=min(64, 5 + round(n_obs**0.5 / 20.0)),
+        n_iters=max(5, round(np.log2(n_obs))),
+    )

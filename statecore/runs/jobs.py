@@ -10,6 +10,7 @@ refresh, a closed tab or a restarted app never kills it. Nothing here imports st
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -105,7 +106,9 @@ def pid_alive(pid: int | None, run_dir: Path | None = None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        # The pid exists but belongs to another user: after a reboot that is never our worker, so
+        # /proc decides (below) instead of taking it as alive.
+        pass
     proc = Path(f"/proc/{pid}")
     if proc.exists():
         try:
@@ -119,6 +122,91 @@ def pid_alive(pid: int | None, run_dir: Path | None = None) -> bool:
         except OSError:
             return False
     return True
+
+
+LOCK_NAME = ".lock"
+RESUME_LOCK_WAIT_S = 5.0
+LOCK_FD_ENV = "STATECORE_RUN_LOCK_FD"  # the lock a launched worker inherits (see hold_run_lock)
+
+
+@dataclass(frozen=True)
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/.lock``, held as long as ``fd`` stays open.
+
+    flock belongs to the open file, so a worker launched with the descriptor keeps the run locked
+    for its whole life, and the kernel drops the lock when the worker dies (even by SIGKILL or a
+    reboot): a stale lock is impossible."""
+
+    run_dir: Path
+    fd: int
+
+    def release(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _try_lock(run_dir: Path, wait_s: float = 0.0) -> RunLock | None:
+    """Take the run's lock, trying for up to ``wait_s``; None when another process holds it."""
+    import fcntl
+
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return RunLock(run_dir=run_dir, fd=fd)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+
+
+def is_locked(run_dir: str | Path) -> bool:
+    """Does a live process (a worker) hold the run's lock right now?"""
+    run_dir = Path(run_dir)
+    if not (run_dir / LOCK_NAME).exists():
+        return False
+    lock = _try_lock(run_dir)
+    if lock is None:
+        return True
+    lock.release()
+    return False
+
+
+def _in_use(run_dir: Path) -> JobError:
+    return JobError(
+        f"run {run_dir.name} is in use by a running worker (its lock is held); wait for it to finish, "
+        "or cancel it first"
+    )
+
+
+def hold_run_lock(run_dir: str | Path) -> RunLock:
+    """For the worker (``statecore train --run-dir``): hold the run's lock until the process exits.
+
+    A worker launched by ``start``/``resume`` already holds it through the descriptor named in
+    ``STATECORE_RUN_LOCK_FD``: that one is adopted. A worker started by hand takes the lock itself,
+    and a JobError says the run is in use when another worker holds it. Keep the returned object
+    (or just let the process run on): the lock goes when the process ends.
+    """
+    run_dir = Path(run_dir)
+    inherited = os.environ.get(LOCK_FD_ENV, "")
+    if inherited.isdigit():
+        fd = int(inherited)
+        try:
+            held, on_disk = os.fstat(fd), os.stat(run_dir / LOCK_NAME)
+            same = (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+        except OSError:
+            same = False
+        if same:
+            return RunLock(run_dir=run_dir, fd=fd)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _try_lock(run_dir)
+    if lock is None:
+        raise _in_use(run_dir)
+    return lock
 
 
 def _mtime(path: Path) -> float:
@@ -153,9 +241,22 @@ def _crash_message(run_dir: Path) -> str:
     return f"the worker stopped unexpectedly (last log line: {last}); see {run_dir / 'log.txt'}"
 
 
+def _worker_alive(run_dir: Path, job: dict[str, Any], *pids: int | None, own_lock: bool = False) -> bool:
+    """A worker launched with the run's lock is alive exactly while the lock is held (the kernel
+    frees it when the process dies); older runs fall back to the pid and /proc checks.
+    ``own_lock``: the caller holds the lock itself, so no worker can."""
+    if job.get("locked"):
+        return not own_lock and is_locked(run_dir)
+    return any(pid_alive(p, run_dir) for p in pids)
+
+
 def poll(run_dir: str | Path) -> RunStatus:
     """Read a run's status, deriving ``interrupted``/``failed`` when its worker is gone."""
-    run_dir = Path(run_dir)
+    return _poll(Path(run_dir), own_lock=False)
+
+
+def _poll(run_dir: Path, *, own_lock: bool) -> RunStatus:
+    alive = functools.partial(_worker_alive, own_lock=own_lock)
     if not run_dir.is_dir():
         raise JobError(f"run directory {run_dir} does not exist")
     status = _read_json(run_dir / "status.json") or {}
@@ -166,12 +267,12 @@ def poll(run_dir: str | Path) -> RunStatus:
     error = status.get("error")
     if state is not None and job_pid and float(job.get("launched_ts", 0)) > _mtime(run_dir / "status.json"):
         # Relaunched (resume) since the status was last written: the new worker owns the run.
-        if pid_alive(job_pid, run_dir):
+        if alive(run_dir, job, job_pid):
             state, pid, error = "queued", job_pid, None
         elif state not in LIVE_STATES:
             state, pid, error = "failed", job_pid, _crash_message(run_dir)
     if state is None:
-        if job_pid and pid_alive(job_pid, run_dir):
+        if job_pid and alive(run_dir, job, job_pid):
             state = "queued"  # importing torch, reading data: no status yet
         elif job_pid and (run_dir / "STOP").exists():
             state = "cancelled"  # stopped before it ever wrote a status
@@ -180,7 +281,7 @@ def poll(run_dir: str | Path) -> RunStatus:
         else:
             state = "failed"
             error = f"{run_dir} holds no status.json: not a statecore run directory"
-    elif state in LIVE_STATES and not pid_alive(pid, run_dir) and not pid_alive(job_pid, run_dir):
+    elif state in LIVE_STATES and not alive(run_dir, job, pid, job_pid):
         child = _CHILDREN.get(job_pid) if job_pid else None
         crashed = child is not None and child.returncode not in (0, None, -signal.SIGTERM, -signal.SIGKILL)
         if crashed or "Traceback" in log_tail(run_dir, 200):
@@ -230,11 +331,15 @@ def _default_threads(root: Path) -> int:
     return worker_threads(sum(1 for r in list_runs(root) if r.live))
 
 
-def _launch(run_dir: Path, argv: list[str], threads: int, env: dict[str, str] | None) -> tuple[int, float]:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _launch(
+    run_dir: Path, argv: list[str], threads: int, env: dict[str, str] | None, lock: RunLock
+) -> tuple[int, float]:
+    """Start the worker holding ``lock`` (passed down as an open descriptor: no gap in which a
+    second start or resume could take the run)."""
     (run_dir / "STOP").unlink(missing_ok=True)
     child_env = dict(os.environ)
     child_env.update(env or {})
+    child_env[LOCK_FD_ENV] = str(lock.fd)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         child_env[var] = str(threads)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -250,6 +355,7 @@ def _launch(run_dir: Path, argv: list[str], threads: int, env: dict[str, str] | 
             env=child_env,
             start_new_session=True,  # survives page refresh, closed tab and app restart
             cwd=os.getcwd(),
+            pass_fds=(lock.fd,),
         )
     _CHILDREN[proc.pid] = proc
     return proc.pid, launched_ts
@@ -273,14 +379,21 @@ def start(
     the usual thread environment variables (and ``train_args`` may carry the CLI's own flag).
     """
     run_dir = Path(run_dir)
-    if is_run_dir(run_dir):
-        raise JobError(f"{run_dir} already holds a run; resume it or pick a new name")
-    if threads is None:
-        threads = _default_threads(run_dir.parent)
-    argv = [*(worker or TRAIN_WORKER), dir_flag, str(run_dir), *map(str, train_args)]
-    pid, launched_ts = _launch(run_dir, argv, threads, env)
-    job = {"argv": argv, "pid": pid, "threads": threads, "env": env or {}, "launches": 1}
-    _write_json(run_dir / "job.json", {**job, "launched": _now(), "launched_ts": launched_ts})
+    run_dir.mkdir(parents=True, exist_ok=True)  # new_run_dir made it already (exclusively)
+    lock = _try_lock(run_dir)
+    if lock is None:
+        raise _in_use(run_dir)
+    try:  # under the lock: of two starts at once, exactly one sees an empty directory
+        if is_run_dir(run_dir):
+            raise JobError(f"{run_dir} already holds a run; resume it or pick a new name")
+        if threads is None:
+            threads = _default_threads(run_dir.parent)
+        argv = [*(worker or TRAIN_WORKER), dir_flag, str(run_dir), *map(str, train_args)]
+        pid, launched_ts = _launch(run_dir, argv, threads, env, lock)
+        job = {"argv": argv, "pid": pid, "threads": threads, "env": env or {}, "launches": 1, "locked": True}
+        _write_json(run_dir / "job.json", {**job, "launched": _now(), "launched_ts": launched_ts})
+    finally:
+        lock.release()  # the worker keeps its own copy of the lock
     return poll(run_dir)
 
 
@@ -288,18 +401,31 @@ def resume(run_dir: str | Path, *, threads: int | None = None) -> RunStatus:
     """Relaunch a stopped run with the command it was started with (the worker continues from
     ``last.safetensors``)."""
     run_dir = Path(run_dir)
-    current = poll(run_dir)
-    if current.live:
-        raise JobError(f"run {run_dir.name} is still {current.state}; nothing to resume")
-    job = _read_json(run_dir / "job.json")
-    if not job or not job.get("argv"):
-        raise JobError(f"run {run_dir.name} was not started by the app (no job.json); resume it from the CLI")
-    if threads is None:
-        threads = _default_threads(run_dir.parent)
-    pid, launched_ts = _launch(run_dir, list(job["argv"]), threads, job.get("env"))
-    launches = int(job.get("launches", 1)) + 1
-    job.update(pid=pid, threads=threads, launched=_now(), launched_ts=launched_ts, launches=launches)
-    _write_json(run_dir / "job.json", job)
+    if not run_dir.is_dir():
+        raise JobError(f"run directory {run_dir} does not exist")
+    # A worker that has just written "cancelled" may need a moment to exit and free the lock.
+    lock = _try_lock(run_dir, wait_s=RESUME_LOCK_WAIT_S)
+    if lock is None:
+        raise _in_use(run_dir)
+    try:  # under the lock: two Resume clicks launch one worker
+        current = _poll(run_dir, own_lock=True)
+        if current.live:
+            raise JobError(f"run {run_dir.name} is still {current.state}; nothing to resume")
+        job = _read_json(run_dir / "job.json")
+        if not job or not job.get("argv"):
+            raise JobError(
+                f"run {run_dir.name} was not started by the app (no job.json); resume it from the CLI"
+            )
+        if threads is None:
+            threads = _default_threads(run_dir.parent)
+        pid, launched_ts = _launch(run_dir, list(job["argv"]), threads, job.get("env"), lock)
+        launches = int(job.get("launches", 1)) + 1
+        job.update(
+            pid=pid, threads=threads, launched=_now(), launched_ts=launched_ts, launches=launches, locked=True
+        )
+        _write_json(run_dir / "job.json", job)
+    finally:
+        lock.release()
     return poll(run_dir)
 
 
@@ -353,14 +479,23 @@ def list_runs(root: str | Path) -> list[RunStatus]:
     return sorted(runs, key=lambda r: (r.started or "", r.name), reverse=True)
 
 
+MAX_RUN_NAME = 100  # characters of the user's prefix kept in a run directory name
+
+
 def new_run_dir(root: str | Path, prefix: str = "run") -> Path:
-    """A fresh, not yet existing run directory name under ``root`` (timestamped)."""
+    """A new, empty run directory under ``root`` (timestamped), created here and now.
+
+    ``mkdir(exist_ok=False)`` decides: when two sessions ask for the same name in the same second,
+    one gets ``NAME-STAMP`` and the other ``NAME-STAMP-2``, never the same directory."""
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in prefix).strip("-") or "run"
-    path = root / f"{safe}-{stamp}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{safe}-{stamp}-{n}"
-    return path
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in prefix).strip("-")[:MAX_RUN_NAME] or "run"
+    for n in range(1, 10_000):
+        path = root / (f"{safe}-{stamp}" if n == 1 else f"{safe}-{stamp}-{n}")
+        try:
+            path.mkdir(exist_ok=False)
+        except FileExistsError:
+            continue
+        return path
+    raise JobError(f"no free run name for {safe!r} under {root}; pick another name")

@@ -21,16 +21,34 @@ def mtime(path: str | Path | None) -> float:
 
 
 @st.cache_resource(max_entries=3, show_spinner="Reading data…")
-def _read_data(path: str, stamp: float, metadata: str | None, meta_stamp: float, cell_id_col: str | None):
+def _read_data(
+    path: str,
+    stamp: float,
+    metadata: str | None,
+    meta_stamp: float,
+    cell_id_col: str | None,
+    roots: tuple[str, ...] | None,
+):
     from statecore.data.io import read_data
 
-    return read_data(path, metadata=metadata, cell_id_col=cell_id_col)
+    return read_data(path, metadata=metadata, cell_id_col=cell_id_col, roots=roots)
 
 
 def read_data(info: dict):
-    """The raw AnnData described by the session's ``sc_data`` entry."""
+    """The raw AnnData described by the session's ``sc_data`` entry.
+
+    Paths typed by the user ("source": "server") are read only inside ``state.data_roots()``; the
+    path is checked before anything else touches it (even its mtime)."""
+    from statecore.data.io import checked_path
+    from statecore.ui import state
+
     path, metadata = info["path"], info.get("metadata")
-    return _read_data(path, mtime(path), metadata, mtime(metadata), info.get("cell_id_col"))
+    roots = None
+    if info.get("source") == "server":
+        roots = tuple(str(r) for r in state.data_roots())
+        path = str(checked_path(path, roots, folder_ok=True))
+        metadata = str(checked_path(metadata, roots)) if metadata else None
+    return _read_data(path, mtime(path), metadata, mtime(metadata), info.get("cell_id_col"), roots)
 
 
 @st.cache_resource(max_entries=3, show_spinner="Reading prepared data…")

@@ -8,6 +8,7 @@ page, so what other pages need lives in the ``sc_*`` session keys below, as plai
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -52,17 +53,87 @@ def runs_dir() -> Path:
     return Path(os.environ.get("STATECORE_RUNS", REPO_ROOT / "checkpoints"))
 
 
+DATA_ROOTS_ENV = "STATECORE_DATA_ROOTS"  # folders "Path on the server" may read, joined by ":"
+UPLOAD_MAX_AGE_ENV = "STATECORE_UPLOAD_MAX_AGE_H"  # uploads older than this (hours) are deleted
+MAX_UPLOAD_NAME = 200  # characters
+
+
+def data_roots() -> tuple[Path, ...]:
+    """Folders the app may read server paths from: ``STATECORE_DATA_ROOTS`` (``:``-separated), else
+    the shipped samples, the work folder (uploads, prepared data) and the runs folder."""
+    value = os.environ.get(DATA_ROOTS_ENV, "").strip()
+    roots = [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()] if value else []
+    return tuple(roots or (SAMPLE_DIR, work_dir(), runs_dir()))
+
+
+def upload_max_age_s() -> float:
+    try:
+        return float(os.environ.get(UPLOAD_MAX_AGE_ENV, "24")) * 3600
+    except ValueError:
+        return 24 * 3600.0
+
+
+def clean_old_uploads(keep: str | None = None, now: float | None = None) -> int:
+    """Delete upload folders untouched for longer than ``upload_max_age_s``; returns how many.
+
+    ``keep``: this session's folder name, never deleted. Errors (a folder another process is
+    deleting at the same moment) are skipped: cleaning is best effort and must not break a page."""
+    import shutil
+    import time
+
+    root = work_dir() / "uploads"
+    if not root.is_dir():
+        return 0
+    cutoff = (time.time() if now is None else now) - upload_max_age_s()
+    removed = 0
+    for folder in root.iterdir():
+        try:
+            if folder.name != keep and folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
 def upload_dir() -> Path:
-    """This session's upload folder: files are written here as soon as they arrive."""
-    path = work_dir() / "uploads" / st.session_state[SESSION_ID]
-    path.mkdir(parents=True, exist_ok=True)
+    """A new, empty folder for one load: a re-upload never reads the bytes of an earlier one."""
+    session = work_dir() / "uploads" / st.session_state[SESSION_ID]
+    if not session.exists():
+        clean_old_uploads(keep=session.name)  # once per session: when its folder is first made
+    path = session / uuid.uuid4().hex[:12]
+    path.mkdir(parents=True)
+    os.utime(session)  # the session folder's age is that of its newest load
     return path
+
+
+def upload_name(name: str) -> str:
+    """An uploaded file's name, safe to write in an upload folder; a StatecoreError when it is not."""
+    from statecore.errors import StatecoreError
+
+    base = Path(str(name).replace("\\", "/")).name
+    if not base or base in (".", "..") or "\0" in base or len(base) > MAX_UPLOAD_NAME:
+        shown = (base[:40] + "…") if len(base) > 40 else base
+        raise StatecoreError(
+            f"the upload name {shown!r} cannot be used (empty, '.'/'..', or longer than "
+            f"{MAX_UPLOAD_NAME} characters); rename the file and upload it again"
+        )
+    return base
 
 
 def prepared_dir() -> Path:
     path = work_dir() / "prepared"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&])")
+
+
+def plain(text: object) -> str:
+    """``text`` escaped for Streamlit's markdown, so labels and file names from data show as typed
+    (no bold, links, HTML, LaTeX, colour directives or emoji codes)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
 
 
 def _defaults() -> dict[str, Any]:
@@ -82,16 +153,16 @@ def _sidebar() -> None:
         st.markdown("### statecore")
         data = st.session_state[DATA]
         prepared = st.session_state[PREPARED]
-        st.caption("Data: " + (Path(data["path"]).name if data else "none loaded"))
-        st.caption("Prepared: " + (Path(prepared["path"]).name if prepared else "not yet"))
+        st.caption("Data: " + (plain(Path(data["path"]).name) if data else "none loaded"))
+        st.caption("Prepared: " + (plain(Path(prepared["path"]).name) if prepared else "not yet"))
         run = st.session_state[RUN]
-        st.caption("Run: " + (Path(run).name if run else "none selected"))
+        st.caption("Run: " + (plain(Path(run).name) if run else "none selected"))
         try:
             live = [r for r in jobs.list_runs(runs_dir()) if r.live]
         except OSError:
             live = []
         if live:
-            st.caption(f"Training now: {', '.join(r.name for r in live)}")
+            st.caption("Training now: " + plain(", ".join(r.name for r in live)))
 
 
 def current_run() -> Path | None:

@@ -52,7 +52,7 @@ def attempt(fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T | F
         return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the page must never show a traceback
         log.warning("%s failed", what, exc_info=True)  # the traceback goes to the server log only
-        st.error(error_message(exc, what))
+        st.error(state.plain(error_message(exc, what)))
         return FAILED
 
 
