@@ -28,52 +28,62 @@ def _as_batched(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x, y, single
 
 
-def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise Euclidean distances ``[B, S, S']`` through one batched matmul.
+def pooled_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between all cells of both sets, ``[B, S+S', S+S']`` (x's cells first).
 
-    torch.cdist's exact path is O(S²·G) scalar work and was half of a training step (profiled in
-    bench/train_throughput.py). The matmul form ‖a‖² + ‖b‖² − 2a·b is BLAS-fast but loses precision
-    for nearly equal points, so (1) both sets are centred on their pooled mean (distances are
-    translation invariant and smaller norms mean less cancellation) and (2) pairs whose squared
-    distance is within rounding of zero are recomputed exactly, which keeps identical sets at
-    exactly zero loss and gives coincident points a zero (not NaN) gradient.
+    One batched Gram matrix of the pooled cells gives the x–y, x–x and y–y blocks that the energy
+    distance and the MMD need, so the squared norms, the centring and the launch overhead are paid once,
+    not three times. torch.cdist's exact path is O(S²·G) scalar work and was half of a training step
+    (docs/PERFORMANCE.md); the matmul form ‖a‖² + ‖b‖² − 2a·b is BLAS-fast but loses precision for nearly
+    equal points, so (1) the cells are centred on their pooled mean (distances are translation invariant
+    and smaller norms mean less cancellation), (2) the diagonal is exactly zero and (3) off-diagonal pairs
+    whose squared distance is within rounding of zero are recomputed exactly, which keeps identical sets at
+    exactly zero loss and gives coincident points a zero (not NaN) gradient. Step (3) reads one boolean on
+    the host (the only sync of the loss); it is skipped when no pair is that close.
     """
-    centre = torch.cat([a, b], dim=-2).mean(dim=-2, keepdim=True).detach()
-    a, b = a - centre, b - centre
-    a2 = (a * a).sum(-1)  # [B, S]
-    b2 = (b * b).sum(-1)  # [B, S']
-    d2 = a2.unsqueeze(-1) + b2.unsqueeze(-2) - 2.0 * torch.matmul(a, b.transpose(-1, -2))  # [B, S, S']
-    scale = (a2.unsqueeze(-1) + b2.unsqueeze(-2)).detach()
-    tol = 1e-3 if a.dtype in (torch.float16, torch.bfloat16) else (1e-4 if a.dtype == torch.float32 else 1e-9)
-    near = d2.detach() <= tol * scale
+    z = torch.cat([x, y], dim=-2)  # [B, N, G]
+    z = z - z.mean(dim=-2, keepdim=True).detach()
+    sq = (z * z).sum(-1)  # [B, N]
+    pair = sq.unsqueeze(-1) + sq.unsqueeze(-2)  # [B, N, N]
+    d2 = torch.baddbmm(pair, z, z.transpose(-1, -2), alpha=-2.0)  # ‖a‖² + ‖b‖² − 2a·b, [B, N, N]
+    tol = 1e-3 if z.dtype in (torch.float16, torch.bfloat16) else (1e-4 if z.dtype == torch.float32 else 1e-9)
+    n = z.shape[-2]
+    diag = torch.eye(n, dtype=torch.bool, device=z.device)  # [N, N]
+    near = (d2.detach() <= tol * pair.detach()) | diag  # [B, N, N]
     safe = torch.where(near, torch.ones_like(d2), d2.clamp_min(1e-30))  # no sqrt(0) in the graph
     d = torch.where(near, torch.zeros_like(d2), safe.sqrt())
-    if bool(near.any()):
-        bi, i, j = near.nonzero(as_tuple=True)
-        exact = torch.linalg.vector_norm(a[bi, i] - b[bi, j], dim=-1)  # few pairs: O(pairs·G)
+    close = near & ~diag
+    if bool(close.any()):
+        bi, i, j = close.nonzero(as_tuple=True)
+        exact = torch.linalg.vector_norm(z[bi, i] - z[bi, j], dim=-1)  # few pairs: O(pairs·G)
         d = d.index_put((bi, i, j), exact.to(d.dtype))
     return d
+
+
+def _block_means(d: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Means of the x–y, x–x and y–y blocks of a pooled ``[B, N, N]`` matrix whose first ``s`` rows are x."""
+    return d[:, :s, s:].mean(dim=(1, 2)), d[:, :s, :s].mean(dim=(1, 2)), d[:, s:, s:].mean(dim=(1, 2))
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Energy distance 2·E‖x−y‖ − E‖x−x′‖ − E‖y−y′‖, halved: mean‖x−y‖ − ½mean‖x−x′‖ − ½mean‖y−y′‖."""
     x, y, single = _as_batched(x, y)
-    xy = _dist(x, y).mean(dim=(1, 2))  # [B]
-    xx = _dist(x, x).mean(dim=(1, 2))
-    yy = _dist(y, y).mean(dim=(1, 2))
+    xy, xx, yy = _block_means(pooled_distances(x, y), x.shape[1])  # [B] each
     out = xy - 0.5 * xx - 0.5 * yy
     return out[0] if single else out
+
+
+def _median_offdiag(d: torch.Tensor) -> torch.Tensor:
+    """Per set median of a pooled distance matrix's off-diagonal entries, detached; shape [B]."""
+    n = d.shape[-1]
+    off = ~torch.eye(n, dtype=torch.bool, device=d.device)
+    return d.detach()[:, off].median(dim=1).values.clamp_min(1e-6)
 
 
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per set median of the pooled pairwise distances (off-diagonal), detached; shape [B]."""
     x, y, _ = _as_batched(x, y)
-    z = torch.cat([x, y], dim=1).detach()  # [B, S+S', G]
-    d = _dist(z, z)
-    n = z.shape[1]
-    off = ~torch.eye(n, dtype=torch.bool, device=z.device)
-    med = d[:, off].median(dim=1).values  # [B]
-    return med.clamp_min(1e-6)
+    return _median_offdiag(pooled_distances(x.detach(), y.detach()))
 
 
 def compute_mmd(
@@ -88,20 +98,17 @@ def compute_mmd(
     scales keep a gradient when the sets are far apart or nearly equal.
     """
     x, y, single = _as_batched(x, y)
+    d = pooled_distances(x, y)  # [B, N, N], also the median heuristic's input
     if sigma is None:
-        base = median_bandwidth(x, y)  # [B]
+        base = _median_offdiag(d)  # [B]
     else:
         base = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
-    dxx, dyy, dxy = _dist(x, x) ** 2, _dist(y, y) ** 2, _dist(x, y) ** 2
+    d2 = d**2
     total = x.new_zeros(x.shape[0])
     for s in scales:
         gamma = 1.0 / (2.0 * (base * s) ** 2)  # [B]
-        g = gamma.view(-1, 1, 1)
-        total = total + (
-            torch.exp(-g * dxx).mean(dim=(1, 2))
-            + torch.exp(-g * dyy).mean(dim=(1, 2))
-            - 2.0 * torch.exp(-g * dxy).mean(dim=(1, 2))
-        )
+        kxy, kxx, kyy = _block_means(torch.exp(-gamma.view(-1, 1, 1) * d2), x.shape[1])
+        total = total + kxx + kyy - 2.0 * kxy
     out = total / len(scales)
     return out[0] if single else out
 
