@@ -7,7 +7,7 @@ Without CUDA it writes ``{"skipped": true, "reason": ...}`` and exits 0. With CU
 
 - the bf16 and fp32 (TF32 off) matmul rates of the GPU (8192^3, best of 5), the physical limit;
 - the ST training step (forward, energy loss, backward, fused AdamW) at the reference shape (16 x 64 cells,
-  353 genes, hidden 256, 4 layers, 8 heads, FFN 1024) and at 16 x 256 cells / 2,000 genes, in fp32,
+  500 genes, hidden 256, 4 layers, 8 heads, FFN 1024) and at 16 x 256 cells / 2,000 genes, in fp32,
   bf16 autocast and bf16 autocast + torch.compile: cells/s and % of the bf16 matmul rate; batches are
   gathered on the CPU as in training and timed on their own, so the JSON also says what the engine's serial
   gather-then-step loop would reach (``serial_cells_per_s``) and what a prefetching loop would;
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "bench" / "results" / "gpu_check.json"
 # (name, genes, set size, sets per step); the model is the reference's: hidden 256, 4 x 8 heads, FFN 1024
-SHAPES = (("reference", 353, 64, 16), ("large", 2000, 256, 16))
+SHAPES = (("reference", 500, 64, 16), ("large", 2000, 256, 16))
 TINY = (("reference", 24, 8, 4), ("large", 40, 16, 2))
 MODES = ("fp32", "bf16", "bf16+compile")
 

@@ -4,7 +4,7 @@
     nice .venv/bin/python bench/profile_step.py --shapes reference --steps 3 --no-compile
 
 Shapes: ``reference`` is the reference's (16 sets x 64 cells, hidden 256, 4 layers, 8 heads, FFN and MLPs
-1024) on the PerturBench sample's HVGs after ``prepare --n-hvg 500`` (353 genes); ``large`` is 4 sets x 256
+1024) on the PerturBench sample after ``prepare --n-hvg 500`` (500 HVGs: the sample has 500 genes); ``large`` is 4 sets x 256
 cells on 2,000 synthetic genes, same model. The step runs in a minimal loop of its own (the engine is being
 rewritten), with every phase timed on its own, so the variants below isolate one change each:
 
@@ -250,7 +250,7 @@ class Loop:
         self.step += 1
         with phase("sync"):
             if self.step % self.v.sync_every == 0:
-                self.last_loss = float(loss)  # the engine's per-step .item(): finite check, metrics
+                self.last_loss = float(loss.detach())  # the engine's per-step .item(): finite check, metrics
         return out
 
 
