@@ -49,7 +49,9 @@ def test_measurement_path_runs_on_cpu_at_toy_sizes(tmp_path):
     mod = _module()
     out = tmp_path / "g.json"
     torch.set_num_threads(1)
-    assert mod.main(["--out", str(out), "--allow-cpu", "--tiny", "--steps", "2", "--modes", "fp32", "bf16"]) == 0
+    assert (
+        mod.main(["--out", str(out), "--allow-cpu", "--tiny", "--steps", "2", "--modes", "fp32", "bf16"]) == 0
+    )
     res = json.loads(out.read_text())
     assert res["skipped"] is False and res["device"] == "cpu"
     assert [(r["shape"], r["mode"]) for r in res["train"]] == [

@@ -106,7 +106,9 @@ def _dist_before(a, b):
     d2 = a2.unsqueeze(-1) + b2.unsqueeze(-2) - 2.0 * a @ b.transpose(-1, -2)
     scale = (a2.unsqueeze(-1) + b2.unsqueeze(-2)).detach()
     near = d2.detach() <= 1e-4 * scale
-    d = torch.where(near, torch.zeros_like(d2), torch.where(near, torch.ones_like(d2), d2).clamp_min(1e-30).sqrt())
+    d = torch.where(
+        near, torch.zeros_like(d2), torch.where(near, torch.ones_like(d2), d2).clamp_min(1e-30).sqrt()
+    )
     if bool(near.any()):
         bi, i, j = near.nonzero(as_tuple=True)
         d = d.index_put((bi, i, j), torch.linalg.vector_norm(a[bi, i] - b[bi, j], dim=-1))
@@ -125,7 +127,8 @@ def _mmd_before(x, y, sigma, scales=(0.5, 1.0, 2.0)):
     dxx, dyy, dxy = _dist_before(x, x) ** 2, _dist_before(y, y) ** 2, _dist_before(x, y) ** 2
     g = [1.0 / (2.0 * (sigma * s) ** 2) for s in scales]
     return sum(
-        torch.exp(-gi * dxx).mean(dim=(1, 2)) + torch.exp(-gi * dyy).mean(dim=(1, 2))
+        torch.exp(-gi * dxx).mean(dim=(1, 2))
+        + torch.exp(-gi * dyy).mean(dim=(1, 2))
         - 2.0 * torch.exp(-gi * dxy).mean(dim=(1, 2))
         for gi in g
     ) / len(scales)
