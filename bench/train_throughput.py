@@ -54,8 +54,14 @@ RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
 
 
 def _exact_cdist(a, b):
-    """The energy loss's distance before this benchmark: cdist without the matmul path."""
+    """The energy loss's distance before the matmul form: cdist without the matmul path."""
     return torch.cdist(a, b, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _energy_exact_cdist(x, y):
+    """The energy distance as it was computed before the matmul form (three exact cdist blocks)."""
+    xy, xx, yy = (_exact_cdist(p, q).mean(dim=(1, 2)) for p, q in ((x, y), (x, x), (y, y)))
+    return xy - 0.5 * xx - 0.5 * yy
 
 
 def matmul_rate(device: torch.device, n: int = 2048, reps: int = 5, dtype=torch.float32) -> float:
@@ -136,9 +142,9 @@ def measure(
         bf16=bf16,
         compile=compile,
     )
-    saved = losses._dist
+    saved = losses.energy_distance
     if exact_loss:
-        losses._dist = _exact_cdist
+        losses.energy_distance = _energy_exact_cdist  # get_loss looks the name up per call
     try:
         fit(model, data, tcfg)  # warm-up: allocator, kernels, compilation
         t0 = time.perf_counter()
@@ -152,7 +158,7 @@ def measure(
         data_s = (time.perf_counter() - t1) / 3
         flops = step_flops(model, b.to(dev))
     finally:
-        losses._dist = saved
+        losses.energy_distance = saved
     cells = batch_size * set_size
     return {
         "preset": preset,
@@ -184,9 +190,9 @@ def profile_one(preset: str, n_genes: int, set_size: int, batch_size: int, threa
     model = StateTransitionModel(cfg)
     torch.set_num_threads(threads)
     opt = torch.optim.AdamW(model.parameters())
-    saved = losses._dist
+    saved = losses.energy_distance
     if exact:
-        losses._dist = _exact_cdist
+        losses.energy_distance = _energy_exact_cdist  # get_loss looks the name up per call
     try:
         for step in range(2):
             ctx = profile(activities=[ProfilerActivity.CPU]) if step == 1 else contextlib.nullcontext()
@@ -198,7 +204,7 @@ def profile_one(preset: str, n_genes: int, set_size: int, batch_size: int, threa
                 loss.backward()
                 opt.step()
     finally:
-        losses._dist = saved
+        losses.energy_distance = saved
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
