@@ -11,6 +11,18 @@ counted) and compares FLOP/s against a large float32 torch.matmul timed in the s
 threads. ``--before`` also times the loss as it was before this benchmark (torch.cdist's exact
 O(S²·G) path) on a subset, so old and new are measured side by side. Writes
 bench/results/train_throughput.json and prints a table.
+
+Whole process, beside the reference (arc-state ST), in one run, one after the other:
+
+    bash ../shared/peer/reference_throughput.sh /tmp/rt 300        # once: installs the reference, prepares its data
+    python bench/train_throughput.py --whole-process /tmp/rt --steps 300 --threads 2
+
+times three training processes on the PerturBench sample (U87MG underrepresented, 16 sets x 64 cells per
+step): the reference (hidden 256, 4 layers, 8 heads, FFN 1024), ``python -m statecore train --preset small``
+as the side-by-side script runs it (FFN 512), and statecore at the reference's exact shape (FFN 1024; the
+CLI has no flag for it, so a child process runs the same CLI with the preset's width raised). Per step
+figures come from each run's own log (statecore's metrics.jsonl). Writes
+bench/results/train_throughput_whole.json.
 """
 
 from __future__ import annotations
@@ -43,8 +55,14 @@ RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
 
 
 def _exact_cdist(a, b):
-    """The energy loss's distance before this benchmark: cdist without the matmul path."""
+    """The energy loss's distance before the matmul form: cdist without the matmul path."""
     return torch.cdist(a, b, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _energy_exact_cdist(x, y):
+    """The energy distance as it was computed before the matmul form (three exact cdist blocks)."""
+    xy, xx, yy = (_exact_cdist(p, q).mean(dim=(1, 2)) for p, q in ((x, y), (x, x), (y, y)))
+    return xy - 0.5 * xx - 0.5 * yy
 
 
 def matmul_rate(device: torch.device, n: int = 2048, reps: int = 5, dtype=torch.float32) -> float:
@@ -123,9 +141,9 @@ def measure(
         bf16=bf16,
         compile=compile,
     )
-    saved = losses._dist
+    saved = losses.energy_distance
     if exact_loss:
-        losses._dist = _exact_cdist
+        losses.energy_distance = _energy_exact_cdist  # get_loss looks the name up per call
     try:
         fit(model, data, tcfg)  # warm-up: allocator, kernels, compilation
         t0 = time.perf_counter()
@@ -139,7 +157,7 @@ def measure(
         data_s = (time.perf_counter() - t1) / 3
         flops = step_flops(model, b.to(dev))
     finally:
-        losses._dist = saved
+        losses.energy_distance = saved
     cells = batch_size * set_size
     return {
         "preset": preset,
@@ -169,9 +187,9 @@ def profile_one(preset: str, n_genes: int, set_size: int, batch_size: int, threa
     model = StateTransitionModel(cfg)
     torch.set_num_threads(threads)
     opt = torch.optim.AdamW(model.parameters())
-    saved = losses._dist
+    saved = losses.energy_distance
     if exact:
-        losses._dist = _exact_cdist
+        losses.energy_distance = _energy_exact_cdist  # get_loss looks the name up per call
     try:
         for step in range(2):
             ctx = profile(activities=[ProfilerActivity.CPU]) if step == 1 else contextlib.nullcontext()
@@ -183,8 +201,119 @@ def profile_one(preset: str, n_genes: int, set_size: int, batch_size: int, threa
                 loss.backward()
                 opt.step()
     finally:
-        losses._dist = saved
+        losses.energy_distance = saved
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
+REF_ARGS = (
+    "data.kwargs.embed_key=X_hvg data.kwargs.output_space=gene data.kwargs.pert_col=perturbation "
+    "data.kwargs.cell_type_key=context data.kwargs.batch_col=batch data.kwargs.control_pert=ctrl "
+    "data.kwargs.num_workers=0 data.kwargs.pin_memory=false model=state_sm model.kwargs.hidden_dim=256 "
+    "model.kwargs.cell_set_len=64 model.kwargs.transformer_backbone_kwargs.num_hidden_layers=4 "
+    "model.kwargs.transformer_backbone_kwargs.num_attention_heads=8 "
+    "model.kwargs.transformer_backbone_kwargs.num_key_value_heads=8 model.kwargs.transformer_backbone_kwargs.head_dim=32 "
+    "model.kwargs.transformer_backbone_kwargs.intermediate_size=1024 training.batch_size=16 training.lr=1e-4 "
+    "training.train_seed=0 use_wandb=false name=st overwrite=true"
+).split()
+# The same CLI as a user runs, with the small preset's MLP/FFN width raised to the reference's 1024.
+SAME_SHAPE_CHILD = (
+    "import sys; from statecore.config import ST_PRESETS; ST_PRESETS['small']['mlp_hidden_dim'] = 1024; "
+    "from statecore.cli.main import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def _timed_run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
+    """(wall s, CPU s of the child and its threads): on a shared machine CPU time is the steadier figure."""
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.perf_counter() - t, cpu
+
+
+def _ours_cmd(prefix: list[str], data: Path, run_dir: Path, steps: int, threads: int) -> list[str]:
+    return [*prefix, "train", "--data", str(data), "--run-dir", str(run_dir), "--task", "underrepresented",
+            "--context", "U87MG", "--keep-fraction", "0.3", "--seed", "0", "--preset", "small", "--set-size",
+            "64", "--batch-size", "16", "--steps", str(steps), "--device", "cpu", "--threads", str(threads)]  # fmt: skip
+
+
+def _per_step_ours(run_dir: Path) -> float | None:
+    """Median logged cells/s of a statecore run after its first logged window (warm-up excluded)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    vals = sorted(r["cells_per_s"] for r in rows[1:] if r.get("cells_per_s"))
+    return vals[len(vals) // 2] if vals else None
+
+
+def whole_process(ref_dir: Path, ref_venv: Path, steps: int, threads: int, out: Path) -> dict:
+    """Reference, statecore (small preset) and statecore (reference shape), whole process, one after the other."""
+    import shutil
+
+    ours_data = ref_dir / "ours.h5ad"
+    if (
+        not (ref_dir / "T1.toml").exists()
+        or not ours_data.exists()
+        or not (ref_venv / "bin" / "state").exists()
+    ):
+        raise SystemExit(
+            f"run reference_throughput.sh {ref_dir} first (it installs the reference and prepares data)"
+        )
+    work = ref_dir / "tt"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    ref_cmd = [str(ref_venv / "bin" / "state"), "tx", "train", f"data.kwargs.toml_config_path={ref_dir / 'T1.toml'}",
+               *REF_ARGS, f"training.max_steps={steps}", f"training.val_freq={steps}",
+               f"training.ckpt_every_n_steps={steps}", f"output_dir={work / 'reference'}"]  # fmt: skip
+    py = [sys.executable, "-m", "statecore"]
+    same = [sys.executable, "-c", SAME_SHAPE_CHILD]
+    load = os.getloadavg()
+    timed = {
+        "reference": _timed_run(ref_cmd, work / "reference.log", env),
+        "ours_small": _timed_run(
+            _ours_cmd(py, ours_data, work / "small", steps, threads), work / "small.log"
+        ),
+        "ours_same_shape": _timed_run(
+            _ours_cmd(same, ours_data, work / "same", steps, threads), work / "same.log"
+        ),
+    }
+    secs = {k: v[0] for k, v in timed.items()}
+    cpu = {k: v[1] for k, v in timed.items()}
+    cells = steps * 16 * 64
+    res = {
+        "steps": steps,
+        "cells": cells,
+        "threads_ours": threads,
+        "loadavg_before": load,
+        "loadavg_after": os.getloadavg(),
+        "seconds": secs,
+        "cells_per_s": {k: cells / v for k, v in secs.items()},
+        "ratio_vs_reference": {k: secs["reference"] / v for k, v in secs.items() if k != "reference"},
+        "cpu_seconds": cpu,
+        "cpu_ratio_vs_reference": {k: cpu["reference"] / v for k, v in cpu.items() if k != "reference"},
+        "per_step_cells_per_s": {
+            k: _per_step_ours(work / d) for k, d in (("ours_small", "small"), ("ours_same_shape", "same"))
+        },
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(
+        f"load average {load[0]:.1f} -> {os.getloadavg()[0]:.1f}; {steps} steps x 1,024 cells, whole process:"
+    )
+    for k, v in secs.items():
+        ratio = res["ratio_vs_reference"].get(k, 1.0)
+        step = res["per_step_cells_per_s"].get(k)
+        print(
+            f"  {k:16} {v:7.1f} s  {cells / v:7.0f} cells/s  ratio {ratio:.2f}  CPU {cpu[k]:7.1f} s"
+            f" ratio {res['cpu_ratio_vs_reference'].get(k, 1.0):.2f}"
+            + (f"  per step {step:.0f} cells/s" if step else "")
+        )
+    print(f"wrote {out}")
+    return res
 
 
 def main(argv=None) -> int:
@@ -203,7 +332,24 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--whole-process",
+        type=Path,
+        default=None,
+        metavar="REF_DIR",
+        help="time reference vs statecore whole processes (REF_DIR from reference_throughput.sh)",
+    )
+    ap.add_argument("--ref-venv", type=Path, default=Path.home() / ".cache" / "statecore-reference")
     args = ap.parse_args(argv)
+    if args.whole_process is not None:
+        whole_process(
+            args.whole_process,
+            args.ref_venv,
+            args.steps,
+            args.threads,
+            RESULTS.with_name("train_throughput_whole.json"),
+        )
+        return 0
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)

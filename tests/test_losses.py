@@ -93,3 +93,69 @@ def test_bad_shapes():
         energy_distance(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5))
     with pytest.raises(ValueError):
         get_loss("l2")
+
+
+# --------------------------------------------------------------------------- the one-Gram form vs before
+
+
+def _dist_before(a, b):
+    """Pairwise distances as the losses computed them before the pooled Gram matrix (one matmul per block)."""
+    centre = torch.cat([a, b], dim=-2).mean(dim=-2, keepdim=True).detach()
+    a, b = a - centre, b - centre
+    a2, b2 = (a * a).sum(-1), (b * b).sum(-1)
+    d2 = a2.unsqueeze(-1) + b2.unsqueeze(-2) - 2.0 * a @ b.transpose(-1, -2)
+    scale = (a2.unsqueeze(-1) + b2.unsqueeze(-2)).detach()
+    near = d2.detach() <= 1e-4 * scale
+    d = torch.where(
+        near, torch.zeros_like(d2), torch.where(near, torch.ones_like(d2), d2).clamp_min(1e-30).sqrt()
+    )
+    if bool(near.any()):
+        bi, i, j = near.nonzero(as_tuple=True)
+        d = d.index_put((bi, i, j), torch.linalg.vector_norm(a[bi, i] - b[bi, j], dim=-1))
+    return d
+
+
+def _energy_before(x, y):
+    return (
+        _dist_before(x, y).mean(dim=(1, 2))
+        - 0.5 * _dist_before(x, x).mean(dim=(1, 2))
+        - 0.5 * _dist_before(y, y).mean(dim=(1, 2))
+    )
+
+
+def _mmd_before(x, y, sigma, scales=(0.5, 1.0, 2.0)):
+    dxx, dyy, dxy = _dist_before(x, x) ** 2, _dist_before(y, y) ** 2, _dist_before(x, y) ** 2
+    g = [1.0 / (2.0 * (sigma * s) ** 2) for s in scales]
+    return sum(
+        torch.exp(-gi * dxx).mean(dim=(1, 2))
+        + torch.exp(-gi * dyy).mean(dim=(1, 2))
+        - 2.0 * torch.exp(-gi * dxy).mean(dim=(1, 2))
+        for gi in g
+    ) / len(scales)
+
+
+@pytest.fixture
+def cells():
+    """Log1p-like sparse float32 sets of the training shape, with repeated cells (sets drawn with replacement)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.log1p(torch.poisson(torch.rand(4, 64, 300, generator=g) * 0.8, generator=g))
+    y = torch.log1p(torch.poisson(torch.rand(4, 48, 300, generator=g) * 1.2, generator=g))
+    x[:, 10] = x[:, 3]  # duplicates inside a set
+    y[:, 5] = x[:, 7]  # and a cell shared by both sets
+    return x, y
+
+
+def test_pooled_energy_equals_before_float32(cells):
+    x, y = cells
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    new, old = energy_distance(xa, y), _energy_before(xb, y)
+    assert torch.allclose(new, old, rtol=1e-5, atol=1e-5)
+    new.sum().backward()
+    old.sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_pooled_mmd_equals_before_float32(cells):
+    x, y = cells
+    new = compute_mmd(x, y, sigma=4.0)
+    assert torch.allclose(new, _mmd_before(x, y, 4.0), rtol=1e-5, atol=1e-6)

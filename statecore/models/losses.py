@@ -9,6 +9,7 @@ two sets are the same multiset of cells. Control and perturbed cells are never p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -28,52 +29,90 @@ def _as_batched(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x, y, single
 
 
-def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise Euclidean distances ``[B, S, S']`` through one batched matmul.
+@dataclass(frozen=True)
+class SetDistances:
+    """Euclidean distances within and between two batches of sets: ``xy [B, S, S']``, ``xx [B, S, S]``,
+    ``yy [B, S', S']`` (the diagonals of xx and yy are exactly zero)."""
 
-    torch.cdist's exact path is O(S²·G) scalar work and was half of a training step (profiled in
-    bench/train_throughput.py). The matmul form ‖a‖² + ‖b‖² − 2a·b is BLAS-fast but loses precision
-    for nearly equal points, so (1) both sets are centred on their pooled mean (distances are
-    translation invariant and smaller norms mean less cancellation) and (2) pairs whose squared
-    distance is within rounding of zero are recomputed exactly, which keeps identical sets at
-    exactly zero loss and gives coincident points a zero (not NaN) gradient.
+    xy: torch.Tensor
+    xx: torch.Tensor
+    yy: torch.Tensor
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-3 if dtype in (torch.float16, torch.bfloat16) else (1e-4 if dtype == torch.float32 else 1e-9)
+
+
+def set_distances(x: torch.Tensor, y: torch.Tensor) -> SetDistances:
+    """The x–y, x–x and y–y distance blocks that the energy distance and the MMD need, each pair's product
+    computed once.
+
+    torch.cdist's exact path is O(S²·G) scalar work and was half of a training step (docs/PERFORMANCE.md);
+    the matmul form ‖a‖² + ‖b‖² − 2a·b is BLAS-fast but loses precision for nearly equal points, so (1) all
+    cells are centred once on their pooled mean (distances are translation invariant and smaller norms mean
+    less cancellation) and their squared norms are computed once for the three blocks, (2) the diagonals
+    of the within-set blocks are exactly zero and (3) other pairs whose squared distance is within rounding
+    of zero are recomputed exactly, which keeps identical sets at exactly zero loss and gives coincident
+    points a zero (not NaN) gradient. Step (3) reads one boolean on the host (the loss's only sync).
+    A single Gram matrix of the pooled cells would compute every x–y product twice (the x–y and y–x
+    blocks): 4·S²·G instead of 3·S²·G multiply-adds, measured slower at S=256, 2,000 genes.
     """
-    centre = torch.cat([a, b], dim=-2).mean(dim=-2, keepdim=True).detach()
-    a, b = a - centre, b - centre
-    a2 = (a * a).sum(-1)  # [B, S]
-    b2 = (b * b).sum(-1)  # [B, S']
-    d2 = a2.unsqueeze(-1) + b2.unsqueeze(-2) - 2.0 * torch.matmul(a, b.transpose(-1, -2))  # [B, S, S']
-    scale = (a2.unsqueeze(-1) + b2.unsqueeze(-2)).detach()
-    tol = 1e-3 if a.dtype in (torch.float16, torch.bfloat16) else (1e-4 if a.dtype == torch.float32 else 1e-9)
-    near = d2.detach() <= tol * scale
-    safe = torch.where(near, torch.ones_like(d2), d2.clamp_min(1e-30))  # no sqrt(0) in the graph
-    d = torch.where(near, torch.zeros_like(d2), safe.sqrt())
-    if bool(near.any()):
-        bi, i, j = near.nonzero(as_tuple=True)
-        exact = torch.linalg.vector_norm(a[bi, i] - b[bi, j], dim=-1)  # few pairs: O(pairs·G)
-        d = d.index_put((bi, i, j), exact.to(d.dtype))
-    return d
+    s = x.shape[-2]
+    z = torch.cat([x, y], dim=-2)  # [B, S+S', G]
+    z = z - z.mean(dim=-2, keepdim=True).detach()
+    x, y = z[:, :s], z[:, s:]
+    sq = (z * z).sum(-1)  # [B, S+S']
+    sx, sy = sq[:, :s], sq[:, s:]
+    tol = _tolerance(z.dtype)
+    blocks, fixes = [], []
+    for a, b, sa, sb, same in ((x, y, sx, sy, False), (x, x, sx, sx, True), (y, y, sy, sy, True)):
+        pair = sa.unsqueeze(-1) + sb.unsqueeze(-2)  # [B, Sa, Sb]
+        d2 = pair - 2.0 * torch.bmm(a, b.transpose(-1, -2))  # ‖a‖² + ‖b‖² − 2a·b, [B, Sa, Sb]
+        near = d2.detach() <= tol * pair.detach()
+        if same:
+            diag = torch.eye(a.shape[-2], dtype=torch.bool, device=z.device)
+            near, close = near | diag, near & ~diag
+        else:
+            close = near
+        safe = torch.where(near, torch.ones_like(d2), d2.clamp_min(1e-30))  # no sqrt(0) in the graph
+        blocks.append(torch.where(near, torch.zeros_like(d2), safe.sqrt()))
+        fixes.append(close)
+    if bool(torch.stack([c.any() for c in fixes]).any()):
+        for k, ((a, b), close) in enumerate(zip(((x, y), (x, x), (y, y)), fixes)):
+            bi, i, j = close.nonzero(as_tuple=True)
+            if bi.numel():
+                exact = torch.linalg.vector_norm(a[bi, i] - b[bi, j], dim=-1)  # few pairs: O(pairs·G)
+                blocks[k] = blocks[k].index_put((bi, i, j), exact.to(blocks[k].dtype))
+    return SetDistances(*blocks)
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Energy distance 2·E‖x−y‖ − E‖x−x′‖ − E‖y−y′‖, halved: mean‖x−y‖ − ½mean‖x−x′‖ − ½mean‖y−y′‖."""
     x, y, single = _as_batched(x, y)
-    xy = _dist(x, y).mean(dim=(1, 2))  # [B]
-    xx = _dist(x, x).mean(dim=(1, 2))
-    yy = _dist(y, y).mean(dim=(1, 2))
-    out = xy - 0.5 * xx - 0.5 * yy
+    d = set_distances(x, y)
+    out = d.xy.mean(dim=(1, 2)) - 0.5 * d.xx.mean(dim=(1, 2)) - 0.5 * d.yy.mean(dim=(1, 2))  # [B]
     return out[0] if single else out
+
+
+def _median_pooled(d: SetDistances) -> torch.Tensor:
+    """Per set median of the pooled distance matrix's off-diagonal entries, detached; shape [B].
+
+    The pooled matrix's off-diagonal holds x–y twice (x–y and y–x), and the within-set off-diagonals."""
+    B = d.xy.shape[0]
+
+    def offdiag(m: torch.Tensor) -> torch.Tensor:
+        n = m.shape[-1]
+        return m[:, ~torch.eye(n, dtype=torch.bool, device=m.device)]  # [B, n(n-1)]
+
+    xy = d.xy.detach().reshape(B, -1)
+    vals = torch.cat([xy, xy, offdiag(d.xx.detach()), offdiag(d.yy.detach())], dim=1)
+    return vals.median(dim=1).values.clamp_min(1e-6)
 
 
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per set median of the pooled pairwise distances (off-diagonal), detached; shape [B]."""
     x, y, _ = _as_batched(x, y)
-    z = torch.cat([x, y], dim=1).detach()  # [B, S+S', G]
-    d = _dist(z, z)
-    n = z.shape[1]
-    off = ~torch.eye(n, dtype=torch.bool, device=z.device)
-    med = d[:, off].median(dim=1).values  # [B]
-    return med.clamp_min(1e-6)
+    return _median_pooled(set_distances(x.detach(), y.detach()))
 
 
 def compute_mmd(
@@ -88,15 +127,15 @@ def compute_mmd(
     scales keep a gradient when the sets are far apart or nearly equal.
     """
     x, y, single = _as_batched(x, y)
+    d = set_distances(x, y)  # also the median heuristic's input
     if sigma is None:
-        base = median_bandwidth(x, y)  # [B]
+        base = _median_pooled(d)  # [B]
     else:
         base = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
-    dxx, dyy, dxy = _dist(x, x) ** 2, _dist(y, y) ** 2, _dist(x, y) ** 2
+    dxx, dyy, dxy = d.xx**2, d.yy**2, d.xy**2
     total = x.new_zeros(x.shape[0])
     for s in scales:
-        gamma = 1.0 / (2.0 * (base * s) ** 2)  # [B]
-        g = gamma.view(-1, 1, 1)
+        g = (1.0 / (2.0 * (base * s) ** 2)).view(-1, 1, 1)  # [B, 1, 1]
         total = total + (
             torch.exp(-g * dxx).mean(dim=(1, 2))
             + torch.exp(-g * dyy).mean(dim=(1, 2))
