@@ -7,7 +7,7 @@ import streamlit as st
 from statecore.ui import analysis, loaders, state, widgets
 from statecore.ui import screen as ui
 
-state.init_page("Screen", "🧪")
+state.init_page("Screen", "🎯")
 st.title("Screen")
 st.caption(
     "Predicts every perturbation the model knows (and pairs of the singles you pick) on the same control "

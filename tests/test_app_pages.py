@@ -613,3 +613,10 @@ def test_data_each_sample_loads_with_one_click(env, which):
     assert "No blocking problems" in _texts(at.success)
     assert at.session_state["sc_data"]["spec"]["control"] == "ctrl"
     assert at.selectbox(key="data_context_col").value == "context"
+
+
+def test_sidebar_lists_home_first_on_every_page(env):
+    for page in (None, "1_Data.py", "6_Screen.py"):
+        at = _app(page)
+        labels = [link.proto.label for link in at.sidebar.get("page_link")]
+        assert labels[:2] == ["Home", "Data"] and "Screen" in labels, (page, labels)

@@ -77,15 +77,10 @@ def load_run(run_dir: str | Path):
 
 def run_data_path(run_dir: str | Path) -> str:
     """The prepared data a run was trained on (``config.json``'s ``data_path``)."""
-    import json
-
     from statecore.errors import CheckpointError
+    from statecore.training.checkpoint import read_config
 
-    cfg_path = Path(run_dir) / "config.json"
-    try:
-        data_path = json.loads(cfg_path.read_text()).get("data_path", "")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{cfg_path} is missing or unreadable; the run did not start properly") from exc
+    data_path = read_config(run_dir).data_path  # CheckpointError naming the file when it is unreadable
     if not data_path or not Path(data_path).exists():
         raise CheckpointError(
             f"the data this run was trained on ({data_path or 'unknown'}) is no longer on disk; "

@@ -40,7 +40,19 @@ PAGES = {
     "train": "pages/3_Train.py",
     "predict": "pages/4_Predict.py",
     "evaluate": "pages/5_Evaluate.py",
+    "screen": "pages/6_Screen.py",
 }
+# The sidebar's page list (Streamlit's own is hidden in .streamlit/config.toml: it would name the home page
+# after its file, "app").
+NAV = (
+    ("home", "Home", "🧬"),
+    ("data", "Data", "📂"),
+    ("preprocess", "Preprocess", "🧪"),
+    ("train", "Train", "🏋️"),
+    ("predict", "Predict", "🔮"),
+    ("screen", "Screen", "🎯"),
+    ("evaluate", "Evaluate", "📊"),
+)
 
 
 def work_dir() -> Path:
@@ -150,6 +162,9 @@ def init_page(title: str, icon: str = "🧬") -> None:
 
 def _sidebar() -> None:
     with st.sidebar:
+        for key, label, icon in NAV:
+            st.page_link(PAGES[key], label=label, icon=icon)
+        st.divider()
         st.markdown("### statecore")
         data = st.session_state[DATA]
         prepared = st.session_state[PREPARED]
