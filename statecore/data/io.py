@@ -731,6 +731,13 @@ def file_signature(path) -> str:
     return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def split_combo(label: str, sep: str) -> list[str]:
+    """The single perturbations of a combination label ("A+B" -> ["A", "B"]); a single is its own list."""
+    if not sep:
+        return [str(label)]
+    return [p.strip() for p in str(label).split(sep) if p.strip()]
+
+
 def obs_labels(adata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(perturbation, context, batch) labels of a prepared AnnData as str arrays (batch "all" when absent)."""
     missing = [c for c in ("perturbation", "context") if c not in adata.obs.columns]

@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from statecore.data.io import obs_labels  # noqa: F401  (re-exported: sets.obs_labels is used across the package)
+from statecore.data.io import obs_labels, split_combo  # noqa: F401  (obs_labels re-exported: sets.obs_labels is used across the package)
 from statecore.errors import DataError
 
 # --------------------------------------------------------------------------- perturbation encoding
@@ -52,7 +52,7 @@ class PerturbationVocab:
         singles = set()
         for label in set(map(str, labels)):
             if label != control:
-                singles.update(_split_label(label, combo_sep))
+                singles.update(split_combo(label, combo_sep))
         if features is None:
             return cls(control=control, names=(control, *sorted(singles)), combo_sep=combo_sep)
         table = (
@@ -88,7 +88,7 @@ class PerturbationVocab:
 
     def parts(self, label: str) -> list[str]:
         label = str(label)
-        return [self.control] if label == self.control else _split_label(label, self.combo_sep)
+        return [self.control] if label == self.control else split_combo(label, self.combo_sep)
 
     def can_encode(self, label: str) -> bool:
         idx = self._index()
@@ -113,10 +113,6 @@ class PerturbationVocab:
                 else:
                     out[row] += self.features[idx[p]]
         return out
-
-
-def _split_label(label: str, sep: str) -> list[str]:
-    return [p.strip() for p in str(label).split(sep) if p.strip()] if sep else [str(label)]
 
 
 def select_genes(adata, use_hvg: bool = True) -> list[str]:

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from statecore.data.io import split_combo
+
 CONTROL = "ctrl"
 
 # Rows per generated block are chosen so one dense block holds at most this many values.
@@ -224,7 +226,7 @@ def planted_lfc(adata_or_uns: ad.AnnData | dict, perturbation: str, context: str
 
 def _lfc_vector(uns: dict, label: str, context: str, n_genes: int) -> np.ndarray:
     out = np.zeros(n_genes)
-    parts = label.split("+") if label in set(uns["combos"]) else []
+    parts = split_combo(label, "+") if label in set(uns["combos"]) else []
     for single in parts:
         out += _lfc_vector(uns, single, context, n_genes)
     eff = uns["effects"][label]

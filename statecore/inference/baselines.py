@@ -22,6 +22,7 @@ import anndata as ad
 import numpy as np
 
 from statecore.data import pseudobulk
+from statecore.data.io import split_combo
 from statecore.data.sets import RowGatherer, gene_indices, obs_labels
 from statecore.errors import DataError
 from statecore.inference.predict import control_rows, make_prediction_adata, sample_rows
@@ -138,7 +139,7 @@ def _context_mean(adata, gidx, train_mask, train_pairs, ctrl_mean, target: str, 
 
 
 def _additive(p: str, sep: str, pert_shift) -> np.ndarray:
-    parts = [q for q in str(p).split(sep) if q] if sep else [str(p)]
+    parts = split_combo(p, sep)
     total = None
     for q in parts:
         s = pert_shift(q, allow_target=True)

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from statecore.data.io import split_combo
 from statecore.data.sets import RowGatherer, gene_indices, obs_labels
 from statecore.errors import DataError
 from statecore.inference.predict import control_rows, predict_shared
@@ -222,7 +223,7 @@ def _non_additivity(labels: list[str], delta: np.ndarray, sep: str) -> np.ndarra
     pos = {lab: i for i, lab in enumerate(labels)}
     out = np.full(len(labels), np.nan)
     for i, lab in enumerate(labels):
-        parts = lab.split(sep) if sep and sep in lab else []
+        parts = split_combo(lab, sep)
         if len(parts) > 1 and all(p in pos for p in parts):
             expected = sum(delta[pos[p]].astype(np.float64) for p in parts)
             out[i] = float(np.linalg.norm(delta[i] - expected))
@@ -230,7 +231,7 @@ def _non_additivity(labels: list[str], delta: np.ndarray, sep: str) -> np.ndarra
 
 
 def _canonical(label: str, sep: str) -> str:
-    return sep.join(sorted(str(label).split(sep))) if sep else str(label)
+    return sep.join(sorted(split_combo(label, sep))) if sep else str(label)
 
 
 def _add_measured(table: pd.DataFrame, adata, gather, *, context: str, sep: str, ctrl: SetStats):

@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from statecore.config import QCConfig
+from statecore.data.io import split_combo
 from statecore.data.pseudobulk import group_means
 
 
@@ -60,10 +61,6 @@ def qc_removal(
             "kept": [int(n_genes.size - cells_out), int(gene_cells.size - genes_out)],
         }
     )
-
-
-def split_combo(pert: str, sep: str) -> list[str]:
-    return [p for p in pert.split(sep) if p]
 
 
 def unmeasured_combos(measured: list[str], control: str, sep: str = "+", limit: int = 500) -> list[str]:

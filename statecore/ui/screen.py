@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from scipy.cluster.hierarchy import leaves_list, linkage
 
+from statecore.data.io import split_combo
 from statecore.runs import jobs
 from statecore.ui import figures, loaders, results
 
@@ -188,7 +189,7 @@ def gene_scatter(table: pd.DataFrame, gene: str) -> go.Figure:
 def interaction_matrix(table: pd.DataFrame, sep: str) -> pd.DataFrame:
     """Symmetric singles × singles frame of the pairs' non-additivity (NaN on the diagonal)."""
     pairs = table[table["kind"] == "pair"].dropna(subset=["non_additivity"])
-    parts = [str(p).split(sep) for p in pairs["perturbation"]]
+    parts = [split_combo(p, sep) for p in pairs["perturbation"]]
     singles = sorted({s for ab in parts for s in ab})
     mat = pd.DataFrame(np.nan, index=singles, columns=singles)
     for (a, b), value in zip(parts, pairs["non_additivity"]):
