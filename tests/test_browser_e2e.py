@@ -112,7 +112,7 @@ def _idle(page, timeout_s: float = 120) -> None:
 
 
 def _goto(page, label: str) -> None:
-    page.locator("[data-testid='stSidebarNav'] a", has_text=label).first.click()
+    page.locator("[data-testid='stSidebar'] [data-testid='stPageLink-NavLink']", has_text=label).first.click()
     page.wait_for_selector(f"h1:has-text('{label}')", timeout=60_000)
     _idle(page)
 
@@ -155,7 +155,7 @@ def test_quick_start_in_a_real_browser(server, tmp_path):
             _shot(page, "preprocess")
 
             _goto(page, "Train")
-            steps = page.get_by_label("Training steps")
+            steps = page.get_by_role("spinbutton", name="Training steps")
             steps.fill(str(TRAIN_STEPS))
             steps.press("Enter")
             _idle(page)
@@ -167,7 +167,7 @@ def test_quick_start_in_a_real_browser(server, tmp_path):
             _shot(page, "train")
 
             _goto(page, "Predict")
-            page.get_by_text("Ranked predicted DE genes").wait_for(timeout=120_000)
+            page.get_by_text("Predicted DE genes, largest change first").wait_for(timeout=120_000)
             page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
             _idle(page, 240)
             _no_exception(page)
@@ -182,7 +182,7 @@ def test_quick_start_in_a_real_browser(server, tmp_path):
             body = page.inner_text("body")
             assert "Scoring the model failed" not in body, body[:3000]
             assert "State (this run)" in body and "baseline: control" in body
-            assert "pearson_delta" in body
+            assert "pearson_delta" in body and "Verdict" in body and "ceiling" in body
             _shot(page, "evaluate")
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
