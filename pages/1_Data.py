@@ -185,9 +185,9 @@ from statecore.data.io import check  # noqa: E402 - after the page shell renders
 report = widgets.attempt(check, adata, spec, what="Validating the data")
 if not widgets.failed(report):
     for msg in report.errors:
-        st.error(state.plain(msg))
+        st.error(state.plain(widgets.page_words(msg)))
     for msg in report.warnings:
-        st.warning(state.plain(msg))
+        st.warning(state.plain(widgets.page_words(msg)))
     if report.ok:
         st.success("No blocking problems. Next: **Preprocess**.")
         st.page_link(state.PAGES["preprocess"], label="Go to Preprocess", icon="🧪")
