@@ -17,7 +17,10 @@ MAPPING_KEYS = ("data_pert_col", "data_control", "data_context_col", "data_batch
 
 
 def _load(info: dict) -> None:
-    """Read once (errors shown on the page); only a readable dataset replaces the current one."""
+    """Read once (errors shown on the page); only a readable dataset replaces the current one.
+
+    On success the page runs again from the top, so the sidebar and the column mapping show the new
+    data only (the sidebar is drawn before this button's handler runs)."""
     adata = widgets.attempt(loaders.read_data, info, what="Reading the data")
     if widgets.failed(adata):
         return
@@ -28,8 +31,17 @@ def _load(info: dict) -> None:
         return
     st.session_state[state.DATA] = {**info, "spec": spec.to_dict()}
     st.session_state[state.PREPARED] = None
-    for key in MAPPING_KEYS:  # the new data brings its own suggestions
+    for key in MAPPING_KEYS:  # the new data brings its own suggestions (seeded from its spec below)
         st.session_state.pop(key, None)
+    st.rerun()
+
+
+def _seed(key: str, value: object, options: list | None) -> None:
+    """Set a mapping widget's value from the data's spec when it has none or a stale one (not among
+    ``options``). Values set here, before the widget is drawn, also reach the browser; a widget's own
+    ``index`` would not replace what the browser still shows for the previous dataset."""
+    if key not in st.session_state or (options is not None and st.session_state[key] not in options):
+        st.session_state[key] = value
 
 
 def _save_upload(uploaded, folder: Path) -> Path:
@@ -113,12 +125,14 @@ columns = [str(c) for c in adata.obs.columns]
 if not columns:
     st.error("The data has no cell metadata (obs) columns; add a metadata CSV with a perturbation column.")
     st.stop()
+optional = ["(none)", *columns]
+_seed("data_pert_col", spec.pert_col, columns)
 c1, c2, c3, c4, c5 = st.columns(5)
 pert_col = c1.selectbox(
     "Perturbation column",
     columns,
-    index=columns.index(spec.pert_col) if spec.pert_col in columns else 0,
     key="data_pert_col",
+    help="The obs column that names each cell's perturbation (gene knocked down, drug, ...).",
 )
 values = adata.obs[pert_col].astype(str).value_counts()
 labels = list(values.index[:500])
@@ -126,27 +140,34 @@ if spec.control in values.index and spec.control not in labels:
     labels.append(spec.control)
 # No recognised control label: the picker starts empty and validation blocks until one is chosen
 # (the most frequent value is often the treated group, e.g. STIM).
+_seed("data_control", spec.control if spec.control in labels else None, [*labels, None])
 control = c2.selectbox(
     "Control label",
     labels,
-    index=labels.index(spec.control) if spec.control in labels else None,
     placeholder="Choose the control label",
     key="data_control",
+    help="The value of the perturbation column that marks unperturbed (control) cells.",
 )
-optional = ["(none)", *columns]
+_seed("data_context_col", spec.context_col or "(none)", optional)
 context_col = c3.selectbox(
     "Context column (cell line / type)",
     optional,
-    index=optional.index(spec.context_col) if spec.context_col in optional else 0,
     key="data_context_col",
+    help="The obs column with the cell line or cell type; each context needs its own control cells.",
 )
+_seed("data_batch_col", spec.batch_col or "(none)", optional)
 batch_col = c4.selectbox(
     "Batch column",
     optional,
-    index=optional.index(spec.batch_col) if spec.batch_col in optional else 0,
     key="data_batch_col",
+    help="Optional: the obs column with the batch (plate, donor, lane) the model should account for.",
 )
-combo_sep = c5.text_input("Combination separator", value=spec.combo_sep, key="data_combo_sep")
+_seed("data_combo_sep", spec.combo_sep, None)
+combo_sep = c5.text_input(
+    "Combination separator",
+    key="data_combo_sep",
+    help="The character between two perturbations given together, e.g. '+' in 'KRAS+TP53'.",
+)
 spec = spec.replace(
     pert_col=pert_col,
     control=control or "",
@@ -164,9 +185,9 @@ from statecore.data.io import check  # noqa: E402 - after the page shell renders
 report = widgets.attempt(check, adata, spec, what="Validating the data")
 if not widgets.failed(report):
     for msg in report.errors:
-        st.error(state.plain(msg))
+        st.error(state.plain(widgets.page_words(msg)))
     for msg in report.warnings:
-        st.warning(state.plain(msg))
+        st.warning(state.plain(widgets.page_words(msg)))
     if report.ok:
         st.success("No blocking problems. Next: **Preprocess**.")
         st.page_link(state.PAGES["preprocess"], label="Go to Preprocess", icon="🧪")

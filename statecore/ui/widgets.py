@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,10 +33,47 @@ def failed(value: object) -> bool:
     return isinstance(value, Failed)
 
 
+# The engine's messages name CLI flags (and QC field names); the pages show them with the labels of
+# the fields on screen instead. Data and Preprocess fields only: a flag like --context means different
+# fields on different pages, so it stays as it is. tests/test_app_session.py checks the labels exist.
+FIELD_LABELS: dict[str, str] = {
+    "--pert-col": "Perturbation column",
+    "--control": "Control label",
+    "--context-col": "Context column",
+    "--batch-col": "Batch column",
+    "--cell-id-col": "Cell id column in the CSV",
+    "--min-genes": "Min genes per cell",
+    "--min-cells": "Min cells per gene",
+    "--n-hvg": "Highly variable genes",
+    "--hvg-flavor": "HVG flavor",
+    "min_genes": "Min genes per cell",
+    "min_cells": "Min cells per gene",
+}
+_FLAG = "(" + "|".join(re.escape(f) for f in sorted(FIELD_LABELS, key=len, reverse=True) if f[0] == "-") + ")"
+_END = r"(?![\w-])"
+_PLACEHOLDER = r"(?: [A-Z]{2,}\b)?"  # "--control LABEL": the metavar, not a value
+_WORDING = (  # (pattern, replacement with {} for the field's label), applied in this order
+    # "pass --control ctrl", "choose --hvg-flavor seurat": set the field to that value
+    (re.compile(rf"\b(?:pass|use|choose) {_FLAG}{_END} (?!to\b|with\b|[A-Z]{{2,}}\b)"), 'set "{}" to '),
+    (re.compile(rf"\bpass {_FLAG}{_END}{_PLACEHOLDER}"), 'use "{}"'),
+    (re.compile(rf"{_FLAG}{_END}{_PLACEHOLDER}"), '"{}"'),
+    (re.compile(r"\b(min_genes|min_cells)="), '"{}" = '),
+)
+
+
+def page_words(text: str) -> str:
+    """``text`` with the CLI flags (and QC field names) of ``FIELD_LABELS`` replaced by the labels of
+    the fields on screen: "lower --min-genes" -> 'lower "Min genes per cell"'."""
+    for pattern, template in _WORDING:
+        text = pattern.sub(lambda m, t=template: t.format(FIELD_LABELS[m[1]]), text)
+    return text
+
+
 def error_message(exc: BaseException, what: str) -> str:
-    """One line for the page: our own errors already say what to do; others get a generic hint."""
+    """One line for the page: our own errors already say what to do (in the page's field names);
+    others get a generic hint."""
     if isinstance(exc, StatecoreError):
-        return f"{what} failed: {exc}"
+        return f"{what} failed: {page_words(str(exc))}"
     if isinstance(exc, MemoryError):
         return f"{what} failed: not enough memory. Try a smaller dataset, fewer cells or fewer genes (HVGs)."
     if isinstance(exc, FileNotFoundError):
