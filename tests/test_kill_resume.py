@@ -57,12 +57,12 @@ def test_sigkill_at_random_moments_then_resume(prepared_synthetic, tmp_path):
         proc.wait()
         if point is not None:
             steps = [r["step"] for r in read_metrics(run)]
-            assert not steps or steps[0] == 1 and steps == sorted(set(steps)), "duplicated or missing metrics"
+            assert steps == sorted(set(steps)), "duplicated metrics lines after a resume"
             resumed_from.append(point)
     _check_consistent(run)
     done = _train(data, run)
     assert done.wait(timeout=600) == 0, done.stderr.read().decode()[-2000:]
     steps = [r["step"] for r in read_metrics(run)]
-    assert steps == list(range(1, 61))[9::10] or steps[-1] == 60
+    assert steps == [10, 20, 30, 40, 50, 60], steps  # logged every 10 steps, each once
     assert read_json(run / "status.json")["state"] == "done"
     print(f"{trials} kills; resume points seen: {resumed_from}")
