@@ -55,7 +55,7 @@ def test_unlabeled_mask_on_plain_and_categorical():
 
 LABEL = st.one_of(
     st.sampled_from(["ctrl", "CTRL", "A", "B", "", " ", "nan", "**x**", "a,b", "-x", "🧬"]),
-    st.text(max_size=6),
+    st.text(st.characters(blacklist_characters="\x00"), max_size=6),  # an .h5ad cannot hold NUL
     st.none(),
 )
 
@@ -81,6 +81,13 @@ def test_any_label_column_gives_a_file_or_one_clear_line(tmp_path_factory, capsy
     else:
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
+
+
+def test_nul_in_a_label_is_one_clear_error():
+    # Metadata read from a CSV can carry a NUL that no .h5ad can store: name it before writing fails.
+    a = _adata(perturbation=["ctrl", "A\x00", "B", "ctrl"] * 5)
+    rep = check(a, DataSpec(pert_col="perturbation", control="ctrl", context_col=None))
+    assert len(rep.errors) == 1 and "NUL character" in rep.errors[0]
 
 
 @pytest.mark.parametrize("n_dup", [1, 3])

@@ -679,6 +679,14 @@ def _check_labels(obs: pd.DataFrame, spec: DataSpec, rep: ValidationReport) -> N
         rep.errors.append(f"no cell has a label in column {spec.pert_col!r}; choose the perturbation column")
         return
     pert = obs[spec.pert_col][labelled].astype(str)
+    for col in (spec.pert_col, spec.context_col):
+        if col is not None and col in obs.columns:
+            bad = [v for v in obs[col][labelled].astype(str).unique() if "\x00" in v]
+            if bad:
+                rep.errors.append(
+                    f"{len(bad)} label(s) in column {col!r} hold a NUL character (e.g. {bad[0]!r}), "
+                    "which an .h5ad file cannot store; clean the labels in the metadata and load it again"
+                )
     is_ctrl = (pert == spec.control).to_numpy()
     if not spec.control:
         examples = sorted(pert.unique())[:8]
