@@ -455,19 +455,27 @@ def _umap(out, max_cells: int = 100_000) -> int:
 
 # scanpy switches from an exact kNN to pynndescent at this many cells (scanpy.neighbors, "legacy logic").
 _SCANPY_EXACT_KNN_BELOW = 8192
+# up to this many cells statecore keeps the exact kNN (scanpy's own brute-force "sklearn" transformer)
+_EXACT_KNN_UP_TO = 200_000
 
 
 def _knn_transformer(n_obs: int, n_neighbors: int):
-    """The kNN transformer scanpy would pick itself, made to return a ``csr_matrix``; None below 8,192 cells.
+    """The kNN transformer for the stored UMAP: None (scanpy's default) below 8,192 cells, scanpy's exact
+    brute-force kNN (``"sklearn"``) up to 200,000 cells, pynndescent made to return a ``csr_matrix`` above.
 
-    pynndescent 0.7 returns a ``csr_array``, and scanpy 1.11 reads its neighbours with ``getnnz``,
-    which scipy's sparse arrays no longer have: ``sc.pp.neighbors`` fails with AttributeError from
-    8,192 cells on (where scanpy leaves the exact kNN for pynndescent). Same parameters as scanpy's
-    own default (those of umap's ``nearest_neighbors``), so the graph is the one scanpy would build.
-    Below the threshold scanpy's exact kNN is left untouched (None = scanpy's default).
+    Why not scanpy's own choice from 8,192 cells on: pynndescent 0.7 returns a ``csr_array``, and scanpy
+    1.11 reads its neighbours with ``getnnz``, which scipy's sparse arrays no longer have, so
+    ``sc.pp.neighbors`` failed with AttributeError there. And on the 50 PCs the UMAP uses, the exact kNN
+    is cheaper than pynndescent up to ~10^5 cells: pynndescent compiles its numba kernels in every new
+    process (about 40 CPU-seconds here), while brute force over 10,000 cells takes about one. With the
+    UMAP fitted on at most ``QCConfig.umap_max_cells`` (100,000) cells, the exact kNN is the default path.
+    Above 200,000 cells (a raised cap) pynndescent gets scanpy's own parameters (those of umap's
+    ``nearest_neighbors``), so the graph is the one scanpy would build.
     """
     if n_obs < _SCANPY_EXACT_KNN_BELOW:
         return None
+    if n_obs <= _EXACT_KNN_UP_TO:
+        return "sklearn"
     import scanpy as sc
     from pynndescent import PyNNDescentTransformer
 
