@@ -40,7 +40,7 @@ def _rss_mb(field: str) -> float:
 def _make_run_and_data(genes: int, n_ctrl: int):
     import scipy.sparse as sp
 
-    from statecore.config import ST_PRESETS, RunConfig, STConfig
+    from statecore.config import ST_PRESETS, RunConfig
     from statecore.data.sets import PerturbationVocab
     from statecore.data.synthetic import make_perturbation_adata
     from statecore.models.transition import StateTransitionModel
@@ -55,7 +55,7 @@ def _make_run_and_data(genes: int, n_ctrl: int):
     a.uns["statecore"] = {"control": "ctrl"}
     names = sorted(set(a.obs["perturbation"].astype(str)) - {"ctrl"})
     vocab = PerturbationVocab.from_labels(names, "ctrl")
-    cfg = STConfig(**ST_PRESETS["small"]).replace(num_genes=genes, perturbation_dim=vocab.dim)
+    cfg = ST_PRESETS["small"].replace(num_genes=genes, perturbation_dim=vocab.dim)
     torch.manual_seed(0)
     model = StateTransitionModel(cfg).eval()
     run = LoadedRun(

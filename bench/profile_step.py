@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from statecore.config import ST_PRESETS, STConfig  # noqa: E402
+from statecore.config import ST_PRESETS  # noqa: E402
 from statecore.data.sets import PerturbationVocab, SetDataset, build_groups, select_genes  # noqa: E402
 from statecore.data.synthetic import make_perturbation_adata  # noqa: E402
 from statecore.models import losses  # noqa: E402
@@ -160,8 +160,9 @@ def make_dataset(shape: Shape, data_path: Path | None) -> SetDataset:
 
 
 def make_model(shape: Shape, ds: SetDataset, transformer: str) -> StateTransitionModel:
-    preset = {**ST_PRESETS["small"], "mlp_hidden_dim": shape.ffn, "hidden_dim": shape.hidden}
-    cfg = STConfig(**preset).replace(
+    cfg = ST_PRESETS["small"].replace(
+        mlp_hidden_dim=shape.ffn,
+        hidden_dim=shape.hidden,
         num_genes=len(ds.genes),
         perturbation_dim=ds.vocab.dim,
         set_size=shape.set_size,

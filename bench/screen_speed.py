@@ -36,7 +36,7 @@ def make_run(n_perts: int, n_genes: int, tmp: Path):
     """A LoadedRun with random weights: small preset, one-hot vocabulary of ``n_perts``."""
     import torch
 
-    from statecore.config import ST_PRESETS, RunConfig, STConfig
+    from statecore.config import ST_PRESETS, RunConfig
     from statecore.data.sets import PerturbationVocab
     from statecore.models.transition import StateTransitionModel
     from statecore.training.checkpoint import LoadedRun
@@ -44,7 +44,7 @@ def make_run(n_perts: int, n_genes: int, tmp: Path):
     torch.manual_seed(0)
     names = [f"P{i:04d}" for i in range(n_perts)]
     vocab = PerturbationVocab.from_labels(["ctrl", *names], control="ctrl")
-    cfg = STConfig(**{**ST_PRESETS["small"], "num_genes": n_genes, "perturbation_dim": vocab.dim})
+    cfg = ST_PRESETS["small"].replace(num_genes=n_genes, perturbation_dim=vocab.dim)
     model = StateTransitionModel(cfg).eval()
     if model.pert_shift is not None:  # a shift prior as training would leave it: small random shifts
         model.pert_shift.copy_(torch.randn_like(model.pert_shift) * 0.1)

@@ -217,7 +217,8 @@ REF_ARGS = (
 ).split()
 # The same CLI as a user runs, with the small preset's MLP/FFN width raised to the reference's 1024.
 SAME_SHAPE_CHILD = (
-    "import sys; from statecore.config import ST_PRESETS; ST_PRESETS['small']['mlp_hidden_dim'] = 1024; "
+    "import sys; from statecore.config import ST_PRESETS; "
+    "ST_PRESETS['small'] = ST_PRESETS['small'].replace(mlp_hidden_dim=1024); "
     "from statecore.cli.main import main; sys.exit(main(sys.argv[1:]))"
 )
 
