@@ -178,6 +178,7 @@ spec = spec.replace(
 if spec.to_dict() != info["spec"]:
     st.session_state[state.DATA] = {**info, "spec": spec.to_dict()}
     st.session_state[state.PREPARED] = None  # prepared data no longer matches the mapping
+    state.remember()  # a refresh keeps the mapping
 
 st.subheader("Validation")
 from statecore.data.io import check  # noqa: E402 - after the page shell renders

@@ -135,6 +135,7 @@ if st.button("Apply", type="primary", key="prep_apply"):
     result = widgets.attempt(_apply, what="Preprocessing")
     if result:
         st.session_state[state.PREPARED] = result
+        st.rerun()  # the sidebar (drawn before this button's handler) shows the prepared data
 
 done = st.session_state[state.PREPARED]
 if not done:
@@ -147,7 +148,11 @@ st.success(
     f"Prepared: {prepared.n_obs:,} cells × {prepared.n_vars:,} genes, saved to `{done['path']}`. Next: **Train**."
 )
 st.page_link(state.PAGES["train"], label="Go to Train", icon="🏋️")
+if done["qc"] != qc.to_dict():
+    st.warning("The settings above have changed since **Apply**: press **Apply** again to prepare with them.")
 qc_report = prepared.uns.get("statecore", {}).get("qc_report", {})
+if {"genes_in", "n_hvg"} <= set(qc_report):
+    st.markdown(analysis.hvg_explanation(qc_report, int(done["qc"].get("n_hvg", qc_report["n_hvg"]))))
 if qc_report:
     st.json({k: (v.item() if hasattr(v, "item") else v) for k, v in qc_report.items()}, expanded=False)
 var = prepared.var

@@ -312,6 +312,7 @@ def _run_view(run_dir) -> None:
         )
         if b3.button("Use for Predict / Evaluate", key="train_use"):
             st.session_state[state.RUN] = str(run_dir)
+            st.rerun()  # the sidebar and the session record show the chosen run
         if st.session_state[state.RUN] == str(run_dir):
             st.page_link(state.PAGES["predict"], label="Go to Predict", icon="🔮")
 

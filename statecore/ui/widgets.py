@@ -148,4 +148,5 @@ def pick_run(key: str, empty_message: str) -> Path:
     name = st.selectbox("Run", names, key=key)
     run_dir = runs[names.index(name)].run_dir
     st.session_state[state.RUN] = str(run_dir)
+    state.remember()  # a refresh keeps the chosen run
     return run_dir
