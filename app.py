@@ -27,14 +27,9 @@ st.markdown(
     "each prediction shows how right this run was on its held-out perturbations."
 )
 cols = st.columns(5)
-for col, key, label, icon in zip(
-    cols,
-    ("data", "preprocess", "train", "predict", "evaluate"),
-    ("Data", "Preprocess", "Train", "Predict", "Evaluate"),
-    ("📂", "🧪", "🏋️", "🔮", "📊"),
-):
+for col, key in zip(cols, ("data", "preprocess", "train", "predict", "evaluate")):
     with col:
-        st.page_link(state.PAGES[key], label=label, icon=icon)
+        state.page_link(key, key.capitalize())
 
 st.subheader("Loaded now")
 data, prepared = st.session_state[state.DATA], st.session_state[state.PREPARED]

@@ -191,7 +191,7 @@ if not widgets.failed(report):
         st.warning(state.plain(widgets.page_words(msg)))
     if report.ok:
         st.success("No blocking problems. Next: **Preprocess**.")
-        st.page_link(state.PAGES["preprocess"], label="Go to Preprocess", icon="🧪")
+        state.page_link("preprocess", "Go to Preprocess")
 
 st.subheader("Summary")
 table = widgets.attempt(analysis.crosstab, adata.obs, spec.pert_col, spec.context_col, what="Counting cells")

@@ -29,7 +29,7 @@ from statecore.data.io import check  # noqa: E402
 report = widgets.attempt(check, adata, spec, what="Validating the data")
 if not widgets.failed(report) and report.errors:
     st.error("The column mapping has blocking problems; fix them on **Data** first.")
-    st.page_link(state.PAGES["data"], label="Go to Data", icon="📂")
+    state.page_link("data", "Go to Data")
     st.stop()
 
 suggested = widgets.attempt(analysis.suggest_qc, adata, what="Suggesting QC settings")
@@ -75,7 +75,7 @@ if not widgets.failed(metrics):
     counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
     gene_cells = widgets.attempt(analysis.cells_per_gene, counts, what="Counting cells per gene")
 if not widgets.failed(metrics) and not widgets.failed(gene_cells):
-    p1, p2, p3 = st.columns(3)
+    p1, p2 = st.columns(2)
     p1.plotly_chart(
         figures.histogram(
             metrics["n_genes"].to_numpy(), title="Genes per cell", x_label="genes detected", threshold=applied
@@ -93,7 +93,7 @@ if not widgets.failed(metrics) and not widgets.failed(gene_cells):
     removal = analysis.qc_removal(
         metrics["n_genes"].to_numpy(), gene_cells, min_genes=applied, min_cells=qc.min_cells
     )
-    p3.plotly_chart(figures.removal_bars(removal), width="stretch", key="prep_fig_removal")
+    st.plotly_chart(figures.removal_bars(removal), width="stretch", key="prep_fig_removal")
     if applied != qc.min_genes:
         st.caption(f"min genes applied on this {adata.n_vars:,}-gene panel: {applied}")
 
@@ -147,14 +147,15 @@ if widgets.failed(prepared):
 st.success(
     f"Prepared: {prepared.n_obs:,} cells × {prepared.n_vars:,} genes, saved to `{done['path']}`. Next: **Train**."
 )
-st.page_link(state.PAGES["train"], label="Go to Train", icon="🏋️")
+state.page_link("train", "Go to Train")
 if done["qc"] != qc.to_dict():
     st.warning("The settings above have changed since **Apply**: press **Apply** again to prepare with them.")
 qc_report = prepared.uns.get("statecore", {}).get("qc_report", {})
 if {"genes_in", "n_hvg"} <= set(qc_report):
     st.markdown(analysis.hvg_explanation(qc_report, int(done["qc"].get("n_hvg", qc_report["n_hvg"]))))
 if qc_report:
-    st.json({k: (v.item() if hasattr(v, "item") else v) for k, v in qc_report.items()}, expanded=False)
+    with st.expander("QC report: every number of this preparation"):
+        st.json({k: (v.item() if hasattr(v, "item") else v) for k, v in qc_report.items()})
 var = prepared.var
 hvg = var["highly_variable"].to_numpy(bool) if "highly_variable" in var else np.ones(prepared.n_vars, bool)
 if "means" in var and ("variances_norm" in var or "dispersions_norm" in var):

@@ -269,6 +269,11 @@ def _status_panel(run_dir) -> None:
         "size depends on the data, so read it only as a trend; Evaluate says whether the model beats the "
         "baselines.",
     )
+    reason = training.stop_reason(run_dir) if status.state == "done" and status.step < status.total else None
+    if reason:
+        st.caption(
+            f"Stopped at step {status.step:,} of {status.total:,}: {reason}; the model kept is the best one up to then."
+        )
     rows = jobs.read_metrics(run_dir)
     if rows:
         st.plotly_chart(figures.training_curves(pd.DataFrame(rows)), width="stretch", key="train_fig_loss")
@@ -314,7 +319,7 @@ def _run_view(run_dir) -> None:
             st.session_state[state.RUN] = str(run_dir)
             st.rerun()  # the sidebar and the session record show the chosen run
         if st.session_state[state.RUN] == str(run_dir):
-            st.page_link(state.PAGES["predict"], label="Go to Predict", icon="🔮")
+            state.page_link("predict", "Go to Predict")
 
 
 runs = jobs.list_runs(root)

@@ -118,11 +118,28 @@ def _goto(page, label: str) -> None:
     _idle(page)
 
 
+VIEWPORT = {"width": 1400, "height": 1000}
+SHOT_MAX_HEIGHT = 2600  # px: the top of a long page, not all of it
+
+
 def _shot(page, name: str) -> None:
+    """Screenshot of the page down to its end (at most ``SHOT_MAX_HEIGHT``). Streamlit scrolls its main
+    area inside the window, so the window is made as tall as that area's content first."""
     folder = os.environ.get("STATECORE_SCREENSHOT_DIR")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    height = page.evaluate(
+        "Math.max(...[...document.querySelectorAll('[data-testid=stMain], [data-testid=stAppViewContainer]')]"
+        ".map(e => e.scrollHeight), 0)"
+    )
+    page.set_viewport_size(
+        {"width": VIEWPORT["width"], "height": int(min(max(height, 1000), SHOT_MAX_HEIGHT))}
+    )
+    page.wait_for_timeout(1500)  # charts re-layout to the new size
+    _idle(page)
+    page.screenshot(path=str(Path(folder) / f"{name}.png"))
+    page.set_viewport_size(VIEWPORT)
 
 
 def _no_exception(page) -> None:
@@ -173,8 +190,11 @@ def _train(page) -> None:
     page.get_by_role("button", name="Start training").click()
     page.get_by_text("Best validation loss").first.wait_for(timeout=60_000)
     page.locator("[data-testid='stProgress']").get_by_text("done").first.wait_for(timeout=300_000)
+    # The page follows the end of the run: no Cancel button, no "Training now" in the sidebar.
+    page.get_by_role("button", name="Cancel").wait_for(state="detached", timeout=30_000)
     _idle(page)
     _no_exception(page)
+    assert "Training now" not in _sidebar_text(page)
 
 
 # The first hour on both samples: Kang (the preselected one) must show learning; on the PerturBench
@@ -194,17 +214,16 @@ FIRST_HOUR = [
 
 @pytest.mark.parametrize("sample, context, verdict, suffix", FIRST_HOUR)
 def test_first_hour_in_a_real_browser(server, tmp_path, sample, context, verdict, suffix):
-    """Load -> preprocess -> (refresh) -> train -> predict -> evaluate, as a first-time user clicks it."""
+    """Load -> preprocess -> (refresh) -> train -> evaluate -> predict, as a first-time user clicks it."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport=VIEWPORT)
         try:
             page.goto(server["url"], wait_until="domcontentloaded")
             page.wait_for_selector("h1:has-text('statecore')", timeout=60_000)
             _idle(page)
-            _shot(page, "home" + suffix)
 
             _goto(page, "Data")
             _load_sample(page, sample)
@@ -223,14 +242,6 @@ def test_first_hour_in_a_real_browser(server, tmp_path, sample, context, verdict
             assert f"Run: {context.replace('+', '-')}-zeroshot" in _sidebar_text(page)  # preselected task
             _shot(page, "train" + suffix)
 
-            _goto(page, "Predict")
-            page.get_by_text("Predicted DE genes, largest change first").wait_for(timeout=120_000)
-            page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
-            _idle(page, 240)
-            _no_exception(page)
-            assert page.locator(".js-plotly-plot").count() >= 3  # means, volcano, UMAP
-            _shot(page, "predict" + suffix)
-
             _goto(page, "Evaluate")
             page.get_by_role("button", name="Evaluate the test split").click()
             page.get_by_text("Model vs baselines", exact=False).wait_for(timeout=300_000)
@@ -243,6 +254,24 @@ def test_first_hour_in_a_real_browser(server, tmp_path, sample, context, verdict
             for words in verdict:
                 assert words in body, (words, body[body.find("Verdict") :][:2000])
             _shot(page, "evaluate" + suffix)
+
+            _goto(page, "Predict")
+            page.get_by_text("Predicted DE genes, largest change first").wait_for(timeout=120_000)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+            _idle(page, 240)
+            _no_exception(page)
+            assert page.locator(".js-plotly-plot").count() >= 3  # means, volcano, UMAP
+            assert "Not measured yet" not in page.inner_text("body")  # the trust box shows the evaluation
+            _shot(page, "predict" + suffix)
+
+            page.locator(
+                "[data-testid='stSidebar'] [data-testid='stPageLink-NavLink']", has_text="Home"
+            ).click()
+            page.wait_for_selector("h1:has-text('statecore')", timeout=60_000)
+            _idle(page)
+            _no_exception(page)
+            assert "headline metrics" in page.inner_text("body")  # the runs table shows the run's verdict
+            _shot(page, "home" + suffix)
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
             print("page at failure:", page.inner_text("body")[:4000])

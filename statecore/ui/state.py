@@ -48,17 +48,33 @@ PAGES = {
     "evaluate": "pages/5_Evaluate.py",
     "screen": "pages/6_Screen.py",
 }
+# Page icons: Material Symbols, which Streamlit ships with its own web font (emoji need a colour-emoji font
+# in the browser, and without one they show as empty boxes).
+ICONS = {
+    "home": ":material/home:",
+    "data": ":material/folder_open:",
+    "preprocess": ":material/tune:",
+    "train": ":material/model_training:",
+    "predict": ":material/online_prediction:",
+    "screen": ":material/target:",
+    "evaluate": ":material/analytics:",
+}
 # The sidebar's page list (Streamlit's own is hidden in .streamlit/config.toml: it would name the home page
 # after its file, "app").
 NAV = (
-    ("home", "Home", "🧬"),
-    ("data", "Data", "📂"),
-    ("preprocess", "Preprocess", "🧪"),
-    ("train", "Train", "🏋️"),
-    ("predict", "Predict", "🔮"),
-    ("screen", "Screen", "🎯"),
-    ("evaluate", "Evaluate", "📊"),
+    ("home", "Home"),
+    ("data", "Data"),
+    ("preprocess", "Preprocess"),
+    ("train", "Train"),
+    ("predict", "Predict"),
+    ("screen", "Screen"),
+    ("evaluate", "Evaluate"),
 )
+
+
+def page_link(key: str, label: str) -> None:
+    """A link to page ``key`` (of ``PAGES``) with its icon."""
+    st.page_link(PAGES[key], label=label, icon=ICONS[key])
 
 
 def work_dir() -> Path:
@@ -237,8 +253,8 @@ def init_page(title: str, icon: str = "🧬") -> None:
 
 def _sidebar() -> None:
     with st.sidebar:
-        for key, label, icon in NAV:
-            st.page_link(PAGES[key], label=label, icon=icon)
+        for key, label in NAV:
+            page_link(key, label)
         st.divider()
         st.markdown("### statecore")
         data = st.session_state[DATA]
