@@ -129,6 +129,7 @@ def _shot(page, name: str) -> None:
     if not folder:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
+    page.mouse.move(0, 0)  # no hover toolbar on a chart
     height = page.evaluate(
         "Math.max(...[...document.querySelectorAll('[data-testid=stMain], [data-testid=stAppViewContainer]')]"
         ".map(e => e.scrollHeight), 0)"
@@ -270,7 +271,7 @@ def test_first_hour_in_a_real_browser(server, tmp_path, sample, context, verdict
             page.wait_for_selector("h1:has-text('statecore')", timeout=60_000)
             _idle(page)
             _no_exception(page)
-            assert "headline metrics" in page.inner_text("body")  # the runs table shows the run's verdict
+            page.locator("[data-testid='stDataFrame']").first.wait_for(timeout=30_000)  # the runs table
             _shot(page, "home" + suffix)
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
