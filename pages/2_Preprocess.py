@@ -37,26 +37,65 @@ if widgets.failed(suggested):
     st.stop()
 st.subheader("Settings")
 c1, c2, c3 = st.columns(3)
-min_genes = c1.number_input("Min genes per cell", 0, 100_000, suggested.min_genes, key="prep_min_genes")
+min_genes = c1.number_input(
+    "Min genes per cell",
+    0,
+    100_000,
+    suggested.min_genes,
+    key="prep_min_genes",
+    help="Cells with fewer detected genes are removed as empty droplets or broken cells. The chart below "
+    "shows how many that removes.",
+)
 scale = c1.checkbox(
     "Scale min genes on gene panels",
     value=suggested.scale_min_genes,
     key="prep_scale",
     help="min genes is meant for ~20,000-gene data; on a smaller panel it is scaled by n_genes / 20,000",
 )
-min_cells = c2.number_input("Min cells per gene", 0, 1_000_000, suggested.min_cells, key="prep_min_cells")
-target_sum = c2.number_input(
-    "Normalize to total counts", 1.0, 1e7, float(suggested.target_sum), key="prep_target"
+min_cells = c2.number_input(
+    "Min cells per gene",
+    0,
+    1_000_000,
+    suggested.min_cells,
+    key="prep_min_cells",
+    help="Genes detected in fewer cells are removed (too rare to learn from). The highly variable genes are "
+    "chosen among the genes that remain.",
 )
-log1p = c2.checkbox("log1p", value=suggested.log1p, key="prep_log1p")
-n_hvg = c3.number_input("Highly variable genes", 10, 50_000, suggested.n_hvg, key="prep_n_hvg")
+target_sum = c2.number_input(
+    "Normalize to total counts",
+    1.0,
+    1e7,
+    float(suggested.target_sum),
+    key="prep_target",
+    help="Each cell's counts are scaled to this total, so deeply and shallowly sequenced cells compare.",
+)
+log1p = c2.checkbox(
+    "log1p",
+    value=suggested.log1p,
+    key="prep_log1p",
+    help="Take log(1 + x) of the normalized counts, the usual scale for comparing expression changes.",
+)
+n_hvg = c3.number_input(
+    "Highly variable genes",
+    10,
+    50_000,
+    suggested.n_hvg,
+    key="prep_n_hvg",
+    help="How many of the most variable genes the model reads and predicts. At most the number of genes "
+    "left after 'Min cells per gene'; after Apply the page says how many were kept and why.",
+)
 flavor = c3.selectbox(
     "HVG flavor",
     preprocess.HVG_FLAVORS,
     key="prep_flavor",
     help="auto: seurat_v3 on raw counts, seurat on log data",
 )
-umap = c3.checkbox("Store a UMAP (for plots)", value=True, key="prep_umap")
+umap = c3.checkbox(
+    "Store a UMAP (for plots)",
+    value=True,
+    key="prep_umap",
+    help="Compute a 2-D map of the cells once, for the UMAP plots on Predict and Evaluate (adds some seconds).",
+)
 qc = QCConfig(
     min_genes=int(min_genes),
     min_cells=int(min_cells),

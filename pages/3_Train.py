@@ -89,6 +89,7 @@ def _model_widgets(c2):
                 [r.run_dir for r in se_runs],
                 format_func=lambda p: p.name,
                 key="train_emb_run",
+                help="The State Embedding run whose cell embeddings this model reads.",
             )
         )
     preset = c2.selectbox(
@@ -333,7 +334,11 @@ else:
     if st.session_state.get("train_run_pick") not in names:
         st.session_state["train_run_pick"] = names[0]
     chosen = st.selectbox(
-        "Run", names, key="train_run_pick", format_func=lambda n: f"{n} ({runs[names.index(n)].state})"
+        "Run",
+        names,
+        key="train_run_pick",
+        format_func=lambda n: f"{n} ({runs[names.index(n)].state})",
+        help="Follow a run: its progress, loss curve and buttons to cancel or resume it.",
     )
     _run_view(runs[names.index(chosen)].run_dir)
     with st.expander("All runs", expanded=False):

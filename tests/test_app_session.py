@@ -252,3 +252,33 @@ def test_hvg_count_is_explained():
     assert "so 361 passed QC" in text and "you asked for 500" in text
     text = hvg_explanation({**report, "genes_in": 6998, "genes_removed_min_cells": 2108, "n_hvg": 2000}, 2000)
     assert "4,890 passed QC" in text and "the 2,000 whose expression varies most" in text
+
+
+def test_every_control_on_data_preprocess_and_train_has_help(env, two_files, prepared_synthetic, tmp_path):
+    kinds = ("selectbox", "number_input", "text_input", "checkbox", "radio", "multiselect", "slider")
+
+    def without_help(at: AppTest) -> list[str]:
+        assert not at.exception, [e.value for e in at.exception]
+        return [f"{kind}:{w.label}" for kind in kinds for w in at.get(kind) if not (w.help or "").strip()]
+
+    at = _app("1_Data.py", sc_data=_data_info(two_files[0]))
+    missing = without_help(at)
+    for source in ("Upload .h5ad", "Upload MTX bundle + metadata CSV", "Path on the server"):
+        at.radio(key="data_source").set_value(source).run()
+        missing += without_help(at)
+    missing += without_help(_app("2_Preprocess.py", sc_data=_data_info(two_files[0])))
+    prepared = tmp_path / "prepared.h5ad"
+    prepared_synthetic.write_h5ad(prepared)
+    info = {
+        "path": str(prepared),
+        "qc": {},
+        "n_obs": prepared_synthetic.n_obs,
+        "n_vars": prepared_synthetic.n_vars,
+    }
+    at = _app("3_Train.py", sc_prepared=info)
+    assert at.number_input(key="train_steps").value > 0  # the new-run form is on the page
+    missing += without_help(at)
+    for task in ("underrepresented", "explicit"):
+        at.selectbox(key="train_task").set_value(task).run()
+        missing += without_help(at)
+    assert not missing, sorted(set(missing))

@@ -145,7 +145,12 @@ def pick_run(key: str, empty_message: str) -> Path:
     chosen = state.current_run()
     if st.session_state.get(key) not in names:
         st.session_state[key] = chosen.name if chosen and chosen.name in names else names[0]
-    name = st.selectbox("Run", names, key=key)
+    name = st.selectbox(
+        "Run",
+        names,
+        key=key,
+        help="A trained run from the Train page (newest first); its model is used here.",
+    )
     run_dir = runs[names.index(name)].run_dir
     st.session_state[state.RUN] = str(run_dir)
     state.remember()  # a refresh keeps the chosen run
