@@ -16,9 +16,10 @@ st.caption("Train Arc Institute's State model on Perturb-seq data, predict unsee
 
 st.subheader("Quick start")
 st.markdown(
-    "1. **Data**: pick a sample and press *Load*, check the column mapping. For a first run that shows learning "
-    "within minutes on a CPU, choose the **Kang 2018** sample: the Train page then preselects zero-shot "
-    "CD14+ monocytes.\n"
+    "1. **Data**: press *Load* and check the column mapping. The preselected **Kang 2018** sample (PBMCs "
+    "with and without IFN-β) shows learning within minutes on a CPU: the Train page preselects predicting "
+    "the response of CD14+ monocytes, a cell type the model never sees treated. The **PerturBench** sample "
+    "(one pick away) is the hard case: its glioma lines carry almost no signal, and Evaluate says so.\n"
     "2. **Preprocess** → *Apply*, then **Train** → *Start training* (the small preset trains in minutes on a CPU;"
     " the run continues in the background if you close the tab).\n"
     "3. **Evaluate** the run's test split: the model against every baseline and against the data's own ceiling, "
@@ -26,14 +27,9 @@ st.markdown(
     "each prediction shows how right this run was on its held-out perturbations."
 )
 cols = st.columns(5)
-for col, key, label, icon in zip(
-    cols,
-    ("data", "preprocess", "train", "predict", "evaluate"),
-    ("Data", "Preprocess", "Train", "Predict", "Evaluate"),
-    ("📂", "🧪", "🏋️", "🔮", "📊"),
-):
+for col, key in zip(cols, ("data", "preprocess", "train", "predict", "evaluate")):
     with col:
-        st.page_link(state.PAGES[key], label=label, icon=icon)
+        state.page_link(key, key.capitalize())
 
 st.subheader("Loaded now")
 data, prepared = st.session_state[state.DATA], st.session_state[state.PREPARED]

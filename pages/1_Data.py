@@ -64,13 +64,33 @@ def _save_bundle(files, meta) -> dict:
     return {"path": str(bundle), "metadata": meta_path}
 
 
-source = st.radio("Source", SOURCES, horizontal=True, key="data_source")
+source = st.radio(
+    "Source",
+    SOURCES,
+    horizontal=True,
+    key="data_source",
+    help="Where the cells come from: a small dataset shipped with the app, a file from your computer, or a "
+    "file already on this server (best for large files).",
+)
 if source == SOURCES[0]:
-    name = st.selectbox("Sample dataset", list(state.SAMPLES), key="data_sample")
+    name = st.selectbox(
+        "Sample dataset",
+        list(state.SAMPLES),
+        key="data_sample",
+        help="Kang 2018: blood cells with and without interferon-beta; the response is strong, so a first run "
+        "shows learning. PerturBench: CRISPR screens in four cell lines; in the glioma lines the effects are "
+        "too weak to learn, and Evaluate says so. Sources: sample_data/SOURCE.md.",
+    )
     if st.button("Load", type="primary", key="data_load_sample"):
         _load({"path": str(state.SAMPLES[name]), "metadata": None, "cell_id_col": None, "label": name})
 elif source == SOURCES[1]:
-    up = st.file_uploader("AnnData file (.h5ad)", type=["h5ad"], key="data_upload_h5ad")
+    up = st.file_uploader(
+        "AnnData file (.h5ad)",
+        type=["h5ad"],
+        key="data_upload_h5ad",
+        help="Raw counts (in X or a 'counts' layer) with one row per cell and the perturbation in a column of "
+        "the cell metadata. The file is copied; your original is never changed.",
+    )
     st.caption(
         "Upload limit: 2 GB (`server.maxUploadSize` in .streamlit/config.toml). For larger files use a server path."
     )
@@ -83,20 +103,37 @@ elif source == SOURCES[2]:
         "matrix.mtx[.gz], barcodes.tsv[.gz], features.tsv[.gz] (or genes.tsv)",
         accept_multiple_files=True,
         key="data_upload_mtx",
+        help="The three files of a 10x-style matrix, selected together (Cell Ranger's filtered output).",
     )
     meta = st.file_uploader(
-        "Metadata CSV (one row per cell)", type=["csv", "tsv", "txt"], key="data_upload_meta"
+        "Metadata CSV (one row per cell)",
+        type=["csv", "tsv", "txt"],
+        key="data_upload_meta",
+        help="One row per cell: its barcode and at least the perturbation it received (and its cell type or "
+        "line, if there are several).",
     )
-    cell_id = st.text_input("Cell id column in the CSV (empty: detect)", key="data_cell_id")
+    cell_id = st.text_input(
+        "Cell id column in the CSV (empty: detect)",
+        key="data_cell_id",
+        help="The CSV column holding the cell barcodes of barcodes.tsv. Leave empty to use the column that "
+        "matches them best.",
+    )
     if files and st.button("Load", type="primary", key="data_load_mtx"):
         saved = widgets.attempt(_save_bundle, files, meta, what="Saving the upload")
         if not widgets.failed(saved):
             _load({**saved, "cell_id_col": cell_id or None, "label": "MTX bundle"})
 else:
     path = st.text_input(
-        "Path to an .h5ad file or an MTX bundle folder on the server", key="data_server_path"
+        "Path to an .h5ad file or an MTX bundle folder on the server",
+        key="data_server_path",
+        help="A full path on the machine running the app, inside the folders it may read "
+        "(STATECORE_DATA_ROOTS; by default the samples and the app's own data folder).",
     )
-    meta_path = st.text_input("Metadata CSV path (MTX bundles; optional)", key="data_server_meta")
+    meta_path = st.text_input(
+        "Metadata CSV path (MTX bundles; optional)",
+        key="data_server_meta",
+        help="For an MTX bundle: the CSV with one row per cell. Empty: a metadata.csv beside the matrix is used.",
+    )
     if st.button("Load", type="primary", key="data_load_path", disabled=not path.strip()):
         # "server": reads stay inside the allowed data folders (STATECORE_DATA_ROOTS), see loaders.
         _load(
@@ -178,6 +215,7 @@ spec = spec.replace(
 if spec.to_dict() != info["spec"]:
     st.session_state[state.DATA] = {**info, "spec": spec.to_dict()}
     st.session_state[state.PREPARED] = None  # prepared data no longer matches the mapping
+    state.remember()  # a refresh keeps the mapping
 
 st.subheader("Validation")
 from statecore.data.io import check  # noqa: E402 - after the page shell renders
@@ -190,7 +228,7 @@ if not widgets.failed(report):
         st.warning(state.plain(widgets.page_words(msg)))
     if report.ok:
         st.success("No blocking problems. Next: **Preprocess**.")
-        st.page_link(state.PAGES["preprocess"], label="Go to Preprocess", icon="🧪")
+        state.page_link("preprocess", "Go to Preprocess")
 
 st.subheader("Summary")
 table = widgets.attempt(analysis.crosstab, adata.obs, spec.pert_col, spec.context_col, what="Counting cells")

@@ -29,7 +29,7 @@ from statecore.data.io import check  # noqa: E402
 report = widgets.attempt(check, adata, spec, what="Validating the data")
 if not widgets.failed(report) and report.errors:
     st.error("The column mapping has blocking problems; fix them on **Data** first.")
-    st.page_link(state.PAGES["data"], label="Go to Data", icon="📂")
+    state.page_link("data", "Go to Data")
     st.stop()
 
 suggested = widgets.attempt(analysis.suggest_qc, adata, what="Suggesting QC settings")
@@ -37,26 +37,65 @@ if widgets.failed(suggested):
     st.stop()
 st.subheader("Settings")
 c1, c2, c3 = st.columns(3)
-min_genes = c1.number_input("Min genes per cell", 0, 100_000, suggested.min_genes, key="prep_min_genes")
+min_genes = c1.number_input(
+    "Min genes per cell",
+    0,
+    100_000,
+    suggested.min_genes,
+    key="prep_min_genes",
+    help="Cells with fewer detected genes are removed as empty droplets or broken cells. The chart below "
+    "shows how many that removes.",
+)
 scale = c1.checkbox(
     "Scale min genes on gene panels",
     value=suggested.scale_min_genes,
     key="prep_scale",
     help="min genes is meant for ~20,000-gene data; on a smaller panel it is scaled by n_genes / 20,000",
 )
-min_cells = c2.number_input("Min cells per gene", 0, 1_000_000, suggested.min_cells, key="prep_min_cells")
-target_sum = c2.number_input(
-    "Normalize to total counts", 1.0, 1e7, float(suggested.target_sum), key="prep_target"
+min_cells = c2.number_input(
+    "Min cells per gene",
+    0,
+    1_000_000,
+    suggested.min_cells,
+    key="prep_min_cells",
+    help="Genes detected in fewer cells are removed (too rare to learn from). The highly variable genes are "
+    "chosen among the genes that remain.",
 )
-log1p = c2.checkbox("log1p", value=suggested.log1p, key="prep_log1p")
-n_hvg = c3.number_input("Highly variable genes", 10, 50_000, suggested.n_hvg, key="prep_n_hvg")
+target_sum = c2.number_input(
+    "Normalize to total counts",
+    1.0,
+    1e7,
+    float(suggested.target_sum),
+    key="prep_target",
+    help="Each cell's counts are scaled to this total, so deeply and shallowly sequenced cells compare.",
+)
+log1p = c2.checkbox(
+    "log1p",
+    value=suggested.log1p,
+    key="prep_log1p",
+    help="Take log(1 + x) of the normalized counts, the usual scale for comparing expression changes.",
+)
+n_hvg = c3.number_input(
+    "Highly variable genes",
+    10,
+    50_000,
+    suggested.n_hvg,
+    key="prep_n_hvg",
+    help="How many of the most variable genes the model reads and predicts. At most the number of genes "
+    "left after 'Min cells per gene'; after Apply the page says how many were kept and why.",
+)
 flavor = c3.selectbox(
     "HVG flavor",
     preprocess.HVG_FLAVORS,
     key="prep_flavor",
     help="auto: seurat_v3 on raw counts, seurat on log data",
 )
-umap = c3.checkbox("Store a UMAP (for plots)", value=True, key="prep_umap")
+umap = c3.checkbox(
+    "Store a UMAP (for plots)",
+    value=True,
+    key="prep_umap",
+    help="Compute a 2-D map of the cells once, for the UMAP plots on Predict and Evaluate (adds some seconds).",
+)
 qc = QCConfig(
     min_genes=int(min_genes),
     min_cells=int(min_cells),
@@ -75,7 +114,7 @@ if not widgets.failed(metrics):
     counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
     gene_cells = widgets.attempt(analysis.cells_per_gene, counts, what="Counting cells per gene")
 if not widgets.failed(metrics) and not widgets.failed(gene_cells):
-    p1, p2, p3 = st.columns(3)
+    p1, p2 = st.columns(2)
     p1.plotly_chart(
         figures.histogram(
             metrics["n_genes"].to_numpy(), title="Genes per cell", x_label="genes detected", threshold=applied
@@ -93,7 +132,7 @@ if not widgets.failed(metrics) and not widgets.failed(gene_cells):
     removal = analysis.qc_removal(
         metrics["n_genes"].to_numpy(), gene_cells, min_genes=applied, min_cells=qc.min_cells
     )
-    p3.plotly_chart(figures.removal_bars(removal), width="stretch", key="prep_fig_removal")
+    st.plotly_chart(figures.removal_bars(removal), width="stretch", key="prep_fig_removal")
     if applied != qc.min_genes:
         st.caption(f"min genes applied on this {adata.n_vars:,}-gene panel: {applied}")
 
@@ -135,6 +174,7 @@ if st.button("Apply", type="primary", key="prep_apply"):
     result = widgets.attempt(_apply, what="Preprocessing")
     if result:
         st.session_state[state.PREPARED] = result
+        st.rerun()  # the sidebar (drawn before this button's handler) shows the prepared data
 
 done = st.session_state[state.PREPARED]
 if not done:
@@ -146,10 +186,15 @@ if widgets.failed(prepared):
 st.success(
     f"Prepared: {prepared.n_obs:,} cells × {prepared.n_vars:,} genes, saved to `{done['path']}`. Next: **Train**."
 )
-st.page_link(state.PAGES["train"], label="Go to Train", icon="🏋️")
+state.page_link("train", "Go to Train")
+if done["qc"] != qc.to_dict():
+    st.warning("The settings above have changed since **Apply**: press **Apply** again to prepare with them.")
 qc_report = prepared.uns.get("statecore", {}).get("qc_report", {})
+if {"genes_in", "n_hvg"} <= set(qc_report):
+    st.markdown(analysis.hvg_explanation(qc_report, int(done["qc"].get("n_hvg", qc_report["n_hvg"]))))
 if qc_report:
-    st.json({k: (v.item() if hasattr(v, "item") else v) for k, v in qc_report.items()}, expanded=False)
+    with st.expander("QC report: every number of this preparation"):
+        st.json({k: (v.item() if hasattr(v, "item") else v) for k, v in qc_report.items()})
 var = prepared.var
 hvg = var["highly_variable"].to_numpy(bool) if "highly_variable" in var else np.ones(prepared.n_vars, bool)
 if "means" in var and ("variances_norm" in var or "dispersions_norm" in var):

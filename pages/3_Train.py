@@ -89,6 +89,7 @@ def _model_widgets(c2):
                 [r.run_dir for r in se_runs],
                 format_func=lambda p: p.name,
                 key="train_emb_run",
+                help="The State Embedding run whose cell embeddings this model reads.",
             )
         )
     preset = c2.selectbox(
@@ -269,6 +270,11 @@ def _status_panel(run_dir) -> None:
         "size depends on the data, so read it only as a trend; Evaluate says whether the model beats the "
         "baselines.",
     )
+    reason = training.stop_reason(run_dir) if status.state == "done" and status.step < status.total else None
+    if reason:
+        st.caption(
+            f"Stopped at step {status.step:,} of {status.total:,}: {reason}; the model kept is the best one up to then."
+        )
     rows = jobs.read_metrics(run_dir)
     if rows:
         st.plotly_chart(figures.training_curves(pd.DataFrame(rows)), width="stretch", key="train_fig_loss")
@@ -312,8 +318,9 @@ def _run_view(run_dir) -> None:
         )
         if b3.button("Use for Predict / Evaluate", key="train_use"):
             st.session_state[state.RUN] = str(run_dir)
+            st.rerun()  # the sidebar and the session record show the chosen run
         if st.session_state[state.RUN] == str(run_dir):
-            st.page_link(state.PAGES["predict"], label="Go to Predict", icon="🔮")
+            state.page_link("predict", "Go to Predict")
 
 
 runs = jobs.list_runs(root)
@@ -327,7 +334,11 @@ else:
     if st.session_state.get("train_run_pick") not in names:
         st.session_state["train_run_pick"] = names[0]
     chosen = st.selectbox(
-        "Run", names, key="train_run_pick", format_func=lambda n: f"{n} ({runs[names.index(n)].state})"
+        "Run",
+        names,
+        key="train_run_pick",
+        format_func=lambda n: f"{n} ({runs[names.index(n)].state})",
+        help="Follow a run: its progress, loss curve and buttons to cancel or resume it.",
     )
     _run_view(runs[names.index(chosen)].run_dir)
     with st.expander("All runs", expanded=False):

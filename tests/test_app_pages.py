@@ -620,3 +620,16 @@ def test_sidebar_lists_home_first_on_every_page(env):
         at = _app(page)
         labels = [link.proto.label for link in at.sidebar.get("page_link")]
         assert labels[:2] == ["Home", "Data"] and "Screen" in labels, (page, labels)
+
+
+def test_stop_reason_says_why_a_run_ended_early(tmp_path):
+    from statecore.ui.training import stop_reason
+
+    (tmp_path / "log.txt").write_text(
+        "== launching: python -m statecore train ...\n"
+        "done: step 208, loss 0.4289, best val n/a (time budget of 3.0 min reached) -> /runs/kang\n"
+    )
+    assert stop_reason(tmp_path) == "time budget of 3.0 min reached"
+    (tmp_path / "log.txt").write_text("done: step 400, loss 0.4, best val 0.5 -> /runs/kang\n")
+    assert stop_reason(tmp_path) is None
+    assert stop_reason(tmp_path / "missing") is None

@@ -139,3 +139,146 @@ def test_field_wording_keeps_values_and_unknown_flags():
         == 'or set "HVG flavor" to seurat for log data'
     )
     assert page_words("predict with --context/--perturbation") == "predict with --context/--perturbation"
+
+
+def _refresh(sid: str | None, page: str | None = None) -> AppTest:
+    """A browser refresh: a new Streamlit session (empty session state) at the same address."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+    if sid is not None:
+        at.query_params["session"] = sid
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}")
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_refresh_keeps_data_prepared_data_and_run(env, two_files):
+    first, _ = two_files
+    run_dir = env["runs"] / "my-run"
+    run_dir.mkdir(parents=True)
+    at = _page("1_Data.py")
+    assert "session" not in at.query_params  # nothing loaded: a refresh simply starts afresh
+    _load_path(at, first)
+    at.selectbox(key="data_batch_col").set_value("(none)").run()  # the user's own mapping survives too
+    sid = at.query_params["session"]
+    assert len(sid) == 32 and (env["work"] / "sessions" / f"{sid}.json").exists()
+
+    at = _refresh(sid, "2_Preprocess.py")
+    assert at.session_state["sc_data"]["path"] == str(first)
+    assert at.session_state["sc_data"]["spec"]["batch_col"] is None
+    at.number_input(key="prep_min_genes").set_value(0)
+    at.number_input(key="prep_min_cells").set_value(0)
+    at.checkbox(key="prep_umap").uncheck()
+    at.run()
+    at.button(key="prep_apply").click().run()
+    from statecore.ui.state import plain
+
+    prepared_name = plain(Path(at.session_state["sc_prepared"]["path"]).name)
+    assert "Prepared: " + prepared_name in _texts(at.sidebar.caption)  # the sidebar follows Apply at once
+    assert "Highly variable genes: **" in _texts(at.markdown)
+    at.session_state["sc_run"] = str(run_dir)
+    at.run()
+    new_sid = at.query_params["session"]
+    assert new_sid != sid  # a restored session continues under a new id: an old link is a snapshot
+
+    at = _refresh(new_sid)
+    assert at.session_state["sc_prepared"]["path"].endswith(".h5ad")
+    assert at.session_state["sc_run"] == str(run_dir)
+    captions = _texts(at.sidebar.caption)
+    assert "first" in captions and "my\\-run" in captions and "not yet" not in captions, captions
+    assert not at.info or "session" not in _texts(at.info)  # nothing was dropped: no notice
+
+
+def test_two_browsers_never_share_a_session(env, two_files):
+    first, second = two_files
+    a, b = _page("1_Data.py"), _page("1_Data.py")
+    _load_path(a, first)
+    _load_path(b, second)
+    sid_a, sid_b = a.query_params["session"], b.query_params["session"]
+    assert sid_a != sid_b
+    assert _refresh(sid_a).session_state["sc_data"]["path"] == str(first)
+    assert _refresh(sid_b).session_state["sc_data"]["path"] == str(second)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["outside the roots", "deleted file", "not json", "bad spec", "run elsewhere", "unknown id", "bad id"],
+)
+def test_a_stale_or_tampered_record_is_ignored_with_a_message(env, two_files, tmp_path, case):
+
+    from statecore.ui import session
+
+    first, _ = two_files
+    data = _data_info(first)
+    data["source"] = "server"
+    sid = session.new_id()
+    folder = env["work"] / "sessions"
+    record = session.snapshot(data, None, None)
+    if case == "outside the roots":
+        record["data"]["path"] = str(ROOT / "README.md")  # a real file, but not in STATECORE_DATA_ROOTS
+    elif case == "deleted file":
+        record["data"]["path"] = str(tmp_path / "gone.h5ad")
+    elif case == "bad spec":
+        record["data"]["spec"] = {"pert_col": ["x"], "rm -rf": 1}
+    elif case == "run elsewhere":
+        record["run"] = str(tmp_path)  # a folder, but not inside the runs folder
+    if case == "unknown id":
+        sid = session.new_id()  # never written (or cleaned after a week)
+    elif case == "bad id":
+        sid = "../../etc/passwd"
+    else:
+        session.save(folder, sid, record)
+    if case == "not json":
+        (folder / f"{sid}.json").write_text("{not json")
+    at = _refresh(sid, "1_Data.py")
+    notice = _texts(at.info)
+    assert "session" in notice and "Data" in notice, notice
+    if case == "run elsewhere":  # the valid part comes back, the rest is named
+        assert at.session_state["sc_data"]["path"] == str(first) and at.session_state["sc_run"] is None
+        assert "run no longer exists" in notice
+    else:
+        assert at.session_state["sc_data"] is None
+    assert at.query_params.get("session") != sid
+
+
+def test_hvg_count_is_explained():
+    from statecore.ui.analysis import hvg_explanation
+
+    report = {"genes_in": 500, "genes_removed_min_cells": 139, "min_cells_applied": 30, "n_hvg": 361}
+    text = hvg_explanation({**report, "hvg_flavor": "seurat_v3"}, 500)
+    assert "**361**" in text and "500 genes" in text and "139" in text and "fewer than 30 cells" in text
+    assert "so 361 passed QC" in text and "you asked for 500" in text
+    text = hvg_explanation({**report, "genes_in": 6998, "genes_removed_min_cells": 2108, "n_hvg": 2000}, 2000)
+    assert "4,890 passed QC" in text and "the 2,000 whose expression varies most" in text
+
+
+def test_every_control_on_data_preprocess_and_train_has_help(env, two_files, prepared_synthetic, tmp_path):
+    kinds = ("selectbox", "number_input", "text_input", "checkbox", "radio", "multiselect", "slider")
+
+    def without_help(at: AppTest) -> list[str]:
+        assert not at.exception, [e.value for e in at.exception]
+        return [f"{kind}:{w.label}" for kind in kinds for w in at.get(kind) if not (w.help or "").strip()]
+
+    at = _app("1_Data.py", sc_data=_data_info(two_files[0]))
+    missing = without_help(at)
+    for source in ("Upload .h5ad", "Upload MTX bundle + metadata CSV", "Path on the server"):
+        at.radio(key="data_source").set_value(source).run()
+        missing += without_help(at)
+    missing += without_help(_app("2_Preprocess.py", sc_data=_data_info(two_files[0])))
+    prepared = tmp_path / "prepared.h5ad"
+    prepared_synthetic.write_h5ad(prepared)
+    info = {
+        "path": str(prepared),
+        "qc": {},
+        "n_obs": prepared_synthetic.n_obs,
+        "n_vars": prepared_synthetic.n_vars,
+    }
+    at = _app("3_Train.py", sc_prepared=info)
+    assert at.number_input(key="train_steps").value > 0  # the new-run form is on the page
+    missing += without_help(at)
+    for task in ("underrepresented", "explicit"):
+        at.selectbox(key="train_task").set_value(task).run()
+        missing += without_help(at)
+    assert not missing, sorted(set(missing))

@@ -63,6 +63,32 @@ def qc_removal(
     )
 
 
+def hvg_explanation(report: dict, requested: int) -> str:
+    """Where the prepared data's number of highly variable genes comes from, in plain words.
+
+    ``report``: the prepared data's ``qc_report`` (genes_in, genes_removed_min_cells, min_cells_applied,
+    n_hvg, hvg_flavor); ``requested``: the "Highly variable genes" setting."""
+    genes_in, removed = int(report["genes_in"]), int(report.get("genes_removed_min_cells", 0))
+    n_hvg, passed = int(report["n_hvg"]), genes_in - removed
+    min_cells = int(report.get("min_cells_applied", 0))
+    text = f"Highly variable genes: **{n_hvg:,}**. The data has {genes_in:,} genes; " + (
+        f'{removed:,} of them are detected in fewer than {min_cells:,} cells ("Min cells per gene") and '
+        f"were removed, so {passed:,} passed QC. "
+        if removed
+        else f"all {genes_in:,} passed QC. "
+    )
+    if n_hvg < requested:
+        return text + (
+            f"The highly variable genes are chosen among the genes that passed QC, so {n_hvg:,} is the most "
+            f'there can be (you asked for {requested:,}): every gene left is used. Lower "Min cells per gene" '
+            "to keep more."
+        )
+    return text + (
+        f"Among those, the {n_hvg:,} whose expression varies most between cells (flavor "
+        f"{report.get('hvg_flavor', '?')}) are the genes the model reads and predicts."
+    )
+
+
 def unmeasured_combos(measured: list[str], control: str, sep: str = "+", limit: int = 500) -> list[str]:
     """Pairs "A+B" of measured single perturbations that the data never measured (both orders)."""
     singles = sorted({p for p in measured if p != control and sep not in p})

@@ -23,16 +23,18 @@ def histogram(values: np.ndarray, *, title: str, x_label: str, threshold: float 
 
 
 def removal_bars(table: pd.DataFrame) -> go.Figure:
-    """Kept vs removed per filter, each bar labelled with its count and share (a filter removing 4
-    cells must not look like one removing 6,000)."""
+    """Kept vs removed per filter as shares of what the filter looked at (cells or genes), each part
+    labelled with its count and share: a filter removing 4 cells must not look like one removing 6,000,
+    and a 2,000-cell bar must not be dwarfed by a 7,000-gene one."""
     long = table.melt(
         id_vars="filter", value_vars=["kept", "removed"], var_name="outcome", value_name="count"
     )
     totals = long.groupby("filter")["count"].transform("sum").clip(lower=1)
+    long["share"] = 100 * long["count"] / totals
     long["label"] = [f"{c:,} ({c / t:.1%})" for c, t in zip(long["count"], totals)]
     fig = px.bar(
         long,
-        x="count",
+        x="share",
         y="filter",
         color="outcome",
         orientation="h",
@@ -40,10 +42,15 @@ def removal_bars(table: pd.DataFrame) -> go.Figure:
         text="label",
         color_discrete_map={"kept": "#4c78a8", "removed": "#e45756"},
         category_orders={"outcome": ["kept", "removed"]},
+        labels={"share": "% of cells or genes", "filter": ""},
+        hover_data={"count": ":,", "share": ":.1f"},
     )
-    fig.update_traces(textposition="inside", insidetextanchor="middle")
-    fig.update_layout(legend_title_text="")
-    return _finish(fig, "What each filter removes (kept vs removed)", 260)
+    fig.update_traces(textposition="auto", insidetextanchor="middle")
+    fig.update_layout(
+        legend=dict(title_text="", orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+        xaxis_range=[0, 100],
+    )
+    return _finish(fig, "What each filter removes (kept vs removed)", 230)
 
 
 def hvg_scatter(mean: np.ndarray, dispersion: np.ndarray, is_hvg: np.ndarray, *, y_label: str) -> go.Figure:

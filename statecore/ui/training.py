@@ -8,6 +8,7 @@ RunConfigs (``track``), so they are started, watched, cancelled and resumed the 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from statecore.config import APP_TRAIN, SE_PRESETS, SE_TRAIN, ST_PRESETS, RunConfig, SplitConfig
@@ -96,3 +97,16 @@ def gpu_summary() -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "GPU: Apple MPS"
     return "No GPU found: training runs on the CPU"
+
+
+_FINISHED = re.compile(r"^done: step (\d+), .* \((.+)\) -> ")
+
+
+def stop_reason(run_dir: str | Path) -> str | None:
+    """Why a finished run stopped before its last step ("time budget of 3.0 min reached", "early stop:
+    ..."), read from the worker's last summary line in ``log.txt``; None when it ran every step."""
+    for line in reversed(jobs.log_tail(run_dir, 5).splitlines()):
+        match = _FINISHED.match(line.strip())
+        if match:
+            return match[2]
+    return None

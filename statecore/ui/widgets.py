@@ -102,10 +102,10 @@ def need_data(kind: str = "prepared") -> dict | None:
         return value
     if kind == "data":
         st.info("No data loaded yet. Open **Data** and load the sample dataset (one click) or your own file.")
-        st.page_link(state.PAGES["data"], label="Go to Data", icon="📂")
+        state.page_link("data", "Go to Data")
     else:
         st.info("No prepared data yet. Load data on **Data**, then press **Apply** on **Preprocess**.")
-        st.page_link(state.PAGES["preprocess"], label="Go to Preprocess", icon="🧪")
+        state.page_link("preprocess", "Go to Preprocess")
     return None
 
 
@@ -139,13 +139,19 @@ def pick_run(key: str, empty_message: str) -> Path:
     runs = training.model_runs(state.runs_dir())
     if not runs:
         st.info(empty_message)
-        st.page_link(state.PAGES["train"], label="Go to Train", icon="🏋️")
+        state.page_link("train", "Go to Train")
         st.stop()
     names = [r.name for r in runs]
     chosen = state.current_run()
     if st.session_state.get(key) not in names:
         st.session_state[key] = chosen.name if chosen and chosen.name in names else names[0]
-    name = st.selectbox("Run", names, key=key)
+    name = st.selectbox(
+        "Run",
+        names,
+        key=key,
+        help="A trained run from the Train page (newest first); its model is used here.",
+    )
     run_dir = runs[names.index(name)].run_dir
     st.session_state[state.RUN] = str(run_dir)
+    state.remember()  # a refresh keeps the chosen run
     return run_dir
