@@ -34,7 +34,7 @@ test: setup-dev browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 test-all: setup-dev browser
 	$(BIN)/python -m pytest -q -m "slow or not slow"
