@@ -159,7 +159,7 @@ def predict(
             if model.cfg.noise_dim > 0:
                 noise = torch.randn(*chunk.shape, model.cfg.noise_dim, generator=gen).to(device)
             ctx_t = None
-            if getattr(model, "pair_shift", None) is not None:  # the shift prior's per-context table
+            if getattr(model, "needs_context", False):  # the shift prior's per-context table
                 ctx_t = torch.full((len(chunk),), ctx_pos, dtype=torch.long, device=device)
             out = model_forward(
                 model,
@@ -235,7 +235,7 @@ def predict_shared(
         k = len(part)
         z = torch.from_numpy(vocab.encode(part)).to(device).repeat_interleave(n_sets, dim=0)  # [k*n_sets, P]
         ctx_t = None
-        if getattr(model, "pair_shift", None) is not None:
+        if getattr(model, "needs_context", False):
             ctx_t = torch.full((k * n_sets,), ctx_pos, dtype=torch.long, device=device)
         out = model_forward(
             model,
