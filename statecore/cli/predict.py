@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     if args.counts:
         pred = _counts(pred, adata, run_, args)
     write_h5ad(pred, args.output)
+    unseen = pred.uns.get("statecore", {}).get("unseen")
+    if unseen and unseen["perturbations"]:
+        print(f"note: {unseen['note']} (obs['unseen_gene'] marks their cells)")
     n_pert = int(pred.obs["predicted"].sum())
     print(
         f"predicted {n_pert} cells for {pred.obs.loc[pred.obs['predicted'], 'perturbation'].nunique()} "

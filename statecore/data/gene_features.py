@@ -239,7 +239,8 @@ def missing_features_message(genes: Sequence[str], table: GeneFeatureTable) -> s
     )
     return (
         f"no gene features for {shown}: {len(genes)} gene(s) missing from {where} ({len(table.genes)} genes, "
-        f"e.g. {list(table.genes[:5])}); use a gene feature table that has a row for them (--gene-features PATH)"
+        f"e.g. {list(table.genes[:5])}); to predict them, train with a gene feature table that has a row for them "
+        "(train --gene-features PATH)"
     )
 
 

@@ -100,6 +100,14 @@ class PerturbationVocab:
             mat[i] = table[name]
         return cls(control=control, names=names, combo_sep=combo_sep, features=mat)
 
+    def feature_table(self):
+        """The gene feature table behind a :meth:`from_feature_table` vocabulary (None for one-hot)."""
+        if self.features is None or not self.source:
+            return None
+        from statecore.data.gene_features import GeneFeatureTable
+
+        return GeneFeatureTable(tuple(self.names[1:]), self.features[1:, :-1], self.source)
+
     @property
     def dim(self) -> int:
         return len(self.names) if self.features is None else int(self.features.shape[1]) + self.n_panel

@@ -28,7 +28,7 @@ from statecore.evaluation.verdict import (
     model_stamp,
     overall_sentence,
 )
-from statecore.inference.baselines import BASELINE_KINDS, predict_baseline
+from statecore.inference.baselines import BASELINE_KINDS, UNSEEN_BASELINES, predict_baseline
 from statecore.inference.predict import predict_split
 from statecore.runs.files import atomic_write_json
 
@@ -137,15 +137,26 @@ def split_halves(real, seed: int = 0):
     return real[take].copy(), real[~take].copy()
 
 
+def default_baselines(split) -> tuple[str, ...]:
+    """The baselines run beside the model: an unseen-genes run meets the generic response and the linear
+    model on gene features (the others need measured perturbations); other tasks the classic ones."""
+    if split is not None and split.task == "unseen":
+        return ("control", "context_mean", *UNSEEN_BASELINES)
+    return tuple(k for k in BASELINE_KINDS if k not in UNSEEN_BASELINES)
+
+
 def _predictions(run, adata, seed: int, baselines: Sequence[str]):
     """The model's prediction, the real cells and each baseline's prediction (failures named)."""
     pred, real = predict_split(run, adata, seed=seed)
     outputs, errors = {MODEL: pred}, {}
+    vocab = getattr(run, "vocab", None)
+    table = vocab.feature_table() if vocab is not None else None
     for kind in baselines:
         try:
             outputs[baseline_name(kind)] = predict_baseline(
-                adata, run.split, kind, genes=list(run.genes), seed=seed
-            )
+                adata, run.split, kind, genes=list(run.genes), seed=seed, features=table,
+                combo_sep=vocab.combo_sep if vocab is not None else "+",
+            )  # fmt: skip
         except StatecoreError as exc:  # e.g. additive without measured parts: the others still count
             errors[baseline_name(kind)] = str(exc)
     return pred, real, outputs, errors
@@ -240,7 +251,7 @@ def evaluate_run(
     adata,
     *,
     seed: int = 0,
-    baselines: Sequence[str] = BASELINE_KINDS,
+    baselines: Sequence[str] | None = None,
     ceiling: bool = True,
 ) -> RunEvaluation:
     """Score a loaded run's test split: model, every baseline in ``baselines`` and the ceiling.
@@ -249,6 +260,8 @@ def evaluate_run(
     split (e.g. additive on a zero-shot task whose parts were never measured) or a method whose
     scoring fails is left out and named in ``errors``; the rest is still scored."""
     control = control_label(adata)
+    if baselines is None:
+        baselines = default_baselines(run.split)
     pred, real, outputs, errors = _predictions(run, adata, seed, baselines)
     results, score_errors, messages, outputs = _score_all(outputs, real, control, seed, ceiling)
     errors.update(score_errors)

@@ -173,7 +173,7 @@ def predict(
             )
             preds.append(out.float().cpu().numpy().reshape(-1, len(run.genes)))
         blocks.append(np.concatenate(preds)[:n])
-    return make_prediction_adata(
+    out = make_prediction_adata(
         blocks,
         list(perturbations),
         gather(rows),
@@ -182,6 +182,66 @@ def predict(
         genes=run.genes,
         ctrl_names=adata.obs_names[rows].astype(str),
         paired=paired,
+    )
+    return mark_unseen(out, run)
+
+
+def trained_genes(run) -> set[str]:
+    """Single perturbations the run trained on (any context): what is not among them is an unseen gene."""
+    split, vocab = getattr(run, "split", None), run.vocab
+    if split is None:
+        return set(vocab.names) - {vocab.control}
+    return {q for _, p in split.pairs("train") for q in vocab.parts(p)} - {vocab.control}
+
+
+def unseen_labels(run, labels: Sequence[str]) -> list[str]:
+    """Labels with a gene no training context perturbed (only a gene-feature run can predict those)."""
+    seen, vocab = trained_genes(run), run.vocab
+    return [lab for lab in labels if lab != vocab.control and not set(vocab.parts(lab)) <= seen]
+
+
+def validation_score(run_dir) -> float | None:
+    """The run's validation pearson_delta at its best checkpoint (lowest validation loss). On an unseen-genes
+    run the validation genes were held out of training in every context, so this is its score on unseen
+    genes; None when the run logged no validation."""
+    from statecore.runs.files import read_metrics
+
+    recs = [r for r in read_metrics(run_dir) if "val_loss" in r and "val_pearson_delta" in r]
+    if not recs:
+        return None
+    best = min(recs, key=lambda r: (float(r["val_loss"]), -int(r.get("step", 0))))
+    return float(best["val_pearson_delta"])
+
+
+def mark_unseen(pred: ad.AnnData, run) -> ad.AnnData:
+    """Gene-feature runs: ``obs["unseen_gene"]`` (predicted cells of a perturbation no training context
+    measured) and ``uns["statecore"]["unseen"]`` with the run's validation score on unseen genes."""
+    if run.vocab is None or run.vocab.features is None:
+        return pred
+    labels = pred.obs["perturbation"].astype(str).to_numpy()
+    unseen = set(unseen_labels(run, sorted(set(labels))))
+    pred.obs["unseen_gene"] = np.isin(labels, list(unseen)) & pred.obs["predicted"].to_numpy()
+    score = validation_score(run.run_dir)
+    pred.uns["statecore"]["unseen"] = {
+        "perturbations": sorted(unseen),
+        "validation_pearson_delta": float("nan") if score is None else score,
+        "note": unseen_note(len(unseen), score),
+    }
+    return pred
+
+
+def unseen_note(n_unseen: int, score: float | None) -> str:
+    """One sentence shown beside predictions of unseen genes (CLI, Predict and Screen pages)."""
+    if not n_unseen:
+        return "every predicted perturbation was measured in training"
+    how = (
+        f"on validation genes held out the same way, this run's pearson delta was {score:.2f}"
+        if score is not None
+        else "this run logged no validation score"
+    )
+    return (
+        f"{n_unseen} perturbation(s) target genes no training context perturbed: predicted from gene features "
+        f"only; {how} (compare the generic response and linear baselines on Evaluate before trusting them)"
     )
 
 

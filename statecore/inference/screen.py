@@ -29,7 +29,13 @@ from scipy.stats import spearmanr
 from statecore.data.io import split_combo
 from statecore.data.sets import RowGatherer, gene_indices, obs_labels
 from statecore.errors import DataError
-from statecore.inference.predict import control_rows, predict_shared
+from statecore.inference.predict import (
+    control_rows,
+    predict_shared,
+    unseen_labels,
+    unseen_note,
+    validation_score,
+)
 
 ROW_BLOCK = 4096  # real cells gathered at a time when reducing a large group to its statistics
 
@@ -123,6 +129,16 @@ def _choose(what: str, asked: Sequence[str], valid: Sequence[str], ok: Callable[
     return list(dict.fromkeys(asked))
 
 
+def _split_singles(run) -> list[str]:
+    """A gene-feature run's "all": the genes of its split (trained, validation, held out), not the whole
+    feature table (any other gene of the table can still be asked for by name)."""
+    split, vocab = run.split, run.vocab
+    if split is None:
+        return [n for n in vocab.names if n != vocab.control]
+    pairs = split.pairs("train") | split.pairs("val") | split.pairs("test")
+    return sorted({p for _, p in pairs if vocab.can_encode(p) and len(vocab.parts(p)) == 1})
+
+
 def screen_labels(run, perturbations, pairs_of) -> tuple[list[str], list[str]]:
     """(singles and asked labels, pair labels) to screen; DataError naming any the run cannot encode."""
     vocab = run.vocab
@@ -130,7 +146,7 @@ def screen_labels(run, perturbations, pairs_of) -> tuple[list[str], list[str]]:
     if isinstance(perturbations, str):
         if perturbations != "all":
             raise DataError(f"perturbations must be 'all' or a list of labels; got {perturbations!r}")
-        labels = list(known)
+        labels = list(known) if vocab.features is None else _split_singles(run)
     else:
         labels = _choose("perturbation", list(perturbations or []), known, vocab.can_encode)
     singles = _choose("perturbation", list(pairs_of or []), known, lambda p: p in set(known))
@@ -200,12 +216,20 @@ def screen(
             "non_additivity": _non_additivity(labels, delta[:-1], run.vocab.combo_sep),
         }
     )
+    if (
+        run.vocab.features is not None
+    ):  # gene-feature runs: which rows are genes no training context perturbed
+        table["unseen_gene"] = np.isin(labels, unseen_labels(run, labels))
     table = _add_measured(table, adata, gather, context=context, sep=run.vocab.combo_sep, ctrl=ctrl)
     table = _add_genes(table, delta[:-1], genes, run.genes)
     order = np.argsort(-table["edist"].to_numpy(), kind="stable")
     table = table.iloc[order].reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     options = dict(n_cells=n_cells, seed=seed, threshold=threshold, run_dir=str(run.run_dir))
+    if "unseen_gene" in table.columns:
+        score = validation_score(run.run_dir)
+        options["unseen_note"] = unseen_note(int(table["unseen_gene"].sum()), score)
+        options["validation_pearson_delta"] = float("nan") if score is None else score
     return ScreenResult(
         table=table,
         delta=delta[:-1][order],
