@@ -246,6 +246,22 @@ def pds_view(pred, real, control: str, metric: str = "l1") -> PDSView | None:
     return PDSView(distances=frame, ranks=ranks, prediction_spread=spread)
 
 
+def linear_sentence(verdicts: Sequence[Verdict]) -> str:
+    """Unseen genes: say plainly where the linear model on gene features beats the model (as it often does:
+    Ahlmann-Eltze, Huber & Anders, Nat Methods 2025)."""
+    lost = [
+        v.label
+        for v in verdicts
+        if v.beats is False and "linear_features" in (v.best_baseline or "") and "does not beat" in v.sentence
+    ]
+    if not lost:
+        return ""
+    return (
+        f"On these unseen genes the linear model on gene features beats it on {', '.join(lost)}: "
+        "prefer the linear_features baseline there."
+    )
+
+
 def evaluate_run(
     run,
     adata,
@@ -273,6 +289,9 @@ def evaluate_run(
     n_perts = len(set(real.obs["perturbation"].astype(str)) - {control})
     verdicts = verdicts_from_summary(summary, errors, n_perts)
     pds = pds_view(pred, real, control) if MODEL in results else None
+    overall = overall_sentence(verdicts)
+    if run.split is not None and run.split.task == "unseen":
+        overall = f"{overall} {linear_sentence(verdicts)}".strip()
     return RunEvaluation(
         run_dir=str(run.run_dir),
         context=str(run.split.context),
@@ -284,7 +303,7 @@ def evaluate_run(
         errors=errors,
         summary=summary,
         verdicts=verdicts,
-        overall=overall_sentence(verdicts),
+        overall=overall,
         pds=pds,
         messages=tuple(messages),
         predictions={k: (v[0] if k == CEILING else v) for k, v in outputs.items()},
