@@ -199,6 +199,30 @@ def test_cli_train_unseen_and_predict_an_unmeasured_gene(tmp_path, structured, c
     test_pred = ad.read_h5ad(out_test)
     split_test = set(test_pred.obs.loc[test_pred.obs["unseen_gene"], "perturbation"])
     assert split_test == set(test_pred.uns["statecore"]["unseen"]["perturbations"]) and split_test
+    capsys.readouterr()
+    assert main(["evaluate", "--run-dir", str(run), "-o", str(tmp_path / "eval")]) == 0  # baselines beside ST
+    summary = pd.read_csv(tmp_path / "eval" / "summary.csv")
+    assert {"baseline: generic_response", "baseline: linear_features"} <= set(summary["method"])
     bad = ["predict", "--run-dir", str(run), "--context", "c0", "--perturbation", "NOTAGENE", "-o", str(out)]
     assert main(bad) == 2
     assert "no gene features for 'NOTAGENE'" in capsys.readouterr().err
+
+
+def test_verdict_says_where_the_linear_baseline_wins():
+    from statecore.evaluation.run import CEILING, MODEL, baseline_name, linear_sentence, verdicts_from_summary
+
+    rows = [
+        {"method": MODEL, "pearson_delta": 0.40, "discrimination_score_l1": 0.90, "overlap_at_N": 0.5},
+        {"method": baseline_name("generic_response"), "pearson_delta": 0.30, "discrimination_score_l1": 0.5,
+         "overlap_at_N": 0.1},
+        {"method": baseline_name("linear_features"), "pearson_delta": 0.60, "discrimination_score_l1": 0.6,
+         "overlap_at_N": 0.2},
+        {"method": CEILING, "pearson_delta": 0.8, "discrimination_score_l1": 1.0, "overlap_at_N": 0.7},
+    ]  # fmt: skip
+    verdicts = verdicts_from_summary(pd.DataFrame(rows), n_perts=10)
+    text = linear_sentence(verdicts)
+    assert (
+        "linear model on gene features beats it on Pearson" in text and "discrimination" not in text.lower()
+    )
+    rows[2]["pearson_delta"] = 0.35
+    assert linear_sentence(verdicts_from_summary(pd.DataFrame(rows), n_perts=10)) == ""
