@@ -72,15 +72,23 @@ def _make_run_and_data(genes: int, n_ctrl: int):
     return run, a, names
 
 
-def _child(n_cells: int, genes: int, threads: int, q) -> None:
-    from statecore.inference.predict import predict
+def _child(n_cells: int, genes: int, threads: int, mode: str, q) -> None:
+    import tempfile
+
+    from statecore.inference.predict import predict, write_prediction
 
     torch.set_num_threads(threads)
     run, adata, names = _make_run_and_data(genes, 5000)
     rss0 = _rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     t, c = time.perf_counter(), time.process_time()
-    out = predict(run, adata, context="c0", perturbations=names[:1], n_cells=n_cells)
+    kw = dict(context="c0", perturbations=names[:1], n_cells=n_cells)
+    if mode == "file":  # streamed to an .h5ad (the CLI's path): memory bounded by a forward chunk
+        with tempfile.TemporaryDirectory() as tmp:
+            write_prediction(Path(tmp) / "pred.h5ad", run, adata, **kw)
+            out_mb = (Path(tmp) / "pred.h5ad").stat().st_size / 2**20
+    else:  # an AnnData in memory (the app's path)
+        out_mb = predict(run, adata, **kw).X.nbytes / 2**20
     dt, cpu = time.perf_counter() - t, time.process_time() - c
     peak = _rss_mb("VmHWM")
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
@@ -93,6 +101,7 @@ def _child(n_cells: int, genes: int, threads: int, q) -> None:
     q.put(
         {
             "cells": n_cells,
+            "mode": mode,
             "genes": genes,
             "threads": threads,
             "seconds": dt,
@@ -102,7 +111,7 @@ def _child(n_cells: int, genes: int, threads: int, q) -> None:
             "rss_before_mb": rss0,
             "peak_rss_mb": peak,
             "peak_over_start_mb": peak - rss0,
-            "output_mb": out.X.nbytes / 2**20,
+            "output_mb": out_mb,
             "gflop_per_cell": counter.get_total_flops() / (16 * 64) / 1e9,
             "matmul_gflops_per_cpu_s": 2 * 2048**3 / best / 1e9,
         }
@@ -121,17 +130,19 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", nargs="+", type=int, default=[10_000, 100_000])
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--modes", nargs="+", default=["memory", "file"], choices=["memory", "file"])
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     ctx = mp.get_context("spawn")
     rows = []
     load = os.getloadavg()
     for n in args.cells:
-        q = ctx.Queue()
-        p = ctx.Process(target=_child, args=(n, args.genes, args.threads, q))
-        p.start()
-        rows.append(q.get())
-        p.join()
+        for mode in args.modes:
+            q = ctx.Queue()
+            p = ctx.Process(target=_child, args=(n, args.genes, args.threads, mode, q))
+            p.start()
+            rows.append(q.get())
+            p.join()
     for r in rows:
         # the physical limit: every thread's core running the forward pass at the matmul rate
         r["limit_cells_per_s"] = r["matmul_gflops_per_cpu_s"] * r["threads"] / r["gflop_per_cell"]
@@ -149,11 +160,11 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"load average {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(
-        f"{'cells':>8} {'genes':>5} {'thr':>3} {'s':>7} {'cells/s':>8} {'peak MB':>8} {'+MB':>7} {'out MB':>7} {'c/CPU s':>8} {'limit':>7}"
+        f"{'cells':>8} {'mode':>6} {'genes':>5} {'thr':>3} {'s':>7} {'cells/s':>8} {'peak MB':>8} {'+MB':>7} {'out MB':>7} {'c/CPU s':>8} {'limit':>7}"
     )
     for r in rows:
         print(
-            f"{r['cells']:8d} {r['genes']:5d} {r['threads']:3d} {r['seconds']:7.1f} {r['cells_per_s']:8.0f} "
+            f"{r['cells']:8d} {r['mode']:>6} {r['genes']:5d} {r['threads']:3d} {r['seconds']:7.1f} {r['cells_per_s']:8.0f} "
             f"{r['peak_rss_mb']:8.0f} {r['peak_over_start_mb']:7.0f} {r['output_mb']:7.0f} {r['cells_per_cpu_s']:8.0f} {r['limit_cells_per_s']:7.0f}"
         )
     print(f"wrote {args.out}")

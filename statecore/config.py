@@ -61,6 +61,9 @@ class QCConfig(_Serializable):
     n_hvg: int = 2000
     hvg_flavor: str = "auto"  # auto | seurat_v3 | seurat | cell_ranger
     umap: bool = True  # store X_umap in the prepared data (pages never recompute it)
+    # above this many cells the UMAP is fitted on a seeded random subsample of this size (memory and
+    # time stay bounded at millions of cells); the other cells get NaN coordinates (uns["statecore"]["umap"])
+    umap_max_cells: int = 100_000
     # min_genes is meant for whole transcriptomes: on a gene panel (n_genes < 20,000) it is scaled by
     # n_genes / 20,000 so that e.g. a 500-gene file keeps its cells (see preprocess.effective_min_genes)
     scale_min_genes: bool = True

@@ -3,6 +3,7 @@ from the last complete checkpoint (docs/RELIABILITY.md). ``STATECORE_KILL_TRIALS
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -19,14 +20,41 @@ from statecore.training import checkpoint as ckpt
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train(data: Path, run: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "statecore", "train", "--data", str(data), "--run-dir", str(run)]
-    cmd += ["--context", "c0", "--task", "underrepresented", "--steps", "60", "--set-size", "8"]
-    cmd += ["--batch-size", "2", "--threads", "1", "--quiet"]
-    # checkpoints often, so kills land between and inside checkpoint writes
+STEPS = 1500  # far more than 20 short lives can reach: every life after the first is a real resume
+
+
+def _config(data: Path, adata, tmp: Path) -> Path:
+    """A RunConfig that checkpoints every 10 steps, so kills land between and inside checkpoint writes."""
+    from statecore.cli.main import build_parser
+    from statecore.cli.train import config_from_args
+
+    args = build_parser().parse_args(
+        ["train", "--data", str(data), "--run-dir", str(tmp / "unused"), "--context", "c0",
+         "--task", "underrepresented", "--set-size", "8", "--batch-size", "2"]
+    )  # fmt: skip
+    cfg = config_from_args(args, adata)
+    train = cfg.train.replace(
+        steps=STEPS, batch_size=2, ckpt_every_steps=10, log_every=10, val_every=50, num_threads=1
+    )
+    path = tmp / "cfg.json"
+    path.write_text(json.dumps(cfg.replace(train=train).to_dict()))
+    return path
+
+
+def _train(cfg: Path, run: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "statecore", "train", "--config", str(cfg), "--run-dir", str(run), "--quiet"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _step(run: Path, since: float) -> int:
+    """The step this life reported (status.json written after ``since``), 0 before it reports."""
+    path = run / "status.json"
+    if not path.exists() or path.stat().st_mtime < since:
+        return 0
+    status = read_json(path)
+    return int(status.get("step", 0)) if isinstance(status, dict) else 0
 
 
 def _check_consistent(run: Path) -> int | None:
@@ -41,28 +69,47 @@ def _check_consistent(run: Path) -> int | None:
     return ckpt.resume_point(run)
 
 
+def _kill_sometime(proc: subprocess.Popen, run: Path, rng: random.Random, floor: int) -> None:
+    """One life in five dies during start-up; the others once this life has written the checkpoint after
+    ``floor`` (status.json is rewritten right after each save), at a random moment up to 1.5 s later
+    (mid-step, mid-log or mid-checkpoint)."""
+    since = time.time()
+    if rng.random() < 0.2:
+        time.sleep(rng.uniform(0.3, 3.0))
+    else:
+        deadline = time.monotonic() + 300
+        while _step(run, since) < floor + 10 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(prepared_synthetic, tmp_path):
     data = tmp_path / "p.h5ad"
     prepared_synthetic.write_h5ad(data)
+    cfg = _config(data, prepared_synthetic, tmp_path)
     run = tmp_path / "run"
     rng = random.Random(0)
     trials = int(os.environ.get("STATECORE_KILL_TRIALS", "20"))
-    resumed_from = []
+    points = []
     for _ in range(trials):
         point = _check_consistent(run) if run.exists() else None
-        proc = _train(data, run)
-        time.sleep(rng.uniform(2.0, 9.0))  # imports take ~2-4 s: kills land in start-up, training and writes
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc = _train(cfg, run)
+        _kill_sometime(proc, run, rng, floor=point or 0)
+        after = _check_consistent(run)
+        steps = [r["step"] for r in read_metrics(run)] if run.exists() else []
+        # metrics continue from the checkpoint: every 10 steps, each once, no gap
+        assert steps == list(range(10, 10 * len(steps) + 1, 10)), steps
         if point is not None:
-            steps = [r["step"] for r in read_metrics(run)]
-            assert steps == sorted(set(steps)), "duplicated metrics lines after a resume"
-            resumed_from.append(point)
-    _check_consistent(run)
-    done = _train(data, run)
-    assert done.wait(timeout=600) == 0, done.stderr.read().decode()[-2000:]
+            # a resume continues from its last checkpoint: it never goes back
+            assert after is not None and after >= point, (point, after)
+            points.append(point)
+    assert len({p for p in points if 0 < p < STEPS}) >= trials // 2, points  # resumes really happened
+    done = _train(cfg, run)
+    assert done.wait(timeout=900) == 0, done.stderr.read().decode()[-2000:]
     steps = [r["step"] for r in read_metrics(run)]
-    assert steps == [10, 20, 30, 40, 50, 60], steps  # logged every 10 steps, each once
+    assert steps == list(range(10, STEPS + 1, 10)), steps[-5:]
     assert read_json(run / "status.json")["state"] == "done"
-    print(f"{trials} kills; resume points seen: {resumed_from}")
+    print(f"{trials} kills; resume points: {points}")

@@ -49,3 +49,19 @@ def test_predict_n_cells_combo_and_errors(trained, prepared_synthetic):
         predict(run, prepared_synthetic, context="c1", perturbations=["NOPE"])
     with pytest.raises(DataError, match="no control cells"):
         predict(run, prepared_synthetic, context="mars", perturbations=["P000"])
+
+
+def test_streamed_prediction_file_equals_the_in_memory_one(trained, prepared_synthetic, tmp_path):
+    import anndata as ad
+
+    from statecore.inference.predict import write_prediction
+
+    run = load_run(trained)
+    kw = dict(context="c1", perturbations=["P000", "P001+P002"], n_cells=300, seed=3)  # 3 forward chunks each
+    mem = predict(run, prepared_synthetic, **kw)
+    n = write_prediction(tmp_path / "p.h5ad", run, prepared_synthetic, **kw)
+    disk = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert n == 600 and disk.shape == mem.shape and list(disk.var_names) == list(mem.var_names)
+    np.testing.assert_array_equal(disk.X, mem.X)
+    assert disk.obs.astype(str).equals(mem.obs.astype(str)) and disk.uns["statecore"] == mem.uns["statecore"]
+    assert not list(tmp_path.glob(".*.tmp"))

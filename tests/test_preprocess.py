@@ -102,6 +102,16 @@ def test_umap_stored(synthetic_counts):
     assert p.obsm["X_umap"].shape == (120, 2) and np.isfinite(p.obsm["X_umap"]).all()
 
 
+def test_umap_on_a_subsample_above_the_cap(synthetic_counts):
+    # a million cells are embedded through a seeded subsample; the rest carry no coordinates
+    sub = synthetic_counts[:120].copy()
+    p = prepare(sub, spec=SPEC, qc=QC.replace(umap=True, umap_max_cells=50))
+    finite = np.isfinite(p.obsm["X_umap"]).all(axis=1)
+    assert finite.sum() == 50 and p.uns["statecore"]["qc_report"]["umap_cells"] == 50
+    again = prepare(sub, spec=SPEC, qc=QC.replace(umap=True, umap_max_cells=50))
+    np.testing.assert_array_equal(np.isfinite(again.obsm["X_umap"]).all(axis=1), finite)
+
+
 def _scanpy_seurat_v3(counts, n_top):
     import anndata as ad
     import scanpy as sc

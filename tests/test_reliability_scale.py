@@ -43,9 +43,10 @@ def test_knn_transformer_is_scanpys_default_below_8192_cells():
     from statecore.data.preprocess import _knn_transformer
 
     assert _knn_transformer(8191, 15) is None  # small data: scanpy's exact kNN, results unchanged
-    big = _knn_transformer(10_000, 15)
+    assert _knn_transformer(10_000, 15) == "sklearn"  # the same exact kNN, asked for explicitly
+    big = _knn_transformer(300_000, 15)
     assert big.get_params()["n_neighbors"] == 15
-    assert big.get_params()["n_trees"] == min(64, 5 + round(10_000**0.5 / 20.0))
+    assert big.get_params()["n_trees"] == min(64, 5 + round(300_000**0.5 / 20.0))
 
 
 def test_prepare_defaults_with_umap_at_10k_cells(tmp_path):

@@ -35,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-hvg", type=int, default=None, help="highly variable genes (default 2000)")
     p.add_argument("--hvg-flavor", default=None, choices=["auto", "seurat_v3", "seurat", "cell_ranger"])
     p.add_argument("--no-umap", action="store_true", help="skip the stored UMAP (faster)")
+    p.add_argument(
+        "--umap-max-cells",
+        type=int,
+        default=None,
+        help="above this many cells the UMAP is fitted on a random subsample of this size; the other "
+        "cells get no coordinates (default 100000)",
+    )
     p.set_defaults(func=run)
 
 
@@ -87,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         changes["min_cells"] = args.min_cells
     if args.n_hvg is not None:
         changes["n_hvg"] = args.n_hvg
+    if args.umap_max_cells is not None:
+        if args.umap_max_cells < 4:
+            raise DataError(f"--umap-max-cells {args.umap_max_cells}: give at least 4 (or --no-umap)")
+        changes["umap_max_cells"] = args.umap_max_cells
     if args.hvg_flavor is not None:
         changes["hvg_flavor"] = args.hvg_flavor
     qc = qc.replace(**changes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from copy import deepcopy
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -100,7 +101,7 @@ def prepare(adata, *, spec: DataSpec, qc: QCConfig = QCConfig(), source: str = "
         genes_out=int(out.n_vars),
     )
     if qc.umap:
-        _umap(out)
+        report["umap_cells"] = _umap(out, qc.umap_max_cells)
     out.uns.pop("hvg", None)
     out.uns["statecore"] = {
         "control": spec.control,
@@ -419,13 +420,26 @@ def _column_sums(X, clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndar
     return s1, s2
 
 
-def _umap(out) -> None:
-    """2-D embedding on the HVGs, stored so pages never recompute it; fixed seeds for reproducibility."""
+def _umap(out, max_cells: int = 100_000) -> int:
+    """2-D embedding on the HVGs, stored so pages never recompute it; fixed seeds for reproducibility.
+
+    Above ``max_cells`` cells the embedding is fitted on a seeded random subsample of ``max_cells``
+    cells and the others get NaN coordinates: a 2-D picture of a million cells is no clearer than
+    one of 100,000, and the kNN graph and layout would cost tens of GB and hours on a laptop.
+    Returns the number of cells embedded.
+    """
     import scanpy as sc
 
     if out.n_obs < 4:
-        return
-    hv = out[:, out.var["highly_variable"].to_numpy()].copy()
+        return 0
+    hvg = out.var["highly_variable"].to_numpy()
+    if out.n_obs > max_cells > 3:
+        rows = np.sort(np.random.default_rng(0).choice(out.n_obs, size=max_cells, replace=False))
+        X = out.X[rows][:, hvg]
+    else:
+        rows = np.arange(out.n_obs)
+        X = out.X[:, hvg]
+    hv = ad.AnnData(X=X if sp.issparse(X) else np.asarray(X))
     n_comps = int(max(2, min(50, hv.n_vars - 1, hv.n_obs - 1)))
     sc.pp.pca(hv, n_comps=n_comps, random_state=0)
     n_neighbors = int(min(15, hv.n_obs - 1))
@@ -433,24 +447,35 @@ def _umap(out) -> None:
         hv, n_neighbors=n_neighbors, random_state=0, transformer=_knn_transformer(hv.n_obs, n_neighbors)
     )
     sc.tl.umap(hv, random_state=0)
-    out.obsm["X_umap"] = np.asarray(hv.obsm["X_umap"], dtype=np.float32)
+    coords = np.full((out.n_obs, 2), np.nan, dtype=np.float32)
+    coords[rows] = np.asarray(hv.obsm["X_umap"], dtype=np.float32)
+    out.obsm["X_umap"] = coords
+    return int(len(rows))
 
 
 # scanpy switches from an exact kNN to pynndescent at this many cells (scanpy.neighbors, "legacy logic").
 _SCANPY_EXACT_KNN_BELOW = 8192
+# up to this many cells statecore keeps the exact kNN (scanpy's own brute-force "sklearn" transformer)
+_EXACT_KNN_UP_TO = 200_000
 
 
 def _knn_transformer(n_obs: int, n_neighbors: int):
-    """The kNN transformer scanpy would pick itself, made to return a ``csr_matrix``; None below 8,192 cells.
+    """The kNN transformer for the stored UMAP: None (scanpy's default) below 8,192 cells, scanpy's exact
+    brute-force kNN (``"sklearn"``) up to 200,000 cells, pynndescent made to return a ``csr_matrix`` above.
 
-    pynndescent 0.7 returns a ``csr_array``, and scanpy 1.11 reads its neighbours with ``getnnz``,
-    which scipy's sparse arrays no longer have: ``sc.pp.neighbors`` fails with AttributeError from
-    8,192 cells on (where scanpy leaves the exact kNN for pynndescent). Same parameters as scanpy's
-    own default (those of umap's ``nearest_neighbors``), so the graph is the one scanpy would build.
-    Below the threshold scanpy's exact kNN is left untouched (None = scanpy's default).
+    Why not scanpy's own choice from 8,192 cells on: pynndescent 0.7 returns a ``csr_array``, and scanpy
+    1.11 reads its neighbours with ``getnnz``, which scipy's sparse arrays no longer have, so
+    ``sc.pp.neighbors`` failed with AttributeError there. And on the 50 PCs the UMAP uses, the exact kNN
+    is cheaper than pynndescent up to ~10^5 cells: pynndescent compiles its numba kernels in every new
+    process (about 40 CPU-seconds here), while brute force over 10,000 cells takes about one. With the
+    UMAP fitted on at most ``QCConfig.umap_max_cells`` (100,000) cells, the exact kNN is the default path.
+    Above 200,000 cells (a raised cap) pynndescent gets scanpy's own parameters (those of umap's
+    ``nearest_neighbors``), so the graph is the one scanpy would build.
     """
     if n_obs < _SCANPY_EXACT_KNN_BELOW:
         return None
+    if n_obs <= _EXACT_KNN_UP_TO:
+        return "sklearn"
     import scanpy as sc
     from pynndescent import PyNNDescentTransformer
 

@@ -7,16 +7,24 @@ context's real control cells (obs perturbation = control label), var_names = the
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from anndata.io import write_elem
 
 from statecore.data.sets import RowGatherer, gene_indices, obs_labels
-from statecore.errors import DataError
+from statecore.errors import DataError, StatecoreError
 from statecore.training.tracks import get_track
 
 SETS_PER_FORWARD = 16
@@ -105,7 +113,98 @@ def model_forward(model, x, z, batch, *, noise, context, max_log: float, x_genes
     return out.clamp(0.0, max_log)
 
 
-@torch.no_grad()
+@dataclass
+class _Plan:
+    """What predicting in one context needs, set up once: the model's inputs and each cell's batch."""
+
+    run: Any
+    rows: np.ndarray  # the control rows predictions start from
+    n: int  # predicted cells per perturbation
+    gather: RowGatherer
+    model_in: Any
+    cell_batch: np.ndarray
+    ctx_pos: int
+    max_log: float
+    device: torch.device
+    rng: np.random.Generator
+    gen: torch.Generator
+
+
+def _plan(run, adata, context: str, n_cells, control_cells, seed: int) -> _Plan:
+    gather = RowGatherer(adata.X, gene_indices(adata, run.genes))
+    rows = control_rows(adata, context, run.vocab.control, control_cells)
+    track = getattr(run, "track", None) or get_track(run.config.track)
+    n = int(n_cells) if n_cells is not None else len(rows)
+    if n < 1:
+        raise DataError(f"n_cells must be at least 1; got {n_cells}")
+    _, _, batch_labels = obs_labels(adata)
+    bmap = {b: i for i, b in enumerate(run.batches or [])}
+    cell_batch = np.full(adata.n_obs, -1, dtype=np.int64)  # batch index of each row we may perturb, once
+    cell_batch[rows] = [bmap.get(b, -1) for b in batch_labels[rows]]
+    contexts = [str(c) for c in run.contexts or []]
+    return _Plan(
+        run=run,
+        rows=rows,
+        n=n,
+        gather=gather,
+        model_in=track.input_gatherer(run, adata, rows, gather),  # embedding track: SE embeddings
+        cell_batch=cell_batch,
+        ctx_pos=contexts.index(str(context)) if str(context) in contexts else -1,  # -1: unseen context
+        max_log=max_log1p(adata),
+        device=next(run.model.parameters()).device,
+        rng=np.random.default_rng(seed),
+        gen=torch.Generator().manual_seed(int(seed)),
+    )
+
+
+def _perturbation_chunks(plan: _Plan, z: np.ndarray) -> tuple[np.ndarray, Iterator[np.ndarray]]:
+    """(control rows the ``plan.n`` predicted cells start from, their predictions chunk by chunk).
+
+    The rows are drawn at once (so draws do not depend on how the chunks are consumed); each chunk is
+    ``[<= SETS_PER_FORWARD * S, G]`` float32, and the chunks together are exactly ``plan.n`` cells."""
+    model, rows, n = plan.run.model, plan.rows, plan.n
+    S = int(plan.run.config.model.set_size)
+    picked = sample_rows(rows, n, plan.rng)
+    n_sets = -(-n // S)
+    padded = np.concatenate([picked, rows[plan.rng.integers(0, len(rows), n_sets * S - n)]]).reshape(
+        n_sets, S
+    )
+
+    def chunks() -> Iterator[np.ndarray]:
+        done, dev = 0, plan.device
+        for i in range(0, n_sets, SETS_PER_FORWARD):
+            chunk = padded[i : i + SETS_PER_FORWARD]
+            noise = None
+            if model.cfg.noise_dim > 0:
+                noise = torch.randn(*chunk.shape, model.cfg.noise_dim, generator=plan.gen).to(dev)
+            ctx_t = None
+            if getattr(model, "needs_context", False):  # the shift prior's per-context table
+                ctx_t = torch.full((len(chunk),), plan.ctx_pos, dtype=torch.long, device=dev)
+            with torch.no_grad():
+                out = model_forward(
+                    model,
+                    torch.from_numpy(plan.model_in(chunk)).to(dev),  # [b, S, G] (or [b, S, D] embeddings)
+                    torch.from_numpy(np.broadcast_to(z, (len(chunk), len(z))).copy()).to(dev),  # [b, P]
+                    torch.from_numpy(plan.cell_batch[chunk]).to(dev),  # [b, S]
+                    noise=noise,
+                    context=ctx_t,
+                    max_log=plan.max_log,
+                    x_genes=lambda c=chunk: torch.from_numpy(plan.gather(c)).to(dev),
+                )
+            cells = out.float().cpu().numpy().reshape(-1, len(plan.run.genes))[: n - done]
+            done += len(cells)
+            yield cells
+
+    return picked, chunks()
+
+
+def _labels(perturbations: Sequence[str] | str) -> list[str]:
+    labels = [perturbations] if isinstance(perturbations, str) else list(perturbations)
+    if not labels:
+        raise DataError("give at least one perturbation to predict")
+    return labels
+
+
 def predict(
     run,
     adata,
@@ -117,70 +216,23 @@ def predict(
     seed: int = 0,
 ) -> ad.AnnData:
     """Predicted cells for each perturbation in ``context`` (see module docstring)."""
-    if isinstance(perturbations, str):
-        perturbations = [perturbations]
-    if not perturbations:
-        raise DataError("give at least one perturbation to predict")
-    vocab, model = run.vocab, run.model
-    control = vocab.control
-    z_all = vocab.encode(list(perturbations))  # raises a DataError naming an unknown perturbation
-    gather = RowGatherer(adata.X, gene_indices(adata, run.genes))
-    rows = control_rows(adata, context, control, control_cells)
-    track = getattr(run, "track", None) or get_track(run.config.track)
-    model_in = track.input_gatherer(run, adata, rows, gather)  # embedding track: SE embeddings
-    n = int(n_cells) if n_cells is not None else len(rows)
-    if n < 1:
-        raise DataError(f"n_cells must be at least 1; got {n_cells}")
-    S = int(run.config.model.set_size)
-    device = next(model.parameters()).device
-    _, _, batch_labels = obs_labels(adata)
-    bmap = {b: i for i, b in enumerate(run.batches or [])}
-    cell_batch = np.full(adata.n_obs, -1, dtype=np.int64)  # batch index of each row we may perturb, once
-    cell_batch[rows] = [bmap.get(b, -1) for b in batch_labels[rows]]
-    model.eval()
-    max_log = max_log1p(adata)
-    contexts = [str(c) for c in run.contexts or []]
-    ctx_pos = contexts.index(str(context)) if str(context) in contexts else -1  # -1: unseen in training
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(int(seed))
+    labels = _labels(perturbations)
+    z_all = run.vocab.encode(labels)  # raises a DataError naming an unknown perturbation
+    plan = _plan(run, adata, context, n_cells, control_cells, seed)
+    run.model.eval()
     blocks, paired = [], []
     for z in z_all:
-        picked = sample_rows(rows, n, rng)
+        picked, chunks = _perturbation_chunks(plan, z)
         paired.append(np.asarray(adata.obs_names[picked]).astype(str))  # predicted cell i came from picked[i]
-        n_sets = -(-n // S)
-        padded = np.concatenate([picked, rows[rng.integers(0, len(rows), n_sets * S - n)]]).reshape(n_sets, S)
-        preds = []
-        for i in range(0, n_sets, SETS_PER_FORWARD):
-            chunk = padded[i : i + SETS_PER_FORWARD]
-            x = torch.from_numpy(model_in(chunk)).to(device)  # [b, S, G] (or [b, S, D] embeddings)
-            zt = torch.from_numpy(np.broadcast_to(z, (len(chunk), len(z))).copy()).to(device)  # [b, P]
-            bidx = torch.from_numpy(cell_batch[chunk]).to(device)  # [b, S]
-            noise = None
-            if model.cfg.noise_dim > 0:
-                noise = torch.randn(*chunk.shape, model.cfg.noise_dim, generator=gen).to(device)
-            ctx_t = None
-            if getattr(model, "needs_context", False):  # the shift prior's per-context table
-                ctx_t = torch.full((len(chunk),), ctx_pos, dtype=torch.long, device=device)
-            out = model_forward(
-                model,
-                x,
-                zt,
-                bidx,
-                noise=noise,
-                context=ctx_t,
-                max_log=max_log,
-                x_genes=lambda c=chunk: torch.from_numpy(gather(c)).to(device),
-            )
-            preds.append(out.float().cpu().numpy().reshape(-1, len(run.genes)))
-        blocks.append(np.concatenate(preds)[:n])
+        blocks.append(np.concatenate(list(chunks)))
     out = make_prediction_adata(
         blocks,
-        list(perturbations),
-        gather(rows),
+        labels,
+        plan.gather(plan.rows),
         context=context,
-        control=control,
+        control=run.vocab.control,
         genes=run.genes,
-        ctrl_names=adata.obs_names[rows].astype(str),
+        ctrl_names=adata.obs_names[plan.rows].astype(str),
         paired=paired,
     )
     return mark_unseen(out, run)
@@ -243,6 +295,101 @@ def unseen_note(n_unseen: int, score: float | None) -> str:
         f"{n_unseen} perturbation(s) target genes no training context perturbed: predicted from gene features "
         f"only; {how} (compare the generic response and linear baselines on Evaluate before trusting them)"
     )
+
+
+def write_prediction(
+    path,
+    run,
+    adata,
+    *,
+    context: str,
+    perturbations: Sequence[str] | str,
+    n_cells: int | None = None,
+    control_cells=None,
+    seed: int = 0,
+    ctrl_chunk: int = 4096,
+) -> int:
+    """:func:`predict` written straight to an .h5ad file, chunk by chunk: the same file ``predict`` +
+    ``write_h5ad`` would give (same cells, same values), with memory bounded by one forward chunk, not
+    by the output (100,000 cells x 2,000 genes are 800 MB). Written to a temporary file and renamed, so
+    a reader never sees a half-written file. Returns the number of predicted cells."""
+    labels = _labels(perturbations)
+    z_all = run.vocab.encode(labels)
+    plan = _plan(run, adata, context, n_cells, control_cells, seed)
+    run.model.eval()
+    n_pred, G = plan.n * len(labels), len(run.genes)
+    paired = []
+    with atomic_h5(path, need_bytes=(n_pred + len(plan.rows)) * G * 4) as f:
+        X = f.create_dataset(
+            "X", shape=(n_pred + len(plan.rows), G), dtype="f4", chunks=(min(1024, n_pred), G)
+        )
+        X.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        at = 0
+        for z in z_all:
+            picked, chunks = _perturbation_chunks(plan, z)
+            paired.append(np.asarray(adata.obs_names[picked]).astype(str))
+            for cells in chunks:
+                X[at : at + len(cells)] = cells
+                at += len(cells)
+        for i in range(0, len(plan.rows), ctrl_chunk):
+            part = plan.rows[i : i + ctrl_chunk]
+            X[at : at + len(part)] = plan.gather(part)
+            at += len(part)
+        shell = make_prediction_adata(
+            [np.empty((plan.n, 0), np.float32)] * len(labels),
+            labels,
+            np.empty((len(plan.rows), 0), np.float32),
+            context=context,
+            control=run.vocab.control,
+            genes=[],
+            ctrl_names=adata.obs_names[plan.rows].astype(str),
+            paired=paired,
+        )
+        shell = mark_unseen(shell, run)  # gene-feature runs: obs["unseen_gene"] and the validation score
+        write_elem(f, "obs", shell.obs)
+        write_elem(f, "var", pd.DataFrame(index=pd.Index(list(run.genes), dtype=str)))
+        write_elem(f, "uns", dict(shell.uns))
+        for key in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(f, key, {})
+    return n_pred
+
+
+@contextmanager
+def atomic_h5(path, need_bytes: int = 0) -> Iterator[Any]:
+    """An h5py file, written as an AnnData root, that appears at ``path`` only when complete.
+
+    Refuses up front when the folder cannot hold ``need_bytes`` (HDF5 fails badly on a full disk), and
+    turns a failed write into one line naming the folder; the temporary file never stays behind."""
+    import h5py
+
+    out = Path(path)
+    if out.suffix != ".h5ad":
+        raise DataError(f"output {str(path)!r} must end in .h5ad")
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if need_bytes * 1.05 + 1_000_000 > free:
+            raise StatecoreError(
+                f"not enough disk space in {str(out.parent)!r}: the file needs about {need_bytes / 1e6:,.1f} MB "
+                f"and {free / 1e6:,.1f} MB are free; free disk space or choose another output folder"
+            )
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+            yield f
+        os.chmod(tmp, 0o644)
+        tmp.replace(out)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc) or type(exc).__name__).strip().splitlines()[0]
+        raise StatecoreError(
+            f"cannot write {str(out)!r}: {reason}; free disk space or choose a folder you can write to"
+        ) from exc
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
