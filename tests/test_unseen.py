@@ -209,20 +209,19 @@ def test_cli_train_unseen_and_predict_an_unmeasured_gene(tmp_path, structured, c
 
 
 def test_verdict_says_where_the_linear_baseline_wins():
-    from statecore.evaluation.run import CEILING, MODEL, baseline_name, linear_sentence, verdicts_from_summary
+    from statecore.evaluation.run import CEILING, MODEL, baseline_name, linear_sentence
 
     rows = [
         {"method": MODEL, "pearson_delta": 0.40, "discrimination_score_l1": 0.90, "overlap_at_N": 0.5},
-        {"method": baseline_name("generic_response"), "pearson_delta": 0.30, "discrimination_score_l1": 0.5,
+        {"method": baseline_name("generic_response"), "pearson_delta": 0.70, "discrimination_score_l1": 0.5,
          "overlap_at_N": 0.1},
         {"method": baseline_name("linear_features"), "pearson_delta": 0.60, "discrimination_score_l1": 0.6,
          "overlap_at_N": 0.2},
         {"method": CEILING, "pearson_delta": 0.8, "discrimination_score_l1": 1.0, "overlap_at_N": 0.7},
     ]  # fmt: skip
-    verdicts = verdicts_from_summary(pd.DataFrame(rows), n_perts=10)
-    text = linear_sentence(verdicts)
-    assert (
-        "linear model on gene features beats it on Pearson" in text and "discrimination" not in text.lower()
-    )
+    # linear_features beats the model on pearson delta, though generic_response is the best baseline there
+    text = linear_sentence(pd.DataFrame(rows), n_perts=10)
+    assert "linear model on gene features beats it on Pearson" in text
+    assert "discrimination" not in text.lower()
     rows[2]["pearson_delta"] = 0.35
-    assert linear_sentence(verdicts_from_summary(pd.DataFrame(rows), n_perts=10)) == ""
+    assert linear_sentence(pd.DataFrame(rows), n_perts=10) == ""
