@@ -225,3 +225,27 @@ def test_verdict_says_where_the_linear_baseline_wins():
     assert "discrimination" not in text.lower()
     rows[2]["pearson_delta"] = 0.35
     assert linear_sentence(pd.DataFrame(rows), n_perts=10) == ""
+
+
+def test_cli_flag_errors_name_the_flag(tmp_path, structured, capsys):
+    from statecore.cli import main
+
+    data = tmp_path / "prep.h5ad"
+    structured.write_h5ad(data)
+    base = [
+        "train",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--task",
+        "unseen",
+        "--context",
+        "c1",
+    ]
+    assert main([*base, "--gene-features", "onehot"]) == 2
+    assert "--task unseen needs gene features" in capsys.readouterr().err
+    assert main([*base, "--gene-features", str(tmp_path / "missing.csv")]) == 2
+    assert "--gene-features" in capsys.readouterr().err
+    assert main([*base, "--test-perts", "NOPE"]) == 2
+    assert "test perturbation(s) ['NOPE'] have no cells in context 'c1'" in capsys.readouterr().err
