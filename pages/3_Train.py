@@ -17,6 +17,7 @@ TASK_LABELS = {
     "zeroshot": "zero-shot (new context)",
     "underrepresented": "underrepresented context",
     "explicit": "explicit test perturbations",
+    "unseen": "unseen genes (never perturbed in training)",
 }
 
 
@@ -24,12 +25,14 @@ def _task_widgets(c1, contexts: list[str], default_ctx: str, perts: list[str]):
     """Task, target context and the task's own option: ``(task, context, test_perts, keep)``."""
     task = c1.selectbox(
         "Task",
-        ("zeroshot", "underrepresented", "explicit"),
+        ("zeroshot", "underrepresented", "explicit", "unseen"),
         key="train_task",
         format_func=TASK_LABELS.get,
         help="What the model is tested on. Zero-shot: the target context's perturbed cells are all held "
         "out (predict a new cell type from its controls). Underrepresented: only a share of the target "
-        "context's perturbations is seen in training. Explicit: you choose the test perturbations.",
+        "context's perturbations is seen in training. Explicit: you choose the test perturbations. Unseen "
+        "genes: some perturbed genes are held out of every context, and the model predicts them from gene "
+        "features (validation genes are held out the same way).",
     )
     context = c1.selectbox(
         "Target context",
@@ -64,6 +67,53 @@ def _task_widgets(c1, contexts: list[str], default_ctx: str, perts: list[str]):
             help="The rest of the target context's perturbations are held out for testing.",
         )
     return task, context, test_perts, keep
+
+
+def _unseen_widgets(c1, perts: list[str]) -> dict:
+    """The unseen-genes task's options: held-out genes, gene feature source, perturbation type."""
+    test = c1.multiselect(
+        "Held-out genes (optional)",
+        perts,
+        key="train_unseen_perts",
+        help="Held out of every context and scored on Evaluate; empty: a seeded share of the target's genes.",
+    )
+    fraction = c1.slider(
+        "Share of genes held out",
+        0.05,
+        0.6,
+        0.2,
+        key="train_unseen_fraction",
+        help="Used when no held-out genes are picked: this share of the target's perturbed genes.",
+    )
+    source = c1.radio(
+        "Gene features",
+        ("from the data (control cells)", "a table on the server"),
+        key="train_features",
+        help="From the data: each gene's loadings on the top principal components of control-cell expression "
+        "(a co-expression profile; only measured genes get one). A table: .csv/.tsv/.parquet (gene names "
+        "first or in the index), .npz (genes, features) or .npy with <name>.genes.txt, e.g. ESM-2 embeddings.",
+    )
+    path = ""
+    if source == "a table on the server":
+        path = c1.text_input(
+            "Gene feature table path",
+            key="train_features_path",
+            help="A file on the server running this app; genes are matched by symbol.",
+        )
+    kind = c1.selectbox(
+        "Perturbation type",
+        ("none", "knockdown", "knockout", "activation"),
+        key="train_pert_type",
+        help="How a perturbation moves its own target gene when the gene is in the panel (CRISPRi: knockdown).",
+    )
+    table = source == "a table on the server"
+    return {
+        "test": tuple(test),
+        "fraction": float(fraction),
+        "path": path.strip(),
+        "kind": kind,
+        "table": table,
+    }
 
 
 def _model_widgets(c2):
@@ -206,6 +256,7 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
 
     c1, c2, c3 = st.columns(3)
     task, context, test_perts, keep = _task_widgets(c1, contexts, default_ctx, perts)
+    unseen = _unseen_widgets(c1, perts) if task == "unseen" else None
     kind, emb_run, preset, p, set_size = _model_widgets(c2)
     steps, minutes, lr, batch, device, members = _budget_widgets(c3)
     c3.caption(training.gpu_summary())
@@ -221,6 +272,10 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
         if task == "explicit" and not test_perts:
             st.error("Pick at least one test perturbation for the explicit task.")
             return
+        problem = training.unseen_problem(unseen)
+        if problem:
+            st.error(problem)
+            return
         train = dict(lr=float(lr), batch_size=int(batch), steps=int(steps), device=device)
         train["max_minutes"] = float(minutes) or None
         if kind == "State Embedding model (SE)":
@@ -229,6 +284,8 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
             config = training.se_run_config(data_path=prepared["path"], **length)
         else:
             split = SplitConfig(task=task, context=context, test_perts=tuple(test_perts), keep_fraction=keep)
+            if unseen is not None:
+                split = split.replace(test_perts=unseen["test"], test_fraction=unseen["fraction"])
             spec = DataSpec.from_dict(adata.uns.get("statecore", {}).get("spec") or {}).replace(
                 control=control
             )
@@ -239,6 +296,7 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
                 preset=preset,
                 set_size=int(set_size) if set_size != p.set_size else None,
                 embedding_run=emb_run,
+                features=training.unseen_features(unseen),
                 **train,
             )
         run_dir = jobs.new_run_dir(root, name)

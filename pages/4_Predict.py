@@ -45,16 +45,20 @@ context = c1.selectbox(
     help="The cell type / cell line whose control cells are perturbed. The run's target context is preselected.",
 )
 options = trainable + combos
+featured = analysis.feature_genes(run, options)  # gene-feature runs: any gene of the feature table
+options = options + featured
 test_perts = list(split.test.get(context, [])) if split is not None else []
 default = [p for p in test_perts if p in options][:2] or options[:2]
 default = [preselect["perturbation"]] if preselect.get("perturbation") in options else default
 perts = c2.multiselect(
-    f"Perturbations ({len(trainable)} measured, {len(combos)} unmeasured combinations of measured singles)",
+    f"Perturbations ({len(trainable)} measured, {len(combos)} unmeasured combinations of measured singles"
+    + (f", {len(featured)} more genes of the feature table)" if featured else ")"),
     options,
     default=default,
     key="pred_perts",
     help="Measured perturbations, and pairs A+B of measured singles that the data never measured "
-    "(the model predicts the combination). The run's held-out test perturbations are preselected.",
+    "(the model predicts the combination). The run's held-out test perturbations are preselected. A run "
+    "trained with gene features also predicts any gene of its feature table, measured or not.",
 )
 n_cells = c3.number_input(
     "Cells per perturbation",
@@ -87,6 +91,12 @@ pert_mean = analysis.dense(pred_shown).mean(axis=0)
 st.success(
     f"Predicted {int((labels != control).sum()):,} cells for {len(perts)} perturbation(s) in {context}."
 )
+unseen_info = pred.uns.get("statecore", {}).get("unseen") or {}
+if len(unseen_info.get("perturbations", [])):
+    st.warning(
+        f"Unseen genes ({', '.join(map(str, unseen_info['perturbations']))}): {unseen_info['note']}.",
+        icon="⚠️",
+    )
 
 with st.container(border=True):
     st.markdown("**How far to trust this prediction**")

@@ -32,6 +32,9 @@ contexts, _, _ = analysis.prediction_choices(
     adata.obs, run.vocab.control, run.contexts, run.perturbations, sep
 )
 singles = [p for p in run.perturbations if p != run.vocab.control]
+from statecore.inference.screen import all_singles  # noqa: E402
+
+n_all = len(all_singles(run))  # a gene-feature run: its split's genes (any other gene of the table by name)
 
 if run.split is not None and run.split.test.get(run.split.context):
     check = widgets.attempt(ui.ranking_check_cached, run_dir, what="Ranking check")
@@ -44,14 +47,17 @@ context = c1.selectbox(
     "Context", contexts, index=contexts.index(split_ctx) if split_ctx in contexts else 0, key="scr_context"
 )
 perts = c2.multiselect(
-    f"Perturbations (empty = all {len(singles)} the model knows)", singles, key="scr_perts"
+    f"Perturbations (empty = all {n_all} the model knows"
+    + (f"; any of the {len(singles)} genes of its feature table)" if run.vocab.features is not None else ")"),
+    singles,
+    key="scr_perts",
 )
 n_cells = int(c3.number_input("Cells per perturbation", 8, 2000, 128, key="scr_n_cells"))
 seed = int(c4.number_input("Seed", 0, 10_000, 0, key="scr_seed"))
 c5, c6 = st.columns(2)
 pairs = c5.multiselect("Also screen every pair of these singles", singles, key="scr_pairs")
 genes = c6.multiselect("Genes to follow (which perturbations move them)", run.genes, key="scr_genes")
-n_screen = (len(perts) or len(singles)) + len(pairs) * (len(pairs) - 1) // 2
+n_screen = (len(perts) or n_all) + len(pairs) * (len(pairs) - 1) // 2
 args = ui.cli_args(context=context, perts=perts, pairs=pairs, genes=genes, n_cells=n_cells, seed=seed)
 st.caption(
     f"{n_screen:,} predictions × {n_cells} cells. Same as: `python -m statecore screen --run-dir "
@@ -135,6 +141,14 @@ sources = f3.multiselect(
     "Source", ["measured", "predicted"], default=["measured", "predicted"], key="scr_sources"
 )
 table = view.table
+if "unseen_gene" in table.columns and table["unseen_gene"].astype(bool).any():
+    from statecore.inference.predict import unseen_note, validation_score
+
+    st.warning(
+        unseen_note(int(table["unseen_gene"].astype(bool).sum()), validation_score(run_dir))
+        + " (column unseen_gene).",
+        icon="⚠️",
+    )
 shown = table[
     table["perturbation"].astype(str).str.contains(text, case=False, regex=False)
     & table["kind"].isin(kinds)

@@ -71,10 +71,11 @@ class QCConfig(_Serializable):
 
 @dataclass(frozen=True)
 class SplitConfig(_Serializable):
-    task: str = "zeroshot"  # zeroshot | underrepresented | explicit
+    task: str = "zeroshot"  # zeroshot | underrepresented | explicit | unseen
     context: str | None = None  # target context (required)
     keep_fraction: float = 0.3  # underrepresented: share of the target's perturbations kept in training
-    test_perts: tuple[str, ...] = ()  # explicit
+    test_perts: tuple[str, ...] = ()  # explicit; unseen: perturbations held out of every context
+    test_fraction: float = 0.2  # unseen: share of the target context's perturbations held out everywhere
     val_fraction: float = 0.1  # validation perturbations carved from training ones
     seed: int = 0
 
@@ -106,6 +107,15 @@ class STConfig(_Serializable):
     prior_mode: str = "scale_down"  # how cells take the prior's shift: add | scale_down | scale
     n_contexts: int = 0  # shift prior: contexts of the per-context table (set by training)
     n_prior_pairs: int = 0  # shift prior: measured (context, single perturbation) pairs
+    # Unseen genes (issue 14): "features" encodes a perturbation by its genes' feature vectors (any gene of the
+    # feature table, measured or not) and its shift prior is a ridge map features -> mean shift fitted on the
+    # training perturbations (statecore.training.priors.feature_ridge); "onehot" needs measured perturbations.
+    pert_encoding: str = "onehot"  # onehot | features
+    gene_features: str = "data"  # features: "data" (from the training controls) or a table's path
+    gene_feature_dim: int = 32  # features from "data": principal components of control expression
+    perturbation_type: str = "none"  # none | knockdown | knockout | activation: moves the target's own gene
+    self_effect: float = 0.0  # set by training from perturbation_type (statecore.training.priors.self_effect)
+    self_dims: int = 0  # features: width of the target-gene one-hot after the features (the gene panel)
 
 
 @dataclass(frozen=True)
@@ -195,7 +205,7 @@ SE_TRAIN = TrainConfig(steps=300, lr=1e-3, warmup_steps=20, val_every=50, log_ev
 
 # Names the CLI, the app and the package share, each defined once.
 TRACKS = ("hvg", "embedding", "se")  # see statecore.training.tracks
-SPLIT_TASKS = ("zeroshot", "underrepresented", "explicit")  # statecore.data.splits
+SPLIT_TASKS = ("zeroshot", "underrepresented", "explicit", "unseen")  # statecore.data.splits
 LOSSES = ("energy", "mmd", "energy_mean")  # statecore.models.losses
 HVG_FLAVORS = ("auto", "seurat_v3", "seurat", "cell_ranger")  # statecore.data.preprocess
 BASELINE_KINDS = (
@@ -204,11 +214,23 @@ BASELINE_KINDS = (
     "perturbation_mean",
     "cell_mean",
     "additive",
+    "generic_response",
+    "linear_features",
 )  # inference.baselines
+PERT_ENCODINGS = ("onehot", "features")
+PERTURBATION_TYPES = ("none", "knockdown", "knockout", "activation")
 
 # STConfig fields that the data decide (genes, vocabulary, batches, prior tables, decoder genes); a run's
 # config.json keeps them apart from the hyperparameters, under "shapes".
-SHAPE_FIELDS = ("num_genes", "perturbation_dim", "n_batches", "n_contexts", "n_prior_pairs", "decoder_dim")
+SHAPE_FIELDS = (
+    "num_genes",
+    "perturbation_dim",
+    "n_batches",
+    "n_contexts",
+    "n_prior_pairs",
+    "decoder_dim",
+    "self_dims",
+)
 
 
 @dataclass(frozen=True)
@@ -221,6 +243,7 @@ class ModelShapes(_Serializable):
     n_contexts: int = 0
     n_prior_pairs: int = 0
     decoder_dim: int = 0
+    self_dims: int = 0
 
     @classmethod
     def of(cls, model: STConfig) -> ModelShapes:

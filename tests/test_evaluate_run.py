@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from statecore.cli import main
+from statecore.data.splits import Split
 from statecore.errors import DataError
 from statecore.evaluation.run import (
     CEILING,
     MODEL,
     baseline_name,
+    default_baselines,
     evaluate_run,
     split_halves,
 )
@@ -38,7 +40,9 @@ def test_every_method_and_the_ceiling_are_scored(evaluated):
     methods = list(evaluated.summary["method"])
     assert methods[0] == MODEL and methods[-1] == CEILING
     # zero-shot on singles: additive needs its parts measured in the target context or elsewhere
-    for kind in BASELINE_KINDS:
+    split = Split.load(os.path.join(evaluated.run_dir, "split.json"))
+    assert set(default_baselines(split)) == set(BASELINE_KINDS) - {"generic_response", "linear_features"}
+    for kind in default_baselines(split):
         assert baseline_name(kind) in methods or baseline_name(kind) in evaluated.errors
     assert set(HEADLINE) <= set(evaluated.summary.columns)
     assert [v.metric for v in evaluated.verdicts] == list(HEADLINE)

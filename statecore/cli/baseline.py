@@ -39,7 +39,22 @@ def run(args: argparse.Namespace) -> int:
     if not data:
         raise DataError("pass --data (the run records no data path)")
     adata = read_prepared(data)
-    pred = predict_baseline(adata, split, args.kind, genes=genes, n_cells=args.n_cells, seed=args.seed)
+    features, sep = None, "+"
+    if args.kind == "linear_features" and (run_dir / "vocab.json").exists():
+        from statecore.training.checkpoint import read_vocab
+
+        vocab = read_vocab(run_dir, read_config(run_dir))
+        features, sep = vocab.feature_table(), vocab.combo_sep  # None for a one-hot run: from the data
+    pred = predict_baseline(
+        adata,
+        split,
+        args.kind,
+        genes=genes,
+        n_cells=args.n_cells,
+        seed=args.seed,
+        features=features,
+        combo_sep=sep,
+    )
     write_h5ad(pred, args.output)
     print(
         f"{args.kind}: {int(pred.obs['predicted'].sum())} cells for {len(split.test.get(split.context, []))} "

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         kw = dict(context=args.context, perturbations=perts, n_cells=args.n_cells, seed=args.seed)
         if not args.counts:  # streamed to the file: memory bounded by one forward chunk, not the output
             n_pert = write_prediction(args.output, run_, adata, **kw)
+            _unseen_note(run_, perts)
             print(
                 f"predicted {n_pert} cells for {len(perts)} perturbation(s) x {len(run_.genes)} genes -> {args.output}"
             )
@@ -69,12 +70,25 @@ def run(args: argparse.Namespace) -> int:
     if args.counts:
         pred = _counts(pred, adata, run_, args)
     write_h5ad(pred, args.output)
+    _unseen_note(run_, sorted(set(pred.obs.loc[pred.obs["predicted"], "perturbation"].astype(str))))
     n_pert = int(pred.obs["predicted"].sum())
     print(
         f"predicted {n_pert} cells for {pred.obs.loc[pred.obs['predicted'], 'perturbation'].nunique()} "
         f"perturbation(s) (+{pred.n_obs - n_pert} controls) x {pred.n_vars} genes -> {args.output}"
     )
     return 0
+
+
+def _unseen_note(run_, labels) -> None:
+    """Gene-feature runs: say which predictions are of genes no training context perturbed."""
+    from statecore.inference.predict import unseen_labels, unseen_note, validation_score
+
+    if run_.vocab.features is None:
+        return
+    unseen = unseen_labels(run_, labels)
+    if unseen:
+        note = unseen_note(len(unseen), validation_score(run_.run_dir))
+        print(f"note: {note} (obs['unseen_gene'] marks their cells)")
 
 
 def _counts(pred, adata, run_, args):

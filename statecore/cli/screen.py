@@ -189,6 +189,8 @@ def _write_outputs(args, run_, adata, result, output: str, job_dir: Path | None)
         + ", ".join(f"{p} ({e:.3g})" for p, e in zip(top["perturbation"], top["edist"]))
         + f" -> {output}"
     )
+    if result.options.get("unseen_note") and result.table.get("unseen_gene", []).any():
+        print(f"note: {result.options['unseen_note']} (column unseen_gene)")
 
 
 def _ranking_check(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from statecore.config import LOSSES, PRESETS, SPLIT_TASKS
+from statecore.config import LOSSES, PERTURBATION_TYPES, PRESETS, SPLIT_TASKS
 
 RUN_FLAGS_HELP = (
     "Under `torchrun --nproc_per_node=N -m statecore train ...` every process trains on its share of each "
@@ -30,7 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="run directory (created, or resumed when it exists)")
     p.add_argument("--task", default="zeroshot", choices=SPLIT_TASKS)
     p.add_argument("--context", default=None, help="target context of the split")
-    p.add_argument("--test-perts", default="", help="explicit task: comma-separated test perturbations")
+    p.add_argument("--test-perts", default="",
+                   help="explicit / unseen task: comma-separated test perturbations (unseen: held out of every context)")  # fmt: skip
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="unseen task: share of the target context's perturbed genes held out of every context")  # fmt: skip
+    p.add_argument("--gene-features", default=None,
+                   help="encode perturbations by gene features: 'data' (computed from the training data's control "
+                   "cells; the default for --task unseen), a table (.csv/.tsv/.parquet/.npz/.npy + .genes.txt), "
+                   "or 'onehot' (measured perturbations only; the default for the other tasks)")  # fmt: skip
+    p.add_argument("--feature-dim", type=int, default=None,
+                   help="--gene-features data: number of principal components (default 32)")  # fmt: skip
+    p.add_argument("--perturbation-type", default=None, choices=PERTURBATION_TYPES,
+                   help="gene features: how a perturbation moves its target gene's own expression when the "
+                   "gene is in the panel (default none)")  # fmt: skip
     p.add_argument(
         "--keep-fraction", type=float, default=0.3, help="underrepresented: share kept in training"
     )
@@ -118,7 +130,38 @@ def _model_from_args(args: argparse.Namespace):
         model = model.replace(shift_prior=args.shift_prior == "on")
     if args.decoder_residual:
         model = model.replace(decoder_residual=args.decoder_residual == "on")
-    return model
+    return _with_features(model, args)
+
+
+def _with_features(model, args: argparse.Namespace):
+    """--gene-features / --feature-dim / --perturbation-type (DataError naming the flag on bad values)."""
+    from pathlib import Path
+
+    from statecore.errors import DataError
+
+    source = args.gene_features or ("data" if args.task == "unseen" else "onehot")
+    if source == "onehot":
+        if args.task == "unseen":
+            raise DataError(
+                "--task unseen needs gene features: use --gene-features data or --gene-features PATH"
+            )
+        if args.perturbation_type not in (None, "none") or args.feature_dim is not None:
+            raise DataError("--perturbation-type and --feature-dim need --gene-features data or PATH")
+        return model
+    if source != "data":
+        if not Path(source).is_file():
+            raise DataError(
+                f"--gene-features {source!r}: no such file; give 'data', 'onehot' or a table's path"
+            )
+        source = str(Path(source).resolve())
+    if args.feature_dim is not None and args.feature_dim < 1:
+        raise DataError(f"--feature-dim must be at least 1; got {args.feature_dim}")
+    return model.replace(
+        pert_encoding="features",
+        gene_features=source,
+        gene_feature_dim=args.feature_dim or model.gene_feature_dim,
+        perturbation_type=args.perturbation_type or "none",
+    )
 
 
 def config_from_args(args: argparse.Namespace, adata):
@@ -134,6 +177,7 @@ def config_from_args(args: argparse.Namespace, adata):
         context=args.context,
         keep_fraction=args.keep_fraction,
         test_perts=tuple(p for p in args.test_perts.split(",") if p),
+        test_fraction=args.test_fraction,
         seed=args.seed,
         val_fraction=args.val_fraction,
     )

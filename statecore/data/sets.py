@@ -40,6 +40,31 @@ class PerturbationVocab:
     names: tuple[str, ...]
     combo_sep: str = "+"
     features: np.ndarray | None = field(default=None, compare=False)
+    # Gene-feature vocabularies (issue 14, :meth:`from_feature_table`): the position of each name's gene in
+    # the model's gene panel (-1: not measured), encoded as ``n_panel`` extra one-hot columns after the
+    # features, so the model can move a perturbed gene's own expression; ``source`` names the feature table.
+    self_index: np.ndarray | None = field(default=None, compare=False)
+    n_panel: int = 0
+    source: str = ""
+
+    @classmethod
+    def from_feature_table(
+        cls, table, control: str, combo_sep: str = "+", panel: Sequence[str] = ()
+    ) -> PerturbationVocab:
+        """Every gene of ``table`` (a :class:`statecore.data.gene_features.GeneFeatureTable`) is a name; its
+        row is the gene's features plus a constant 1 (a combination's sum then counts its genes); ``panel``
+        (the model's genes) sets :attr:`self_index`."""
+        names = (control, *[g for g in table.genes if g != control])
+        mat = np.zeros((len(names), table.dim + 1), dtype=np.float32)
+        mat[1:, :-1] = table.rows(names[1:])
+        mat[1:, -1] = 1.0
+        pos = {str(g): i for i, g in enumerate(panel)}
+        self_index = np.asarray([pos.get(n, -1) for n in names], dtype=np.int64)
+        self_index[0] = -1
+        return cls(
+            control=control, names=names, combo_sep=combo_sep, features=mat, self_index=self_index,
+            n_panel=len(pos), source=table.source,
+        )  # fmt: skip
 
     @classmethod
     def from_labels(
@@ -75,9 +100,30 @@ class PerturbationVocab:
             mat[i] = table[name]
         return cls(control=control, names=names, combo_sep=combo_sep, features=mat)
 
+    def feature_table(self):
+        """The gene feature table behind a :meth:`from_feature_table` vocabulary (None for one-hot)."""
+        if self.features is None or not self.source:
+            return None
+        from statecore.data.gene_features import GeneFeatureTable
+
+        return GeneFeatureTable(tuple(self.names[1:]), self.features[1:, :-1], self.source)
+
     @property
     def dim(self) -> int:
-        return len(self.names) if self.features is None else int(self.features.shape[1])
+        return len(self.names) if self.features is None else int(self.features.shape[1]) + self.n_panel
+
+    def _unknown_message(self, label: str, unknown: list[str]) -> str:
+        if self.source:
+            from statecore.data.gene_features import GeneFeatureTable, missing_features_message
+
+            genes = tuple(n for n in self.names if n != self.control)
+            table = GeneFeatureTable(genes, np.zeros((len(genes), 0), np.float32), self.source)
+            return f"perturbation {label!r}: " + missing_features_message(unknown, table)
+        known = [n for n in self.names if n != self.control]
+        return (
+            f"perturbation {label!r} is unknown to the model (no {unknown}); known "
+            f"perturbations: {known[:15]}{' ...' if len(known) > 15 else ''}"
+        )
 
     def _index(self) -> dict[str, int]:
         cache = self.__dict__.get("_idx")
@@ -102,16 +148,14 @@ class PerturbationVocab:
             parts = self.parts(label)
             unknown = [p for p in parts if p not in idx]
             if unknown:
-                known = [n for n in self.names if n != self.control]
-                raise DataError(
-                    f"perturbation {label!r} is unknown to the model (no {unknown}); known "
-                    f"perturbations: {known[:15]}{' ...' if len(known) > 15 else ''}"
-                )
+                raise DataError(self._unknown_message(label, unknown))
             for p in parts:
                 if self.features is None:
                     out[row, idx[p]] = 1.0
-                else:
-                    out[row] += self.features[idx[p]]
+                    continue
+                out[row, : self.features.shape[1]] += self.features[idx[p]]
+                if self.n_panel and p != self.control and self.self_index[idx[p]] >= 0:
+                    out[row, self.features.shape[1] + self.self_index[idx[p]]] = 1.0
         return out
 
 

@@ -97,8 +97,11 @@ class Split:
         return mask | is_ctrl if role == "train" else mask
 
 
-def make_split(adata, cfg: SplitConfig) -> Split:
-    """Dispatch on ``cfg.task``: zeroshot | underrepresented | explicit."""
+def make_split(adata, cfg: SplitConfig, *, eligible=None, combo_sep: str = "+") -> Split:
+    """Dispatch on ``cfg.task``: zeroshot | underrepresented | explicit | unseen.
+
+    ``eligible`` (unseen only): the genes a model can encode (those with gene features); held-out and
+    validation perturbations are drawn among them."""
     if cfg.context is None:
         raise DataError(f"choose a target context for the split (--context); available: {_contexts(adata)}")
     if cfg.task == "zeroshot":
@@ -111,7 +114,107 @@ def make_split(adata, cfg: SplitConfig) -> Split:
         return split_explicit(
             adata, cfg.context, list(cfg.test_perts), seed=cfg.seed, val_fraction=cfg.val_fraction
         )
+    if cfg.task == "unseen":
+        return split_unseen(
+            adata,
+            cfg.context,
+            test_perts=list(cfg.test_perts),
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+            val_fraction=cfg.val_fraction,
+            eligible=eligible,
+            combo_sep=combo_sep,
+        )
     raise DataError(f"unknown split task {cfg.task!r}; use one of {', '.join(TASKS)}")
+
+
+def split_unseen(
+    adata,
+    target_context: str,
+    *,
+    test_perts=(),
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    eligible=None,
+    combo_sep: str = "+",
+) -> Split:
+    """Perturbed genes held out of EVERY context: no training cell of any context saw them perturbed.
+
+    Test genes are ``test_perts`` or a seeded ``test_fraction`` of the target context's single
+    perturbations (among ``eligible`` genes when given). A combination holding a test gene leaves training
+    too. Validation is asked the same question: a seeded ``val_fraction`` of the remaining genes is moved,
+    in every context, out of training into validation, so settings are chosen on genes the model never saw.
+    """
+    table, control = _pert_table(adata, target_context)
+    target = str(target_context)
+    ok = (lambda g: True) if eligible is None else set(map(str, eligible)).__contains__
+    singles = [p for p in table[target] if combo_sep not in p or not combo_sep]
+    rng = np.random.default_rng(seed)
+    if test_perts:
+        test = _check_unseen_tests([str(p) for p in test_perts], table, target, control, ok)
+    else:
+        if not 0.0 < float(test_fraction) < 1.0:
+            raise DataError(f"test fraction must lie in (0, 1); got {test_fraction}")
+        pool = [p for p in singles if ok(p)]
+        if len(pool) < 2:
+            raise DataError(
+                f"context {target!r} has {len(pool)} single perturbation(s) with gene features; the unseen "
+                "split needs at least 2 (one to hold out, one to train on); give a feature table covering "
+                "more of the perturbed genes (--gene-features PATH)"
+            )
+        n_test = min(len(pool) - 1, max(1, int(round(test_fraction * len(pool)))))
+        test = sorted(pool[i] for i in rng.permutation(len(pool))[:n_test])
+    held = set(test)
+
+    def parts(label: str) -> set[str]:
+        return set(label.split(combo_sep)) if combo_sep else {label}
+
+    train = {c: [p for p in ps if not parts(p) & held] for c, ps in table.items()}
+    if not any(train.values()):
+        raise DataError("holding out the test genes leaves no training perturbation; hold out fewer")
+    val = _carve_unseen_val(train, val_fraction, rng, ok, parts)
+    return Split(
+        task="unseen", context=target, control=control, seed=int(seed), train=train, val=val,
+        test={target: sorted(held)},
+    )  # fmt: skip
+
+
+def _check_unseen_tests(test, table, target, control, ok) -> list[str]:
+    if control in test:
+        raise DataError(
+            f"the control label {control!r} cannot be a test perturbation; remove it from the list"
+        )
+    absent = sorted(set(test) - set(table[target]))
+    if absent:
+        have = table[target]
+        raise DataError(
+            f"test perturbation(s) {absent} have no cells in context {target!r}; choose from "
+            f"{have[:20]}{' ...' if len(have) > 20 else ''}"
+        )
+    lacking = sorted(p for p in set(test) if not ok(p))
+    if lacking:
+        raise DataError(
+            f"no gene features for test perturbation(s) {lacking}; a model cannot encode a gene without "
+            "features: use a gene feature table that covers them (--gene-features PATH) or drop them"
+        )
+    return sorted(set(test))
+
+
+def _carve_unseen_val(train, val_fraction, rng, ok, parts) -> dict[str, list[str]]:
+    """Move a seeded share of the training genes, in every context, into validation (in place)."""
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise DataError(f"val_fraction must lie in [0, 1); got {val_fraction}")
+    genes = sorted({p for ps in train.values() for p in ps if len(parts(p)) == 1 and ok(p)})
+    val: dict[str, list[str]] = {c: [] for c in train}
+    if val_fraction == 0 or len(genes) < 3:
+        return val
+    n_val = min(len(genes) - 2, max(1, int(round(val_fraction * len(genes)))))
+    chosen = {genes[i] for i in rng.permutation(len(genes))[:n_val]}
+    for c, ps in train.items():
+        val[c] = sorted(p for p in ps if p in chosen)
+        train[c] = [p for p in ps if not parts(p) & chosen]
+    return val
 
 
 def split_underrepresented(

@@ -49,6 +49,10 @@ def make_perturbation_adata(
     library_sd: float = 0.4,
     dispersion: float = 5.0,
     gene_mean_sd: float = 2.0,
+    modules: int = 0,
+    module_structure: bool = True,
+    module_sd: float = 0.6,
+    self_lfc: float = -1.5,
 ) -> ad.AnnData:
     """Simulate a perturbation screen with raw counts in ``X`` and the planted truth in ``uns``.
 
@@ -58,6 +62,13 @@ def make_perturbation_adata(
     ``uns["synthetic"]`` holds per perturbation the shared program (``genes``, ``lfc``), per context
     its ``scale`` and extra ``genes``/``lfc``, the ``no_effect`` list and the ``combos``;
     :func:`planted_lfc` turns that into the full log-fold-change vector for a context.
+
+    ``modules > 0`` (unseen-gene benchmarks, issue 14): genes fall into co-expression modules (a per-cell
+    module activity moves all of a module's genes together, in controls too), each perturbation targets a
+    module gene and is named after it, and its own gene changes by ``self_lfc``. With ``module_structure``
+    a perturbation's program is its module's shared program (scaled, plus a few genes of its own), so knocking
+    out genes of one module gives similar profiles, as for genes of one complex; without it every program is
+    drawn independently (the no-structure control: gene features then carry no information on the response).
     """
     ctx_names = (
         [f"c{i}" for i in range(contexts)] if isinstance(contexts, int) else [str(c) for c in contexts]
@@ -70,6 +81,13 @@ def make_perturbation_adata(
     k_ctx = min(int(n_context_genes) if n_context_genes is not None else max(1, k // 4), n_genes)
     genes = [f"G{i:05d}" for i in range(n_genes)]
     perts = [f"P{i:03d}" for i in range(n_perturbations)]
+    module = None
+    if modules > 0:
+        module = _module_plan(
+            seed, genes, n_perturbations, ctx_names, modules, k, k_ctx, effect_size, context_scale_sd,
+            module_structure, self_lfc,
+        )  # fmt: skip
+        perts = module["perts"]
 
     # Baseline composition: log-normal gene means as in real data (few high, many low genes).
     base = rng.normal(0.0, gene_mean_sd, n_genes)
@@ -78,24 +96,34 @@ def make_perturbation_adata(
         rng.normal(0.0, batch_effect, (n_batches, n_genes)) if n_batches > 1 else np.zeros((1, n_genes))
     )
     theta = np.exp(rng.normal(np.log(dispersion), 0.5, n_genes))  # per-gene NB size
-    effects, no_effect, combos = _plant_effects(
-        rng, perts, ctx_names, n_genes, k, k_ctx, frac_no_effect, n_combos, effect_size, context_scale_sd,
-        interaction_sd,
-    )  # fmt: skip
+    if module is None:
+        effects, no_effect, combos = _plant_effects(
+            rng, perts, ctx_names, n_genes, k, k_ctx, frac_no_effect, n_combos, effect_size, context_scale_sd,
+            interaction_sd,
+        )  # fmt: skip
+    else:
+        effects, no_effect, combos = module["effects"], [], []
     labels = perts + combos
     params = dict(
         n_cells=n_cells, n_genes=n_genes, n_perturbations=n_perturbations, n_batches=n_batches, seed=seed,
         frac_no_effect=frac_no_effect, n_combos=n_combos, frac_control=frac_control, program_size=k,
         n_context_genes=k_ctx, effect_size=effect_size, library_mean=library_mean, library_sd=library_sd,
         dispersion=dispersion, batch_effect=batch_effect, context_effect=context_effect,
-        gene_mean_sd=gene_mean_sd,
+        gene_mean_sd=gene_mean_sd, modules=modules, module_structure=module_structure, module_sd=module_sd,
+        self_lfc=self_lfc,
     )  # fmt: skip
     uns = {"control": CONTROL, "no_effect": no_effect, "combos": combos, "effects": effects, "params": params}
     ctx_idx, pert_lab, batch_idx, lib = _design(
         rng, n_cells, len(ctx_names), labels, n_batches, frac_control, library_mean, library_sd
     )
+    cell_term = None
+    if module is not None:
+        uns["module_of"] = module["module_of"]
+        arng = np.random.default_rng([int(seed), 15])
+        activity = arng.normal(0.0, module_sd, (n_cells, modules))  # [cells, modules]
+        cell_term = lambda sl: activity[sl] @ module["loadings"]  # noqa: E731  [rows, G] log-scale
     means = _mean_counts(
-        uns, labels, ctx_names, base, ctx_shift, batch_shift, (ctx_idx, pert_lab, batch_idx, lib)
+        uns, labels, ctx_names, base, ctx_shift, batch_shift, (ctx_idx, pert_lab, batch_idx, lib), cell_term
     )
     X = _sample_counts(rng, means, theta, n_cells, n_genes, sparse)
     obs = pd.DataFrame(
@@ -113,7 +141,7 @@ def make_perturbation_adata(
     return adata
 
 
-def _mean_counts(uns, labels, ctx_names, base, ctx_shift, batch_shift, cells):
+def _mean_counts(uns, labels, ctx_names, base, ctx_shift, batch_shift, cells, cell_term=None):
     """``means(rows) -> [rows, G]`` expected counts of a block of cells.
 
     Each (context, batch) control state has a composition; a perturbation multiplies gene means by
@@ -134,7 +162,12 @@ def _mean_counts(uns, labels, ctx_names, base, ctx_shift, batch_shift, cells):
     comp /= comp.sum(axis=-1, keepdims=True)
 
     def means(sl: slice) -> np.ndarray:
-        return comp[ctx_idx[sl], batch_idx[sl]] * np.exp(lfc_table[pert_id[sl], ctx_idx[sl]]) * lib[sl, None]
+        lfc = lfc_table[pert_id[sl], ctx_idx[sl]]
+        if (
+            cell_term is not None
+        ):  # co-expression modules: a per-cell activity moves a module's genes together
+            lfc = lfc + cell_term(sl)
+        return comp[ctx_idx[sl], batch_idx[sl]] * np.exp(lfc) * lib[sl, None]
 
     return means
 
@@ -164,6 +197,47 @@ def _plant_effects(
             },
         }
     return effects, no_effect, combos
+
+
+def _module_plan(
+    seed, genes, n_perts, ctx_names, n_modules, k, k_ctx, effect_size, scale_sd, structured, self_lfc
+) -> dict[str, Any]:
+    """Modules, their control co-expression loadings, the targeted genes and their programs (own stream,
+    so the plain simulator's draws are unchanged)."""
+    rng = np.random.default_rng([int(seed), 14])
+    n_genes = len(genes)
+    module_of = np.where(rng.random(n_genes) < 0.6, rng.integers(0, n_modules, n_genes), -1)
+    loadings = np.zeros((n_modules, n_genes))
+    member = module_of >= 0
+    loadings[module_of[member], np.flatnonzero(member)] = rng.uniform(0.5, 1.0, int(member.sum()))
+    pools = [rng.permutation(np.flatnonzero(module_of == m)).tolist() for m in range(n_modules)]
+    targets: list[int] = []
+    while len(targets) < n_perts and any(pools):
+        for pool in pools:  # round robin: every module gets targets
+            if pool and len(targets) < n_perts:
+                targets.append(pool.pop())
+    if len(targets) < n_perts:
+        raise ValueError(f"{n_perts} perturbations but only {len(targets)} module genes; use more genes")
+    progs = [_draw_program(rng, n_genes, k, k_ctx, ctx_names, effect_size, scale_sd, null=False) for _ in range(n_modules)]  # fmt: skip
+    effects: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        if structured:
+            base = progs[module_of[t]]
+            own = rng.choice(n_genes, size=max(1, k // 4), replace=False)
+            vec = np.zeros(n_genes)
+            vec[base["genes"]] = base["lfc"] * rng.uniform(0.7, 1.3)
+            vec[own] += rng.normal(0.0, 0.5 * effect_size, own.size)
+            contexts = base["contexts"]
+        else:
+            prog = _draw_program(rng, n_genes, k, k_ctx, ctx_names, effect_size, scale_sd, null=False)
+            vec = np.zeros(n_genes)
+            vec[prog["genes"]] = prog["lfc"]
+            contexts = prog["contexts"]
+        vec[t] += self_lfc
+        idx = np.flatnonzero(vec)
+        effects[genes[t]] = {"genes": idx, "lfc": vec[idx], "contexts": contexts}
+    perts = [genes[t] for t in targets]
+    return {"perts": perts, "effects": effects, "module_of": module_of, "loadings": loadings}
 
 
 def _design(rng, n_cells, n_ctx, labels, n_batches, frac_control, library_mean, library_sd):

@@ -11,6 +11,13 @@ the number of predicted cells per perturbation is ``n_cells`` or the target cont
 - cell_mean: cell-eval's baseline, the mean of the perturbed training groups' means.
 - additive: control mean + the sum of the parts' shifts (ΔA + ΔB for "A+B"); a part's shift is taken
   in the target context when trained there, else averaged over the other contexts.
+- generic_response: control mean + the mean shift of all training perturbations in the context (averaged
+  over the other contexts where the context has none): the same vector for every perturbation, the bar a
+  prediction of an unseen gene must clear.
+- linear_features: control mean + a ridge map from the perturbed genes' features to the training
+  perturbations' mean shifts (``statecore.training.priors.feature_ridge``), used alone, as the linear model
+  of Ahlmann-Eltze, Huber & Anders (Nat Methods 2025); features from the run's table or, by default,
+  computed from the data's control cells.
 Mean baselines repeat their vector for every cell (clipped at 0, as expression is non-negative).
 """
 
@@ -28,7 +35,16 @@ from statecore.errors import DataError
 from statecore.inference.predict import control_rows, make_prediction_adata, sample_rows
 
 # The one list of baseline kinds (the CLI keeps a copy so that `--help` does not import torch).
-BASELINE_KINDS = ("control", "context_mean", "perturbation_mean", "cell_mean", "additive")
+BASELINE_KINDS = (
+    "control",
+    "context_mean",
+    "perturbation_mean",
+    "cell_mean",
+    "additive",
+    "generic_response",
+    "linear_features",
+)
+UNSEEN_BASELINES = ("generic_response", "linear_features")  # the baselines of an unseen-genes run
 
 
 def group_means(adata, mask: np.ndarray, keys: np.ndarray, gene_idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -51,8 +67,11 @@ def predict_baseline(
     n_cells: int | None = None,
     seed: int = 0,
     combo_sep: str = "+",
+    features=None,
 ) -> ad.AnnData:
-    """Baseline prediction of every test perturbation of ``split`` (contract of ``predict``)."""
+    """Baseline prediction of every test perturbation of ``split`` (contract of ``predict``).
+
+    ``features`` (linear_features only): a ``GeneFeatureTable``; None computes features from the data."""
     if kind not in BASELINE_KINDS:
         raise DataError(f"unknown baseline {kind!r}; use one of {', '.join(BASELINE_KINDS)}")
     genes = list(genes)
@@ -96,8 +115,14 @@ def predict_baseline(
         context_mean = None
         if kind == "context_mean":  # the same vector for every perturbation: computed once
             context_mean = _context_mean(adata, gidx, train_mask, train_pairs, ctrl_mean, target, control)
-        for p in perts:
-            if kind == "context_mean":
+        if kind == "generic_response":
+            context_mean = ctrl_mean[target] + _generic_shift(train_pairs, shift, ctrl_mean, target, control)
+        if kind == "linear_features":
+            ridge_shifts = _linear_shifts(adata, split, genes, perts, features, combo_sep)
+        for j, p in enumerate(perts):
+            if kind == "linear_features":
+                vec = ctrl_mean[target] + ridge_shifts[j]
+            elif kind in ("context_mean", "generic_response"):
                 vec = context_mean
             elif kind == "cell_mean":
                 vals = [means[_key(c, q)] for c, q in sorted(train_pairs) if _key(c, q) in means]
@@ -122,6 +147,48 @@ def predict_baseline(
         genes=genes,
         ctrl_names=adata.obs_names[rows].astype(str),
     )
+
+
+def _generic_shift(train_pairs, shift, ctrl_mean, target: str, control: str) -> np.ndarray:
+    """Mean shift over the training perturbations of ``target``; without any, the mean over the other
+    contexts of their own mean shift."""
+
+    def of(c: str) -> np.ndarray | None:
+        vals = [shift(c, p) for cc, p in sorted(train_pairs) if cc == c and p != control]
+        return np.mean(vals, axis=0) if vals else None
+
+    own = of(target)
+    if own is not None:
+        return own
+    others = [
+        v
+        for c in sorted({c for c, _ in train_pairs} - {target})
+        if c in ctrl_mean
+        for v in [of(c)]
+        if v is not None
+    ]
+    if not others:
+        raise DataError("no perturbed training cells for the generic_response baseline")
+    return np.mean(others, axis=0)
+
+
+def _linear_shifts(adata, split, genes, perts, features, combo_sep: str) -> np.ndarray:
+    """``[len(perts), G]`` ridge-predicted shifts in the split's target context (fit on train + validation
+    pairs, never test)."""
+    from statecore.data.gene_features import perturbation_feature_table
+    from statecore.data.sets import PerturbationVocab
+    from statecore.training.priors import feature_ridge
+
+    table = (
+        features if features is not None else perturbation_feature_table("data", adata, control=split.control)
+    )
+    vocab = PerturbationVocab.from_feature_table(table, split.control, combo_sep)
+    pairs: dict[str, list[str]] = {}
+    for c, p in sorted(split.pairs("train") | split.pairs("val")):
+        pairs.setdefault(c, []).append(p)
+    contexts = sorted(pairs)
+    ridge = feature_ridge(adata, genes=genes, vocab=vocab, train_pairs=pairs, contexts=contexts)
+    return ridge.shift(vocab.encode(list(perts)), split.context)
 
 
 def _context_mean(adata, gidx, train_mask, train_pairs, ctrl_mean, target: str, control: str) -> np.ndarray:

@@ -178,7 +178,7 @@ def _perturbation_chunks(plan: _Plan, z: np.ndarray) -> tuple[np.ndarray, Iterat
             if model.cfg.noise_dim > 0:
                 noise = torch.randn(*chunk.shape, model.cfg.noise_dim, generator=plan.gen).to(dev)
             ctx_t = None
-            if getattr(model, "pair_shift", None) is not None:  # the shift prior's per-context table
+            if getattr(model, "needs_context", False):  # the shift prior's per-context table
                 ctx_t = torch.full((len(chunk),), plan.ctx_pos, dtype=torch.long, device=dev)
             with torch.no_grad():
                 out = model_forward(
@@ -225,7 +225,7 @@ def predict(
         picked, chunks = _perturbation_chunks(plan, z)
         paired.append(np.asarray(adata.obs_names[picked]).astype(str))  # predicted cell i came from picked[i]
         blocks.append(np.concatenate(list(chunks)))
-    return make_prediction_adata(
+    out = make_prediction_adata(
         blocks,
         labels,
         plan.gather(plan.rows),
@@ -234,6 +234,66 @@ def predict(
         genes=run.genes,
         ctrl_names=adata.obs_names[plan.rows].astype(str),
         paired=paired,
+    )
+    return mark_unseen(out, run)
+
+
+def trained_genes(run) -> set[str]:
+    """Single perturbations the run trained on (any context): what is not among them is an unseen gene."""
+    split, vocab = getattr(run, "split", None), run.vocab
+    if split is None:
+        return set(vocab.names) - {vocab.control}
+    return {q for _, p in split.pairs("train") for q in vocab.parts(p)} - {vocab.control}
+
+
+def unseen_labels(run, labels: Sequence[str]) -> list[str]:
+    """Labels with a gene no training context perturbed (only a gene-feature run can predict those)."""
+    seen, vocab = trained_genes(run), run.vocab
+    return [lab for lab in labels if lab != vocab.control and not set(vocab.parts(lab)) <= seen]
+
+
+def validation_score(run_dir) -> float | None:
+    """The run's validation pearson_delta at its best checkpoint (lowest validation loss). On an unseen-genes
+    run the validation genes were held out of training in every context, so this is its score on unseen
+    genes; None when the run logged no validation."""
+    from statecore.runs.files import read_metrics
+
+    recs = [r for r in read_metrics(run_dir) if "val_loss" in r and "val_pearson_delta" in r]
+    if not recs:
+        return None
+    best = min(recs, key=lambda r: (float(r["val_loss"]), -int(r.get("step", 0))))
+    return float(best["val_pearson_delta"])
+
+
+def mark_unseen(pred: ad.AnnData, run) -> ad.AnnData:
+    """Gene-feature runs: ``obs["unseen_gene"]`` (predicted cells of a perturbation no training context
+    measured) and ``uns["statecore"]["unseen"]`` with the run's validation score on unseen genes."""
+    if run.vocab is None or run.vocab.features is None:
+        return pred
+    labels = pred.obs["perturbation"].astype(str).to_numpy()
+    unseen = set(unseen_labels(run, sorted(set(labels))))
+    pred.obs["unseen_gene"] = np.isin(labels, list(unseen)) & pred.obs["predicted"].to_numpy()
+    score = validation_score(run.run_dir)
+    pred.uns["statecore"]["unseen"] = {
+        "perturbations": sorted(unseen),
+        "validation_pearson_delta": float("nan") if score is None else score,
+        "note": unseen_note(len(unseen), score),
+    }
+    return pred
+
+
+def unseen_note(n_unseen: int, score: float | None) -> str:
+    """One sentence shown beside predictions of unseen genes (CLI, Predict and Screen pages)."""
+    if not n_unseen:
+        return "every predicted perturbation was measured in training"
+    how = (
+        f"on validation genes held out the same way, this run's pearson delta was {score:.2f}"
+        if score is not None
+        else "this run logged no validation score"
+    )
+    return (
+        f"{n_unseen} perturbation(s) target genes no training context perturbed: predicted from gene features "
+        f"only; {how} (compare the generic response and linear baselines on Evaluate before trusting them)"
     )
 
 
@@ -285,6 +345,7 @@ def write_prediction(
             ctrl_names=adata.obs_names[plan.rows].astype(str),
             paired=paired,
         )
+        shell = mark_unseen(shell, run)  # gene-feature runs: obs["unseen_gene"] and the validation score
         write_elem(f, "obs", shell.obs)
         write_elem(f, "var", pd.DataFrame(index=pd.Index(list(run.genes), dtype=str)))
         write_elem(f, "uns", dict(shell.uns))
@@ -381,7 +442,7 @@ def predict_shared(
         k = len(part)
         z = torch.from_numpy(vocab.encode(part)).to(device).repeat_interleave(n_sets, dim=0)  # [k*n_sets, P]
         ctx_t = None
-        if getattr(model, "pair_shift", None) is not None:
+        if getattr(model, "needs_context", False):
             ctx_t = torch.full((k * n_sets,), ctx_pos, dtype=torch.long, device=device)
         out = model_forward(
             model,

@@ -29,7 +29,13 @@ from scipy.stats import spearmanr
 from statecore.data.io import split_combo
 from statecore.data.sets import RowGatherer, gene_indices, obs_labels
 from statecore.errors import DataError
-from statecore.inference.predict import control_rows, predict_shared
+from statecore.inference.predict import (
+    control_rows,
+    predict_shared,
+    unseen_labels,
+    unseen_note,
+    validation_score,
+)
 
 ROW_BLOCK = 4096  # real cells gathered at a time when reducing a large group to its statistics
 
@@ -123,6 +129,17 @@ def _choose(what: str, asked: Sequence[str], valid: Sequence[str], ok: Callable[
     return list(dict.fromkeys(asked))
 
 
+def all_singles(run) -> list[str]:
+    """What ``perturbations="all"`` screens: every single of a one-hot run; for a gene-feature run the genes of
+    its split (trained, validation, held out), not the whole feature table (any other gene of the table can
+    still be asked for by name)."""
+    split, vocab = run.split, run.vocab
+    if split is None or vocab.features is None:
+        return [n for n in vocab.names if n != vocab.control]
+    pairs = split.pairs("train") | split.pairs("val") | split.pairs("test")
+    return sorted({p for _, p in pairs if vocab.can_encode(p) and len(vocab.parts(p)) == 1})
+
+
 def screen_labels(run, perturbations, pairs_of) -> tuple[list[str], list[str]]:
     """(singles and asked labels, pair labels) to screen; DataError naming any the run cannot encode."""
     vocab = run.vocab
@@ -130,7 +147,7 @@ def screen_labels(run, perturbations, pairs_of) -> tuple[list[str], list[str]]:
     if isinstance(perturbations, str):
         if perturbations != "all":
             raise DataError(f"perturbations must be 'all' or a list of labels; got {perturbations!r}")
-        labels = list(known)
+        labels = all_singles(run)
     else:
         labels = _choose("perturbation", list(perturbations or []), known, vocab.can_encode)
     singles = _choose("perturbation", list(pairs_of or []), known, lambda p: p in set(known))
@@ -200,12 +217,20 @@ def screen(
             "non_additivity": _non_additivity(labels, delta[:-1], run.vocab.combo_sep),
         }
     )
+    if (
+        run.vocab.features is not None
+    ):  # gene-feature runs: which rows are genes no training context perturbed
+        table["unseen_gene"] = np.isin(labels, unseen_labels(run, labels))
     table = _add_measured(table, adata, gather, context=context, sep=run.vocab.combo_sep, ctrl=ctrl)
     table = _add_genes(table, delta[:-1], genes, run.genes)
     order = np.argsort(-table["edist"].to_numpy(), kind="stable")
     table = table.iloc[order].reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     options = dict(n_cells=n_cells, seed=seed, threshold=threshold, run_dir=str(run.run_dir))
+    if "unseen_gene" in table.columns:
+        score = validation_score(run.run_dir)
+        options["unseen_note"] = unseen_note(int(table["unseen_gene"].sum()), score)
+        options["validation_pearson_delta"] = float("nan") if score is None else score
     return ScreenResult(
         table=table,
         delta=delta[:-1][order],
@@ -285,14 +310,17 @@ class RankingCheck:
     k: int
     summary: pd.DataFrame
     per_perturbation: pd.DataFrame
+    baseline: str = (
+        "perturbation_mean"  # linear_features on an unseen-genes run (nothing measured to average)
+    )
 
     def sentence(self) -> str:
         row = self.summary.set_index("method")
-        model, base, half = (row.loc[m] for m in ("model", "perturbation_mean", "split_half"))
+        model, base, half = (row.loc[m] for m in ("model", self.baseline, "split_half"))
         return (
             f"On the {self.n} held-out perturbations of {self.context}, this model ranked effects with "
             f"ρ = {model.spearman:.2f} (top-{self.k} precision {model.precision_at_k:.2f}); the "
-            f"perturbation-mean baseline ρ = {base.spearman:.2f} ({base.precision_at_k:.2f}); two random "
+            f"{self.baseline.replace('_', '-')} baseline ρ = {base.spearman:.2f} ({base.precision_at_k:.2f}); two random "
             f"halves of the real cells agree with ρ = {half.spearman:.2f} ({half.precision_at_k:.2f})."
         )
 
@@ -333,7 +361,11 @@ def screen_ranking_check(
     real = [edistance(gathered_stats(gather, np.flatnonzero((pert == p) & in_ctx)), ctrl) for p in tests]
     model = screen(run, adata, context=context, perturbations=tests, n_cells=n_cells, seed=seed, chunk=chunk)
     model_e = model.table.set_index("perturbation").loc[tests, "edist"].to_numpy()
-    base = predict_baseline(adata, split, "perturbation_mean", genes=run.genes, n_cells=n_cells, seed=seed)
+    kind = "linear_features" if split.task == "unseen" else "perturbation_mean"
+    base = predict_baseline(
+        adata, split, kind, genes=run.genes, n_cells=n_cells, seed=seed, features=run.vocab.feature_table(),
+        combo_sep=run.vocab.combo_sep,
+    )  # fmt: skip
     base_labels = base.obs["perturbation"].astype(str).to_numpy()
     base_e = [edistance(SetStats.of(base.X[base_labels == p]), ctrl) for p in tests]
     half_a, half_b = _split_half(gather, pert, in_ctx, tests, ctrl_rows, np.random.default_rng(seed))
@@ -342,7 +374,7 @@ def screen_ranking_check(
             "perturbation": tests,
             "real": real,
             "model": model_e,
-            "perturbation_mean": base_e,
+            kind: base_e,
             "half_a": half_a,
             "half_b": half_b,
         }
@@ -350,13 +382,18 @@ def screen_ranking_check(
     rows = []
     for method, score, truth in (
         ("model", model_e, real),
-        ("perturbation_mean", base_e, real),
+        (kind, base_e, real),
         ("split_half", half_a, half_b),
     ):
         rho, prec = rank_agreement(np.asarray(score), np.asarray(truth), k)
         rows.append({"method": method, "spearman": rho, "precision_at_k": prec, "k": k})
     return RankingCheck(
-        context=str(context), n=len(tests), k=k, summary=pd.DataFrame(rows), per_perturbation=frame
+        context=str(context),
+        n=len(tests),
+        k=k,
+        summary=pd.DataFrame(rows),
+        per_perturbation=frame,
+        baseline=kind,
     )
 
 

@@ -38,7 +38,9 @@ class StateTransitionModel(nn.Module):
         self.basal_encoder = (
             mlp(G, M, H, dropout=cfg.dropout) if cfg.basal_encoder == "mlp" else nn.Linear(G, H)
         )
-        self.pert_encoder = mlp(cfg.perturbation_dim, M, H, dropout=cfg.dropout)
+        # gene-feature encoding: the last self_dims columns of z mark the perturbed gene in the panel; they
+        # steer the prior only, the encoder sees the features (so a never-measured gene is encoded alike)
+        self.pert_encoder = mlp(cfg.perturbation_dim - cfg.self_dims, M, H, dropout=cfg.dropout)
         self.batch_embedding = nn.Embedding(cfg.n_batches, H) if cfg.n_batches > 0 else None
         self.noise_proj = nn.Linear(cfg.noise_dim, H) if cfg.noise_dim > 0 else None
         self.transformer = set_transformer(H, cfg.transformer_heads, cfg.transformer_layers, M, cfg.dropout)
@@ -50,7 +52,14 @@ class StateTransitionModel(nn.Module):
             if cfg.decoder_dim > 0
             else None
         )
-        if cfg.shift_prior and cfg.decoder_dim == 0:
+        self.register_buffer("feature_map", None)  # a None buffer is not in the state dict
+        if cfg.shift_prior and cfg.decoder_dim == 0 and cfg.pert_encoding == "features":
+            # [C+1, F+1, G] ridge maps features -> mean shift per training context, pooled last (priors.feature_ridge)
+            self.register_buffer(
+                "feature_map", torch.zeros(cfg.n_contexts + 1, cfg.perturbation_dim - cfg.self_dims, G)
+            )
+            self.pert_shift = None
+        elif cfg.shift_prior and cfg.decoder_dim == 0:
             # [P, G] mean expression shift of each single perturbation (statecore.training.priors), set before
             # training from training cells only and saved with the weights; z @ shift sums a combination's singles.
             self.register_buffer("pert_shift", torch.zeros(cfg.perturbation_dim, G))
@@ -64,6 +73,7 @@ class StateTransitionModel(nn.Module):
             self.register_buffer("pair_shift", torch.zeros(cfg.n_prior_pairs, G))
         else:
             self.pair_index = self.pair_shift = None
+        self.needs_context = self.pair_shift is not None or self.feature_map is not None
         if cfg.residual == "expression":
             # Start as the identity map on expression: the model then only has to learn the shift.
             nn.init.zeros_(self.project_out[-1].weight)
@@ -98,9 +108,9 @@ class StateTransitionModel(nn.Module):
             )
         basal = self.basal_encoder(x_ctrl)  # [B, S, H]
         if z_set is not None:
-            h = basal + self.pert_encoder(z_set.to(x_ctrl.dtype)).unsqueeze(1)  # [B, S, H]
+            h = basal + self.pert_encoder(self._enc(z_set).to(x_ctrl.dtype)).unsqueeze(1)  # [B, S, H]
         else:
-            h = basal + self.pert_encoder(z_pert.to(x_ctrl.dtype))  # [B, S, H]
+            h = basal + self.pert_encoder(self._enc(z_pert).to(x_ctrl.dtype))  # [B, S, H]
         if self.batch_embedding is not None and batch is not None:
             if batch.dim() == 1:
                 batch = batch.unsqueeze(1).expand(B, S)
@@ -116,7 +126,11 @@ class StateTransitionModel(nn.Module):
         out = self.project_out(t)  # [B, S, G]
         if self.cfg.residual == "expression":
             out = out + x_ctrl
-        if self.pert_shift is not None:
+        if self.feature_map is not None:
+            z0 = (z_set if z_set is not None else z_pert[:, 0]).to(out.dtype)  # [B, P]: one per set
+            shift = self._feature_prior(x_ctrl, z0, context)[:, None]  # [B, 1, G]
+            out = out + self.prior_cells(x_ctrl, shift, self.cfg.prior_mode) - x_ctrl
+        elif self.pert_shift is not None:
             if z_set is not None:
                 shift = (z_set.to(out.dtype) @ self.pert_shift).unsqueeze(1)  # [B, 1, G]
             else:
@@ -127,6 +141,32 @@ class StateTransitionModel(nn.Module):
         if self.cfg.relu_output:
             out = torch.relu(out)
         return out
+
+    def _enc(self, z: torch.Tensor) -> torch.Tensor:
+        return z[..., : z.shape[-1] - self.cfg.self_dims] if self.cfg.self_dims else z
+
+    def _feature_prior(
+        self, x_ctrl: torch.Tensor, z: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``[B, G]``: the ridge map of the set's context (pooled for an unknown one) applied to its features
+        ``z [B, P]``; with a perturbation type, the perturbed gene's own expression set by ``self_effect``
+        (relative to the set's control mean for knockdown / knockout, added for activation)."""
+        B = z.shape[0]
+        C = self.feature_map.shape[0] - 1
+        if context is None:
+            idx = torch.full((B,), C, dtype=torch.long, device=z.device)
+        else:
+            idx = context.to(device=z.device, dtype=torch.long).reshape(B)
+            idx = torch.where((idx >= 0) & (idx < C), idx, torch.full_like(idx, C))
+        shift = torch.einsum("bf,bfg->bg", self._enc(z), self.feature_map[idx])  # [B, G]
+        if self.cfg.self_dims and self.cfg.perturbation_type != "none":
+            own_gene = z[:, z.shape[1] - self.cfg.self_dims :] > 0  # [B, G]
+            if self.cfg.perturbation_type == "activation":
+                own = torch.full_like(shift, self.cfg.self_effect)
+            else:
+                own = self.cfg.self_effect * x_ctrl.mean(dim=1)  # [B, G]
+            shift = torch.where(own_gene, own, shift)
+        return shift
 
     def _context_correction(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """``[B, G]``: for each single of each set's combination ``z [B, P]`` that its context measured in

@@ -234,14 +234,19 @@ def write_vocab_files(run_dir: str | os.PathLike, *, genes, vocab, contexts, bat
     write_lines(run_dir / "batches.txt", list(batches))
     atomic_write_json(
         run_dir / "vocab.json",
-        {"control": vocab.control, "combo_sep": vocab.combo_sep, "features": vocab.features is not None},
+        {
+            "control": vocab.control,
+            "combo_sep": vocab.combo_sep,
+            "features": vocab.features is not None,
+            "n_panel": int(vocab.n_panel),
+            "source": vocab.source,
+        },
     )
     if vocab.features is not None:
-        _atomic_save(
-            {"features": torch.as_tensor(np.asarray(vocab.features, dtype=np.float32))},
-            run_dir / FEATURES,
-            _header({}),
-        )
+        tensors = {"features": torch.as_tensor(np.asarray(vocab.features, dtype=np.float32))}
+        if vocab.self_index is not None:
+            tensors["self_index"] = torch.as_tensor(np.asarray(vocab.self_index, dtype=np.int64))
+        _atomic_save(tensors, run_dir / FEATURES, _header({}))
 
 
 def read_vocab(run_dir: str | os.PathLike, config: RunConfig) -> PerturbationVocab:
@@ -252,14 +257,19 @@ def read_vocab(run_dir: str | os.PathLike, config: RunConfig) -> PerturbationVoc
     except OSError as exc:
         raise CheckpointError(f"run {str(run_dir)!r} is incomplete: {exc}") from exc
     vinfo = read_json(run_dir / "vocab.json") or {}
-    features = None
+    features = self_index = None
     if vinfo.get("features"):
-        features = read_weights(run_dir / FEATURES)[0]["features"].numpy()
+        tensors = read_weights(run_dir / FEATURES)[0]
+        features = tensors["features"].numpy()
+        self_index = tensors["self_index"].numpy() if "self_index" in tensors else None
     return PerturbationVocab(
         control=vinfo.get("control", config.spec.control),
         names=tuple(names),
         combo_sep=vinfo.get("combo_sep", config.spec.combo_sep),
         features=features,
+        self_index=self_index,
+        n_panel=int(vinfo.get("n_panel", 0)),
+        source=str(vinfo.get("source", "")),
     )
 
 

@@ -140,3 +140,163 @@ def shift_prior_tables(
     pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
     pair_index, pair_shift = _index_pairs(pairs, contexts, len(vocab.names), len(genes))
     return ShiftPrior(_average(pairs, len(vocab.names), len(genes)), pair_index, pair_shift)
+
+
+# --------------------------------------------------------------------------- unseen genes (issue 14)
+# A gene no training context perturbed has no measured shift. Its prior comes from a ridge map from the
+# perturbed gene's features to the measured mean shifts of the TRAINING perturbations (never validation or
+# test ones, so validation scores stay those of unseen genes), as the linear baseline of Ahlmann-Eltze, Huber
+# & Anders (Nat Methods 2025). The map's intercept is the context's mean training shift (generic response).
+
+RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-3, 4, 15))
+MIN_CONTEXT_FIT = 5  # fewer training singles in a context: its map borrows the pooled coefficients
+
+
+def single_shifts(
+    adata,
+    *,
+    genes: Sequence[str],
+    control: str,
+    train_pairs: Mapping[str, Sequence[str]],
+    combo_sep: str = "+",
+) -> tuple[list[tuple[str, str]], np.ndarray, dict[str, np.ndarray]]:
+    """Measured mean shifts of the single perturbations listed in ``train_pairs``.
+
+    Returns ``(keys [(context, gene)], shifts [K, G] float64, control means {context: [G]})``; only contexts
+    with control cells and perturbations with cells count."""
+    pert, ctx, _ = obs_labels(adata)
+    gather = RowGatherer(adata.X, gene_indices(adata, genes))
+    keys, rows_out, ctrl_means = [], [], {}
+    for context in sorted(train_pairs):
+        singles = sorted({str(p) for p in train_pairs[context] if p != control and combo_sep not in str(p)})
+        in_ctx = ctx == context
+        ctrl_rows = np.flatnonzero(in_ctx & (pert == control))
+        if len(ctrl_rows) == 0:
+            continue
+        ctrl_means[context] = _group_mean(gather, ctrl_rows)
+        for p in singles:
+            rows = np.flatnonzero(in_ctx & (pert == p))
+            if len(rows):
+                keys.append((context, p))
+                rows_out.append(_group_mean(gather, rows) - ctrl_means[context])
+    shifts = np.stack(rows_out) if rows_out else np.zeros((0, len(genes)))
+    return keys, shifts, ctrl_means
+
+
+def fit_ridge(F: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Ridge from features ``F [n, d]`` to shifts ``Y [n, G]`` with an unpenalised intercept; the penalty is
+    chosen by leave-one-out (generalised) cross-validation over :data:`RIDGE_ALPHAS` among the same training
+    rows. Below 3 rows only the intercept (the mean shift) is fitted. Returns ``(coef [d, G], intercept [G],
+    alpha)``."""
+    from sklearn.linear_model import RidgeCV
+
+    F, Y = np.asarray(F, dtype=np.float64), np.asarray(Y, dtype=np.float64)
+    if len(F) < 3:
+        return np.zeros((F.shape[1], Y.shape[1])), Y.mean(axis=0) if len(Y) else np.zeros(Y.shape[1]), np.inf
+    model = RidgeCV(alphas=RIDGE_ALPHAS, fit_intercept=True).fit(F, Y)
+    return (
+        np.asarray(model.coef_).T.reshape(F.shape[1], Y.shape[1]),
+        np.asarray(model.intercept_),
+        float(model.alpha_),
+    )
+
+
+@dataclass(frozen=True)
+class FeatureRidge:
+    """Per training context (and pooled, last) a linear map from a perturbation's features to its mean shift.
+
+    ``maps [C+1, d+1, G]``: rows ``0..d-1`` the coefficients, row ``d`` the intercept; a perturbation's input
+    is its genes' summed features plus their count (``PerturbationVocab.from_feature_table`` rows), so a
+    combination gets the sum of its genes' predicted shifts."""
+
+    contexts: tuple[str, ...]
+    maps: np.ndarray
+    alphas: tuple[float, ...]  # chosen penalty per context map (inf: intercept only), pooled last
+    n_fit: tuple[int, ...]  # training singles behind each map, pooled last
+    fitted: tuple[tuple[str, str], ...]  # the (context, gene) pairs the maps were fitted on
+
+    def shift(self, z: np.ndarray, context: str | None) -> np.ndarray:
+        """``z [N, d+1]`` (features + count) -> predicted shifts ``[N, G]`` in ``context`` (None/unknown: pooled)."""
+        i = self.contexts.index(context) if context in self.contexts else len(self.contexts)
+        return np.asarray(z, dtype=np.float64) @ self.maps[i]
+
+
+def feature_ridge(
+    adata,
+    *,
+    genes: Sequence[str],
+    vocab: PerturbationVocab,
+    train_pairs: Mapping[str, Sequence[str]],
+    contexts: Sequence[str],
+) -> FeatureRidge:
+    """Fit :class:`FeatureRidge` on the single perturbations of ``train_pairs`` (pass the split's TRAINING
+    pairs only) that have gene features in ``vocab`` (a feature vocabulary)."""
+    if vocab.features is None:
+        raise ValueError("the feature ridge needs a gene-feature perturbation vocabulary")
+    keys, shifts, _ = single_shifts(
+        adata, genes=genes, control=vocab.control, train_pairs=train_pairs, combo_sep=vocab.combo_sep
+    )
+    idx = vocab._index()
+    keep = [i for i, (_, p) in enumerate(keys) if p in idx]
+    keys, shifts = [keys[i] for i in keep], shifts[keep]
+    width = vocab.features.shape[1] - 1  # the last column is the count
+    feats = np.stack([vocab.features[idx[p], :width] for _, p in keys]) if keys else np.zeros((0, width))
+    coef, intercept, alpha = (
+        fit_ridge(feats, shifts) if keys else (np.zeros((width, len(genes))), np.zeros(len(genes)), np.inf)
+    )
+    pooled = np.vstack([coef, intercept[None]])
+    maps, alphas, n_fit = [], [], []
+    for c in map(str, contexts):
+        rows = [i for i, (kc, _) in enumerate(keys) if kc == c]
+        if len(rows) >= MIN_CONTEXT_FIT:
+            cc, ci, ca = fit_ridge(feats[rows], shifts[rows])
+            maps.append(np.vstack([cc, ci[None]]))
+        else:  # too few of its own: the pooled coefficients, its own mean shift where it has any
+            ca = alpha
+            maps.append(np.vstack([coef, (shifts[rows].mean(axis=0) if rows else intercept)[None]]))
+        alphas.append(ca)
+        n_fit.append(len(rows))
+    maps.append(pooled)
+    alphas.append(alpha)
+    n_fit.append(len(keys))
+    return FeatureRidge(
+        tuple(map(str, contexts)), np.stack(maps).astype(np.float32), tuple(alphas), tuple(n_fit), tuple(keys)
+    )
+
+
+SELF_EFFECT_TYPES = ("none", "knockdown", "knockout", "activation")
+DEFAULT_SELF_EFFECT = {"knockdown": -0.7, "knockout": -1.0, "activation": 1.0}
+
+
+def self_effect(
+    adata,
+    *,
+    genes: Sequence[str],
+    control: str,
+    train_pairs: Mapping[str, Sequence[str]],
+    kind: str,
+    combo_sep: str = "+",
+) -> float:
+    """How a perturbation moves its target's own expression (log1p), for ``kind``:
+
+    knockout: -1 (relative: the target's mean falls to 0); knockdown: the median relative change of the
+    target's own mean among training singles whose target is in the panel and expressed (mean >= 0.05),
+    clipped to [-1, 0] (-0.7 when fewer than 3 such); activation: the median absolute increase, >= 0
+    (1.0 when fewer than 3). ``none``: 0 (not applied)."""
+    if kind not in SELF_EFFECT_TYPES:
+        raise ValueError(f"perturbation type must be one of {SELF_EFFECT_TYPES}; got {kind!r}")
+    if kind in ("none", "knockout"):
+        return 0.0 if kind == "none" else -1.0
+    keys, shifts, ctrl = single_shifts(
+        adata, genes=genes, control=control, train_pairs=train_pairs, combo_sep=combo_sep
+    )
+    pos = {g: i for i, g in enumerate(genes)}
+    rel, absolute = [], []
+    for (c, p), s in zip(keys, shifts):
+        if p in pos:
+            absolute.append(float(s[pos[p]]))
+            if ctrl[c][pos[p]] >= 0.05:
+                rel.append(float(s[pos[p]] / ctrl[c][pos[p]]))
+    if kind == "knockdown":
+        return float(np.clip(np.median(rel), -1.0, 0.0)) if len(rel) >= 3 else DEFAULT_SELF_EFFECT[kind]
+    return float(max(np.median(absolute), 0.0)) if len(absolute) >= 3 else DEFAULT_SELF_EFFECT[kind]

@@ -8,6 +8,7 @@ all of it and swaps the cells' representation.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from statecore.models.transition import StateTransitionModel
 from statecore.runs import files as runs
 from statecore.training import checkpoint as ckpt
 from statecore.training import distributed as dist_utils
-from statecore.training.priors import ShiftPrior, shift_prior_tables
+from statecore.training.priors import FeatureRidge, ShiftPrior, feature_ridge, self_effect, shift_prior_tables
 from statecore.training.tracks import BuiltTask
 
 # validation loss: the first sets of the validation plan's epoch 0 (fixed); 96 sets every 100 steps keep
@@ -42,6 +43,7 @@ class TrainData:
     contexts: list[str]
     batches: list[str]
     split: Split | None = None
+    unencoded: tuple[str, ...] = ()  # gene-feature runs: training perturbations without features, left out
 
 
 def make_train_data(
@@ -65,16 +67,29 @@ def make_train_data(
     contexts = sorted(set(ctx))
     batches = list(batches) if batches is not None else sorted(set(map(str, batch)))
     kw = dict(genes=genes, vocab=vocab, batches=batches, set_size=set_size)
-    groups = build_groups(adata, control=split.control, pairs=split.pairs("train"), include_controls=True)
+    train_pairs, val_pairs = split.pairs("train"), split.pairs("val")
+    unencoded: tuple[str, ...] = ()
+    if vocab.features is not None:  # a perturbation of a gene without features cannot be encoded: left out
+        unencoded = tuple(sorted({p for _, p in train_pairs | val_pairs if not vocab.can_encode(p)}))
+        train_pairs = {(c, p) for c, p in train_pairs if p not in unencoded}
+        val_pairs = {(c, p) for c, p in val_pairs if p not in unencoded}
+        if unencoded:
+            warnings.warn(
+                f"{len(unencoded)} training perturbation(s) have no gene features and are left out of ST's "
+                f"training (baselines still use them): {list(unencoded[:10])}",
+                stacklevel=2,
+            )
+    groups = build_groups(adata, control=split.control, pairs=train_pairs, include_controls=True)
     train = SetDataset(adata, groups, seed=seed, **kw)
     val = None
-    if split.pairs("val"):
-        vgroups = build_groups(adata, control=split.control, pairs=split.pairs("val"), include_controls=False)
+    if val_pairs:
+        vgroups = build_groups(adata, control=split.control, pairs=val_pairs, include_controls=False)
         if vgroups:
             val = SetDataset(adata, vgroups, seed=seed + 1_000_003, **kw)
     return TrainData(
-        train=train, val=val, genes=genes, vocab=vocab, contexts=contexts, batches=batches, split=split
-    )
+        train=train, val=val, genes=genes, vocab=vocab, contexts=contexts, batches=batches, split=split,
+        unencoded=unencoded,
+    )  # fmt: skip
 
 
 def set_loss_fn(model: torch.nn.Module, loss_fn: Callable) -> Callable:
@@ -95,7 +110,7 @@ class STTask:
         self.has_val = data.val is not None
         self.val_extras: dict[str, float] = {}  # logged beside val_loss (metrics.jsonl)
         # the shift prior's per-context table needs each set's context; other models never see it
-        self._uses_context = getattr(model, "pair_shift", None) is not None
+        self._uses_context = bool(getattr(model, "needs_context", False))
 
     def batch(self, step: int, batch_size: int, *, rank: int, world_size: int):
         return self.data.train.batch(step, batch_size, rank=rank, world_size=world_size)
@@ -153,7 +168,36 @@ def vocab_meta(data: TrainData) -> dict[str, Any]:
         "control": data.vocab.control,
         "combo_sep": data.vocab.combo_sep,
         "split": data.split.to_dict() if data.split is not None else None,
+        "unencoded": list(data.unencoded),
     }
+
+
+def feature_vocab(adata, config: RunConfig, genes: list[str]) -> PerturbationVocab:
+    """The gene-feature vocabulary of a run (every gene of its feature table; see priors.feature_ridge)."""
+    from statecore.data.gene_features import perturbation_feature_table
+    from statecore.data.io import control_label
+
+    control = control_label(adata)
+    m = config.model
+    table = perturbation_feature_table(
+        m.gene_features, adata, control=control, dim=m.gene_feature_dim, seed=0
+    )
+    return PerturbationVocab.from_feature_table(table, control, config.spec.combo_sep, panel=genes)
+
+
+def feature_prior_for(adata, data: TrainData, config: RunConfig) -> tuple[FeatureRidge, float]:
+    """The ridge map features -> mean shift, fitted on the split's TRAINING pairs only (validation genes stay
+    unseen, as test genes are), and the perturbation type's own-gene effect."""
+    split = data.split
+    pairs = {c: list(ps) for c, ps in split.train.items()}
+    ridge = feature_ridge(
+        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts
+    )
+    effect = self_effect(
+        adata, genes=data.genes, control=split.control, train_pairs=pairs, kind=config.model.perturbation_type,
+        combo_sep=data.vocab.combo_sep,
+    )  # fmt: skip
+    return ridge, effect
 
 
 def prior_for(adata, data: TrainData) -> ShiftPrior:
@@ -170,10 +214,14 @@ def prior_for(adata, data: TrainData) -> ShiftPrior:
     )
 
 
-def build_model(config: RunConfig, prior: ShiftPrior | None) -> StateTransitionModel:
+def build_model(config: RunConfig, prior: ShiftPrior | FeatureRidge | None) -> StateTransitionModel:
     """A fresh ST model from the run's config, initial weights from its seed, prior tables copied in."""
     torch.manual_seed(config.train.seed)  # not from the process's RNG history
     model = StateTransitionModel(config.model_config())
+    if isinstance(prior, FeatureRidge):
+        if model.feature_map is not None:
+            model.feature_map.copy_(torch.from_numpy(prior.maps))
+        return model
     if prior is not None and model.pert_shift is not None:
         model.pert_shift.copy_(torch.from_numpy(prior.shift))
         if model.pair_index is not None:
@@ -195,7 +243,16 @@ class ExpressionTrack:
             config = self._with_shapes(config, data)
         data, config = self.adapt(adata, data, config)
         prior = None
-        if config.model.shift_prior and config.model_config().decoder_dim == 0:
+        if (
+            config.model.shift_prior
+            and config.model_config().decoder_dim == 0
+            and data.vocab.features is not None
+        ):
+            prior, effect = feature_prior_for(adata, data, config)
+            config = config.with_shapes(
+                config.model_config().replace(n_contexts=len(data.contexts), self_effect=effect)
+            )
+        elif config.model.shift_prior and config.model_config().decoder_dim == 0:
             prior = prior_for(adata, data)  # rebuilt on resume too: the weights then overwrite it
             config = config.with_shapes(
                 config.model_config().replace(n_contexts=len(data.contexts), n_prior_pairs=prior.n_pairs)
@@ -231,13 +288,26 @@ class ExpressionTrack:
             num_genes=len(data.genes),
             perturbation_dim=data.vocab.dim,
             n_batches=len(data.batches) if len(data.batches) > 1 else 0,
+            self_dims=data.vocab.n_panel,
         )
         return config.with_shapes(model)
 
     @staticmethod
     def _fresh_data(adata, config: RunConfig, run_dir: Path) -> TrainData:
-        split = make_split(adata, config.split)  # seeded: the same split on every rank
-        data = make_train_data(adata, split, set_size=config.model.set_size, seed=config.train.seed)
+        genes, vocab, eligible = select_genes(adata, True), None, None
+        if config.model.pert_encoding == "features":
+            vocab = feature_vocab(adata, config, genes)
+            eligible = set(vocab.names[1:])
+        elif config.split.task == "unseen":
+            raise DataError(
+                "the unseen-genes task needs gene features to encode genes never perturbed in training; "
+                "use --gene-features data (computed from the training data) or --gene-features PATH"
+            )
+        # seeded: the same split on every rank
+        split = make_split(adata, config.split, eligible=eligible, combo_sep=config.spec.combo_sep)
+        data = make_train_data(
+            adata, split, set_size=config.model.set_size, seed=config.train.seed, genes=genes, vocab=vocab
+        )
         if dist_utils.current().is_main:
             split.save(run_dir / "split.json")
             ckpt.write_vocab_files(

@@ -118,6 +118,15 @@ def prediction_choices(
     return contexts, [p for p in measured if encodable(p)], [c for c in combos if encodable(c)]
 
 
+def feature_genes(run, offered: list[str]) -> list[str]:
+    """A gene-feature run's extra choices: every gene of its feature table not already offered."""
+    vocab = getattr(run, "vocab", None)
+    if vocab is None or vocab.features is None:
+        return []
+    have = set(offered) | {vocab.control}
+    return [g for g in vocab.names if g not in have]
+
+
 def nothing_to_show(values: pd.Series) -> str:
     """Why a bar chart of ``values`` would be empty ("" when there is something to draw)."""
     v = pd.to_numeric(values, errors="coerce")

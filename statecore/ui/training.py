@@ -27,12 +27,16 @@ def st_run_config(
     preset: str = "small",
     set_size: int | None = None,
     embedding_run: str | None = None,
+    features: dict | None = None,
     **train,
 ) -> RunConfig:
-    """A State Transition run: the preset's model, the app's training defaults with ``train`` changes."""
+    """A State Transition run: the preset's model, the app's training defaults with ``train`` changes;
+    ``features`` (STConfig fields, :func:`unseen_features`) switch on the gene-feature encoder."""
     model = ST_PRESETS[preset]
     if set_size:
         model = model.replace(set_size=int(set_size))
+    if features:
+        model = model.replace(**features)
     return RunConfig(
         data_path=str(Path(data_path).resolve()),
         track="embedding" if embedding_run else "hvg",
@@ -42,6 +46,26 @@ def st_run_config(
         model=model,
         train=APP_TRAIN.replace(seed=split.seed, **train),
     )
+
+
+def unseen_problem(options: dict | None) -> str:
+    """What is wrong with the Train page's unseen-genes options, in the page's words ("" when nothing)."""
+    if not options or not options.get("table"):
+        return ""
+    if not options.get("path"):
+        return "Give the Gene feature table path, or choose Gene features: from the data (control cells)."
+    if not Path(options["path"]).expanduser().is_file():
+        return f"Gene feature table path: no file at {options['path']!r}; give the path of a table on the server."
+    return ""
+
+
+def unseen_features(options: dict | None) -> dict | None:
+    """STConfig changes of the Train page's unseen-genes options (None for the other tasks)."""
+    if options is None:
+        return None
+    table = options.get("table") and options.get("path")
+    source = str(Path(options["path"]).expanduser().resolve()) if table else "data"
+    return {"pert_encoding": "features", "gene_features": source, "perturbation_type": options["kind"]}
 
 
 def se_run_config(*, data_path: str, preset: str = "small", hvg_only: bool = True, **train) -> RunConfig:
