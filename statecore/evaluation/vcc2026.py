@@ -91,7 +91,13 @@ def _indicator(codes: np.ndarray, k: int) -> sp.csr_matrix:
 
 
 def _row_sums(x) -> np.ndarray:
-    return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    """Row totals summed in float64 (cell-eval2 widens before scanpy's normalize_total; a float32
+    sum rounds fractional counts, e.g. its generic baseline's)."""
+    if sp.issparse(x):
+        if x.dtype != np.float64:
+            x = sp.csr_matrix((x.data.astype(np.float64), x.indices, x.indptr), shape=x.shape)
+        return np.asarray(x.sum(axis=1)).ravel()
+    return np.asarray(x, dtype=np.float64).sum(axis=1)
 
 
 # ---------------------------------------------------------------- expression space
