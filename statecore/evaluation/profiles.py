@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,9 +21,11 @@ import scipy.sparse as sp
 
 from statecore.data.io import looks_like_counts
 from statecore.errors import DataError
-from statecore.evaluation.metrics import EvalResult, evaluate
 from statecore.evaluation.vcc2026 import Vcc2026Result, evaluate_vcc2026
 from statecore.evaluation.vcc2026_scale import scaled_score
+
+if TYPE_CHECKING:  # metrics (scipy.stats) is imported only when the celleval part runs
+    from statecore.evaluation.metrics import EvalResult
 
 PROFILES = ("celleval", "vcc2026", "all")
 
@@ -150,6 +153,8 @@ def evaluate_profile(
     ce = vr = scaled = splits = None
     tables, aggs = [], []
     if profile in ("celleval", "all"):
+        from statecore.evaluation.metrics import evaluate
+
         # only 'all' converts counts (it is given count files); celleval alone keeps refusing them
         lp, lr = (as_log1p(pred, "pred"), as_log1p(real, "real")) if profile == "all" else (pred, real)
         for a, b, which in ((pred, lp, "pred"), (real, lr, "real")):

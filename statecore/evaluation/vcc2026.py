@@ -315,7 +315,7 @@ def gated_de(cpm_target, labels, cpm_ctrl, perts, genes, cfg: Vcc2026Config) -> 
     parts = [cpm_ctrl[:, keep], cpm_target[:, keep]]  # gated genes only: no full-width copy
     sub = sp.vstack(parts).tocsr() if sp.issparse(cpm_target) else np.vstack(parts)
     lab = np.r_[np.full(cpm_ctrl.shape[0], ctrl, dtype=object), np.asarray(labels, dtype=object)]
-    de = rank_sum_arrays(_log1p(sub), lab, ctrl, genes=genes[keep])
+    de = rank_sum_arrays(_log1p(sub), lab, ctrl, genes=genes[keep], pseudobulks=False)
     idx = pd.Index(de.groups).get_indexer(perts)
     if (idx < 0).any():
         raise DataError(f"no cells for perturbation(s) {list(np.asarray(perts)[idx < 0])[:5]}")
