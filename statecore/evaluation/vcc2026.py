@@ -324,7 +324,7 @@ def gated_de(cpm_target, labels, cpm_ctrl, perts, genes, cfg: Vcc2026Config) -> 
     ok = codes >= 0
     ind = _indicator(codes[ok], len(perts))
     n = np.asarray(ind.sum(axis=1)).ravel()
-    tsub = cpm_target[np.flatnonzero(ok)][:, keep]
+    tsub = parts[1] if ok.all() else cpm_target[np.flatnonzero(ok)][:, keep]
     tmean = ind @ tsub
     tmean = (tmean.toarray() if sp.issparse(tmean) else np.asarray(tmean)) / n[:, None]
     rmean = np.asarray(cpm_ctrl[:, keep].mean(axis=0), dtype=np.float64).ravel()
@@ -476,30 +476,45 @@ class CountScores:
     pred_de: GatedDE
 
 
-def score_counts(xp, lp, xr, lr, perts, control: str, genes, cfg: Vcc2026Config, own_control=False):
+def score_counts(
+    xp, lp, xr, lr, perts, control: str, genes, cfg: Vcc2026Config, own_control=False, threads: int = 2
+):
     """Every per-perturbation vcc2026 metric from aligned count matrices and labels.
 
     ``xr``/``lr`` hold the real perturbations and control; ``xp``/``lp`` the predicted
     perturbations (and, with ``own_control``, the prediction's own control cells: cell-eval2's
     ``control_source='pred'``, used by its replicate anchor, where pds and the predicted DE are
     measured against the prediction's control). Otherwise every effect is against the REAL
-    control (``control_source='real'``, the scored setting)."""
-    rb = count_bulks(xr, lr, cfg.bulk_target_sum, need_jk=set(perts) | {control})
-    pb = count_bulks(xp, lp, cfg.bulk_target_sum, need_jk=set(perts))
+    control (``control_source='real'``, the scored setting). The real and the predicted side
+    (bulks and DE) run in ``threads`` threads (numpy releases the GIL; the sides are
+    independent, so results do not depend on it)."""
+    is_ctrl = lr == control
+
+    def real_side():
+        rb = count_bulks(xr, lr, cfg.bulk_target_sum, need_jk=set(perts) | {control})
+        cpm = _cpm_exact(xr, cfg.target_sum)
+        ctrl = cpm[np.flatnonzero(is_ctrl)]
+        return rb, gated_de(cpm[np.flatnonzero(~is_ctrl)], lr[~is_ctrl], ctrl, perts, genes, cfg)
+
+    def pred_side():
+        pb = count_bulks(xp, lp, cfg.bulk_target_sum, need_jk=set(perts))
+        cpm = _cpm_exact(xp, cfg.target_sum)
+        if own_control:
+            pc = lp == control
+            return pb, gated_de(cpm[np.flatnonzero(~pc)], lp[~pc], cpm[np.flatnonzero(pc)], perts, genes, cfg)
+        ctrl = _cpm_exact(xr[np.flatnonzero(is_ctrl)], cfg.target_sum)  # row-wise: as the real side's
+        return pb, gated_de(cpm, lp, ctrl, perts, genes, cfg)
+
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            fr, fp = pool.submit(real_side), pool.submit(pred_side)
+            (rb, rde), (pb, pde) = fr.result(), fp.result()
+    else:
+        (rb, rde), (pb, pde) = real_side(), pred_side()
     vals = expression_metrics(pb, rb, perts, control, genes, cfg)
     vals["pds_cosine"] = pds_cosine(pb, rb, perts, control, genes, own_control=own_control)
-
-    cpm_r, cpm_p = _cpm_exact(xr, cfg.target_sum), _cpm_exact(xp, cfg.target_sum)
-    is_ctrl = lr == control
-    ctrl = cpm_r[np.flatnonzero(is_ctrl)]
-    rde = gated_de(cpm_r[np.flatnonzero(~is_ctrl)], lr[~is_ctrl], ctrl, perts, genes, cfg)
-    if own_control:
-        p_ctrl = lp == control
-        pde = gated_de(
-            cpm_p[np.flatnonzero(~p_ctrl)], lp[~p_ctrl], cpm_p[np.flatnonzero(p_ctrl)], perts, genes, cfg
-        )
-    else:
-        pde = gated_de(cpm_p, lp, ctrl, perts, genes, cfg)
     vals.update(de_metrics(rde, pde, cfg))
     return CountScores(vals, rde, pde)
 
