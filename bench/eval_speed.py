@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,11 @@ def make_data(tmp: Path, n_perts: int, n_cells: int, n_ctrl: int, n_genes: int, 
     return paths
 
 
+def _cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_statecore(real: Path, pred: Path, outdir: Path, profile: str = "celleval", extra=()) -> dict:
     cmd = [
         sys.executable,
@@ -95,16 +101,16 @@ def run_statecore(real: Path, pred: Path, outdir: Path, profile: str = "celleval
         "--timings",
         *extra,
     ]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu_children()
     proc = subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, _cpu_children() - c
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("timings ")][-1]
     phases = json.loads(line[len("timings ") :])
-    return {"wall_s": wall, "phases_s": phases}
+    return {"wall_s": wall, "cpu_s": cpu, "phases_s": phases}
 
 
 def run_cell_eval(real: Path, pred: Path, outdir: Path, threads: int) -> dict:
@@ -149,12 +155,12 @@ def run_cell_eval2(real: Path, pred: Path, outdir: Path, threads: int) -> dict:
         "-o",
         str(outdir),
     ]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu_children()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, _cpu_children() - c
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
-    return {"wall_s": wall}
+    return {"wall_s": wall, "cpu_s": cpu}
 
 
 def _cell_eval_phases(log: str) -> dict:
@@ -196,7 +202,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         real, pred, real_c, pred_c = make_data(tmp, *size)
-        ours = run_statecore(real, pred, tmp / "ours")
+        ours = None if args.skip_cell_eval else run_statecore(real, pred, tmp / "ours")
         # like for like with `cell-eval2 run` (metrics only): --no-scale; the scaled score's
         # baseline + 5 half-splits correspond to cell-eval2's separate `baseline` and `--anchor`
         pairs = []
@@ -208,6 +214,10 @@ def main() -> int:
                     "statecore_s": o2["wall_s"],
                     "cell_eval2_s": r2["wall_s"],
                     "ratio": r2["wall_s"] / o2["wall_s"],
+                    "statecore_cpu_s": o2["cpu_s"],
+                    "cell_eval2_cpu_s": r2["cpu_s"],
+                    "cpu_ratio": r2["cpu_s"] / o2["cpu_s"],
+                    "load_avg_1min": os.getloadavg()[0],
                 }
             )
         ours2, ref2 = o2, r2
@@ -265,7 +275,8 @@ def _print(r: dict) -> None:
         f"load avg before/after: {r['load_avg_1min_before_after']}"
     )
     print(f"{'tool':<44}{'wall s':>10}")
-    print(f"{'statecore evaluate (celleval)':<44}{r['statecore']['wall_s']:>10.1f}")
+    if r["statecore"]:
+        print(f"{'statecore evaluate (celleval)':<44}{r['statecore']['wall_s']:>10.1f}")
     if r["cell_eval_full"]:
         print(f"{'cell-eval run --profile full':<44}{r['cell_eval_full']['wall_s']:>10.1f}")
         print(f"{'cell-eval, same metrics only':<44}{r['cell_eval_same_metrics_s']:>10.1f}")
@@ -279,7 +290,9 @@ def _print(r: dict) -> None:
     print(f"speedup vs cell-eval2: {r['speedup_vs_cell_eval2']:.1f}x")
     for i, p in enumerate(r.get("vcc2026_back_to_back", [])):
         print(
-            f"  pair {i}: statecore {p['statecore_s']:.1f} s, cell-eval2 {p['cell_eval2_s']:.1f} s, {p['ratio']:.2f}x"
+            f"  pair {i}: wall statecore {p['statecore_s']:.1f} s, cell-eval2 {p['cell_eval2_s']:.1f} s, "
+            f"{p['ratio']:.2f}x; cpu {p['statecore_cpu_s']:.1f} s vs {p['cell_eval2_cpu_s']:.1f} s, "
+            f"{p['cpu_ratio']:.2f}x; load {p['load_avg_1min']:.1f}"
         )
     print(f"agg mean agreement (vcc2026): {r['max_abs_diff_agg_mean_vcc2026']}")
     for name in ("statecore", "cell_eval_full"):
