@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from statecore.ui import analysis, figures, results, state, widgets
+from statecore.ui import analysis, figures, results, scoring, state, widgets
 
 state.init_page("Evaluate", "📊")
 st.title("Evaluate")
@@ -76,6 +76,46 @@ else:
     st.plotly_chart(figures.metric_bars(summary, metric, better=better), width="stretch", key="eval_fig_bars")
 if info is not None:
     st.caption(GLOSSARY[metric].plain if metric in GLOSSARY else info.description)
+
+st.subheader("Scorer")
+profile = st.radio(
+    "Scorer profile",
+    list(scoring.PROFILE_LABELS),
+    format_func=scoring.PROFILE_LABELS.get,
+    key="eval_profile",
+    help="The same test prediction scored the way the 2025 challenge (cell-eval) or the 2026 challenge "
+    "(cell-eval2, on sampled raw counts) scores it.",
+)
+prof = widgets.attempt(scoring.profile_scores, run_dir, profile, what=f"Scoring with the {profile} profile")
+if not widgets.failed(prof):
+    for m in prof.messages:
+        st.caption(f"note: {m}")
+    systema = scoring.systema_table(prof.agg)
+    if systema is not None:
+        st.markdown("**Control-referenced vs perturbation-specific (mean over test perturbations)**")
+        st.dataframe(systema, hide_index=True, key="eval_systema")
+        st.caption(scoring.SYSTEMA_NOTE)
+    if prof.scaled is not None:
+        st.markdown("**vcc2026 scaled score**")
+        st.dataframe(prof.scaled, hide_index=True, key="eval_scaled")
+        st.caption(scoring.SCALED_NOTE)
+    with st.expander(f"Every {profile} metric (mean over test perturbations)"):
+        st.dataframe(scoring.mean_row(prof.agg).rename("mean").to_frame(), key="eval_profile_agg")
+
+members = scoring.ensemble_members(run_dir)
+if len(members) > 1:
+    st.subheader("Seed spread of the ensemble")
+    st.caption(
+        f"This run is one of {len(members)} ensemble members (training seeds differ). A difference smaller "
+        "than the spread between seeds is not a difference."
+    )
+    if st.button(f"Evaluate all {len(members)} members", key="eval_members"):
+        sums = widgets.attempt(
+            lambda: [results.evaluate_cached(m).summary for m in members], what="Evaluating the members"
+        )
+        if not widgets.failed(sums):
+            spread = scoring.seed_spread(sums, [m for m in HEADLINE if m in summary.columns])
+            st.dataframe(spread, hide_index=True, key="eval_spread")
 
 pred, real, control = ev.pred, ev.real, ev.control
 model_eval = ev.results.get(MODEL)

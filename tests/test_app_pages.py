@@ -331,13 +331,16 @@ def test_evaluate_page_with_a_trained_run(env, trained_run):
     assert "The model beats every baseline on" in verdict
     text = _texts(at.markdown)
     assert "Pearson Δ:" in text and "ceiling" in text and "NaN:" in text  # verdicts + glossary
-    ranks = at.dataframe[1].value
+    ranks = [d.value for d in at.dataframe if "rank" in d.value.columns][0]
     assert list(ranks["rank"]) == sorted(ranks["rank"]) and {"best", "worst", "tied"} <= set(ranks.columns)
     charts = len(at.get("plotly_chart"))
     infos = _texts(at.info)
     assert charts >= 4 or "No bars" in infos  # an empty chart is replaced by the reason
     assert not [b for b in at.button if b.key == "eval_go"]  # evaluated: the button is gone
     assert (run / "evaluation" / "verdict.json").exists()
+    assert at.radio(key="eval_profile").value == "celleval"  # the scorer switch (slow test: all three)
+    systema = [d.value for d in at.dataframe if "vs perturbed mean" in d.value.columns][0]
+    assert list(systema["metric"]) == ["Pearson Δ", "PDS (cosine)"]
     # the Predict page now carries the measured confidence
     at.switch_page("pages/4_Predict.py")
     at.run()
@@ -633,3 +636,64 @@ def test_stop_reason_says_why_a_run_ended_early(tmp_path):
     (tmp_path / "log.txt").write_text("done: step 400, loss 0.4, best val 0.5 -> /runs/kang\n")
     assert stop_reason(tmp_path) is None
     assert stop_reason(tmp_path / "missing") is None
+
+
+def _keyed(at, key: str):
+    """The dataframes of one page table, told apart by their columns (AppTest keeps no key)."""
+    marker = {"eval_systema": "vs perturbed mean", "eval_scaled": "scaled"}[key]
+    return [d for d in at.dataframe if marker in d.value.columns]
+
+
+@pytest.mark.slow
+def test_evaluate_page_switches_scorer_profile(env, trained_run):
+    """celleval shows the perturbation-specific (Systema) Δ beside the control-referenced one;
+    vcc2026 scores sampled raw counts and shows cell-eval2's scaled score."""
+    _with_run(env, trained_run)
+    at = _app("5_Evaluate.py")
+    at.button(key="eval_go").click().run()
+    _clean(at)
+    radio = at.radio(key="eval_profile")
+    assert radio.value == "celleval" and list(radio.options) == [
+        "celleval: cell-eval 0.8.2 (2025 challenge) + perturbation-specific Δ",
+        "vcc2026: cell-eval2 0.20.0 (2026 challenge), raw counts, scaled score",
+        "all: both, one table",
+    ]
+    systema = _keyed(at, "eval_systema")[0].value
+    assert list(systema["metric"]) == ["Pearson Δ", "PDS (cosine)"]
+    assert {"vs control", "vs perturbed mean"} <= set(systema.columns)
+    assert "Systema" in _texts(at.caption)
+    assert not _keyed(at, "eval_scaled")
+    radio.set_value("vcc2026").run()
+    _clean(at)
+    assert not at.error, _texts(at.error)
+    every = [d.value for d in at.dataframe if list(d.value.columns) == ["mean"]][0]
+    assert {"pds_cosine", "de_wilcoxon_sig_jaccard", "expr_mse_unbiased_capped_norm"} <= set(every.index)
+    assert not _keyed(at, "eval_systema")  # vcc2026 has no control-vs-perturbed pairs
+    # the synthetic labels name no gene: cell-eval2's baseline cannot leave a gene's own
+    # perturbation out, so the scaled score is skipped with that reason (tests/test_eval_profiles
+    # and test_vcc2026_equality cover the score itself)
+    assert "scaled score skipped: no perturbation names a measured gene" in _texts(at.caption)
+    radio.set_value("all").run()
+    _clean(at)
+    assert _keyed(at, "eval_systema")
+    every = [d.value for d in at.dataframe if list(d.value.columns) == ["mean"]][0]
+    assert {"pds_cosine", "pearson_delta_pert", "overlap_at_N"} <= set(every.index)
+
+
+def test_seed_spread_of_ensemble_members(env, trained_run):
+    import pandas as pd
+
+    from statecore.evaluation.run import MODEL
+    from statecore.ui import scoring
+
+    run = _with_run(env, trained_run)
+    import shutil
+
+    shutil.copytree(run, run.with_name(f"{run.name}-seed1"))
+    assert scoring.ensemble_members(run) == [run, run.with_name(f"{run.name}-seed1")]
+    sums = [
+        pd.DataFrame({"method": [MODEL, "baseline: control"], "pearson_delta": [v, 0.0]}) for v in (0.2, 0.4)
+    ]
+    spread = scoring.seed_spread(sums, ["pearson_delta"]).iloc[0]
+    assert spread["members"] == 2 and spread["mean"] == pytest.approx(0.3)
+    assert spread["sd"] == pytest.approx(np.std([0.2, 0.4], ddof=1))

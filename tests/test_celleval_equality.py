@@ -224,3 +224,77 @@ def test_threshold_and_tied_fold_changes_equal(seed, tmp_path):
             a, b = ref[m].to_numpy(float), np.asarray(ours[m], float)
             ok = np.isclose(a, b, atol=1e-12, rtol=0, equal_nan=True)
             assert ok.all(), f"{m}: cell-eval {a} vs ours {b}"
+
+
+def _edge_tables(seed: int):
+    """Our DE arrays of a seeded pair, edited so that FDRs sit exactly at the 0.05 threshold (and
+    one float64/float32 ulp either side) and significant genes share tied and near-tied fold
+    changes (equal, and one float32 ulp apart)."""
+    from dataclasses import replace
+
+    from statecore.evaluation.de import rank_sum_arrays
+
+    pred, real = make_pair(seed, mix=0.4, ties=True)
+    des = []
+    for a in (real, pred):
+        x = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
+        des.append(
+            rank_sum_arrays(x, a.obs["perturbation"].to_numpy(), "ctrl", genes=np.asarray(a.var_names))
+        )
+    rng = np.random.default_rng(seed)
+    t32 = np.float32(0.05)
+    edges = [
+        0.05,
+        np.nextafter(0.05, 0.0),
+        np.nextafter(0.05, 1.0),
+        float(t32),
+        float(np.nextafter(t32, 0.0)),
+    ]
+    out = []
+    for de in des:
+        fdr, lfc = de.fdr.copy(), de.lfc.copy()
+        for i in range(fdr.shape[0]):
+            cols = rng.choice(fdr.shape[1], 2 * len(edges), replace=False)
+            fdr[i, cols[: len(edges)]] = edges
+            fdr[i, cols[len(edges) :]] = rng.permutation(edges)
+            sig = np.flatnonzero(fdr[i] < 0.04)
+            if sig.size >= 4:
+                v = np.float32(lfc[i, sig[0]])
+                lfc[i, sig[1]] = lfc[i, sig[0]]  # an exact tie
+                lfc[i, sig[2]] = -lfc[i, sig[0]]  # tied |LFC|, opposite sign
+                lfc[i, sig[3]] = float(np.nextafter(v, np.float32(np.inf)))  # one float32 ulp apart
+        out.append(replace(de, fdr=fdr, lfc=lfc))
+    return pred, real, out[0], out[1]
+
+
+@pytest.mark.parametrize("seed", [7, 9, 11])
+def test_de_metrics_at_the_threshold_and_with_tied_fold_changes(seed, tmp_path):
+    """The same DE tables fed to cell-eval 0.8.2 (de_real/de_pred) and to our de_metrics: every
+    DE metric equal, with genes exactly at FDR 0.05 (either side by one ulp) and tied |LFC|."""
+    from statecore.evaluation.metrics import de_metrics
+
+    pred, real, rde, pde = _edge_tables(seed)
+    ev = cell_eval.MetricsEvaluator(
+        pred.copy(),
+        real.copy(),
+        de_pred=pl.from_pandas(pde.to_frame()),
+        de_real=pl.from_pandas(rde.to_frame()),
+        control_pert="ctrl",
+        pert_col="perturbation",
+        num_threads=1,
+        outdir=str(tmp_path),
+    )
+    res, _ = ev.compute(profile="de", write_csv=False)
+    ref = res.to_pandas().set_index("perturbation").sort_index()
+    ours = pd_frame(de_metrics(rde, pde), rde.groups).reindex(ref.index)
+    cols = [c for c in ref.columns if c in ours.columns]
+    assert {"de_spearman_lfc_sig", "overlap_at_N", "precision_at_N", "de_sig_genes_recall"} <= set(cols)
+    _assert_frames_equal(ref[cols], ours[cols], atol=1e-9)
+
+
+def pd_frame(values: dict, groups):
+    import pandas as pd
+
+    return pd.DataFrame(
+        {k: v for k, v in values.items()}, index=pd.Index(groups.astype(str), name="perturbation")
+    )

@@ -44,6 +44,40 @@ def test_cli_vcc2026_writes_cell_eval2_names(tmp_path, capsys):
     assert "pds_cosine" in capsys.readouterr().out
 
 
+def test_cli_vcc2026_writes_the_scaled_score(tmp_path, capsys):
+    """vcc2026_score.csv: six members + avg_score, equal to the library call; --no-scale skips it."""
+    from statecore.evaluation.vcc2026_scale import SCORED, scaled_score
+
+    pred, real, paths = _write_counts(tmp_path)
+    assert _run(paths, tmp_path / "out", "vcc2026") == 0
+    table = pd.read_csv(tmp_path / "out" / "vcc2026_score.csv")
+    assert list(table["metric"]) == [*SCORED, "avg_score"]
+    agg = evaluate_vcc2026(pred, real, control=CONTROL, pert_col="target").agg
+    direct = scaled_score(agg, real, control=CONTROL, pert_col="target").table
+    np.testing.assert_allclose(table["scaled"], direct["scaled"], rtol=1e-12)
+    assert len(pd.read_csv(tmp_path / "out" / "anchor_splits.csv")) == 5
+    assert "scaled score" in capsys.readouterr().out
+    main(
+        [
+            "evaluate",
+            "--pred",
+            str(paths["pred"]),
+            "--real",
+            str(paths["real"]),
+            "--control",
+            CONTROL,
+            "--pert-col",
+            "target",
+            "--profile",
+            "vcc2026",
+            "--no-scale",
+            "-o",
+            str(tmp_path / "o2"),
+        ]
+    )
+    assert not (tmp_path / "o2" / "vcc2026_score.csv").exists()
+
+
 def test_cli_all_profile_has_both_scorers(tmp_path):
     _, _, paths = _write_counts(tmp_path)
     with warnings.catch_warnings():

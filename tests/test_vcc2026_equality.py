@@ -112,3 +112,103 @@ def test_aggregate_equal(case):
         a, b = ref_agg[m].to_numpy(float), agg[m].to_numpy(float)
         same = np.isclose(a, b, rtol=1e-8, atol=1e-12, equal_nan=True)
         assert same.all(), f"{m}: cell-eval2 {a} vs ours {b}"
+
+
+# ---------------------------------------------------------------- the scaled score (u - b) / (r - b)
+
+SCALE_PAIR = dict(seed=5, n_cells=60, n_ctrl=150, sparse=True)  # a pair whose six scales are all usable
+
+
+@pytest.fixture(scope="module")
+def scale_case():
+    """cell-eval2's own three legs: the generic baseline, the 5-split replicate anchor and the
+    replicate-scale scores (its score_metrics core, _replicate_entries + _reference_column)."""
+    from cell_eval2 import EvalConfig, aggregate_metrics_wide, compute_metrics
+    from cell_eval2.anchor import compute_replicate_anchor
+    from cell_eval2.baseline import build_generic_baseline
+    from cell_eval2.score import _reference_column, _replicate_entries
+
+    from statecore.evaluation.vcc2026_scale import scaled_score
+
+    pred, real = make_count_pair(**SCALE_PAIR)
+    cfg = replace(EvalConfig.from_preset("vcc2026"), pert_col="target", control=CONTROL, num_threads=1)
+    cfg = replace(cfg, de=replace(cfg.de, backend="pdex"))
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = build_generic_baseline(real.copy(), config=cfg).agg.to_pandas().set_index("statistic")
+            splits, anchor = compute_replicate_anchor(real.copy(), config=cfg)
+            user = aggregate_metrics_wide(compute_metrics(pred.copy(), real.copy(), config=cfg))
+    finally:
+        logging.disable(logging.NOTSET)
+    user = user.to_pandas().set_index("statistic")
+    entries = _replicate_entries(base.loc["mean"].to_dict(), anchor)
+    rows = [*sorted(entries), "avg_score"]
+    names = list(user.columns)
+    col = _reference_column(rows, [user.loc["mean", m] for m in names], names, entries, column="r", label="r")
+    ours = scaled_score(
+        evaluate_vcc2026(pred, real, control=CONTROL, pert_col="target").agg,
+        real,
+        control=CONTROL,
+        pert_col="target",
+    )
+    return ours, base, splits.to_pandas(), dict(zip(rows, col.to_list()))
+
+
+def test_scaled_score_equal(scale_case):
+    ours, _, _, ref = scale_case
+    got = ours.table.set_index("metric")["scaled"]
+    assert set(ref) == set(got.index)
+    for m, v in ref.items():
+        assert np.isclose(got[m], v, rtol=1e-8, atol=1e-12), f"{m}: cell-eval2 {v} vs ours {got[m]}"
+    assert not ours.messages
+
+
+def test_scale_ends_equal(scale_case):
+    """Both ends: the baseline's aggregate (every metric) and the anchor's value at each split."""
+    from statecore.evaluation.vcc2026_scale import SCORED, baseline_aggregate
+
+    ours, base, splits, _ = scale_case
+    _, real = make_count_pair(**SCALE_PAIR)
+    ob = baseline_aggregate(real, control=CONTROL, pert_col="target").set_index("statistic")
+    for m in base.columns:
+        a, b = base[m].to_numpy(float), ob[m].to_numpy(float)
+        assert np.isclose(a, b, rtol=1e-8, atol=1e-12, equal_nan=True).all(), f"baseline {m}: {a} vs {b}"
+    for m in SCORED:
+        a = splits[splits["metric"] == m].sort_values("split_index")["value"].to_numpy(float)
+        b = ours.splits[m].to_numpy(float)  # means over perturbations: summation order differs
+        assert np.isclose(a, b, rtol=1e-8, atol=1e-12).all(), f"anchor {m}: cell-eval2 {a} vs ours {b}"
+
+
+def test_baseline_cells_and_halves_identical():
+    """The baseline's emitted cells bit for bit, and the split halves cell for cell."""
+    from cell_eval2.baseline import build_baseline_prediction, generic_response_profile
+    from cell_eval2.ceiling import _disjoint_halves
+
+    from statecore.evaluation.vcc2026_scale import disjoint_halves, generic_baseline, split_seeds
+
+    for sparse in (False, True):
+        _, real = make_count_pair(seed=3, sparse=sparse)
+        prof = generic_response_profile(real, pert_col="target", control=CONTROL)
+        ref = build_baseline_prediction(prof, real, pert_col="target", control=CONTROL)
+        ours = generic_baseline(real, control=CONTROL, pert_col="target")
+        a = ref.X.toarray() if sparse else ref.X
+        b = ours.X.toarray() if sparse else ours.X
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    for seed in split_seeds():
+        ha, hb = _disjoint_halves(real, "target", CONTROL, seed)
+        ia, ib = disjoint_halves(real.obs, "target", seed)
+        assert list(ha.obs_names) == list(real.obs_names[ia])
+        assert list(hb.obs_names) == list(real.obs_names[ib])
+
+
+def test_degenerate_scale_is_named_not_scored():
+    """Where cell-eval2 stops (replicate not beyond the baseline), we leave the member NaN."""
+    from statecore.evaluation.vcc2026_scale import member_score
+
+    assert np.isnan(member_score("pds_cosine", 0.8, 0.6, 0.5))
+    assert np.isnan(member_score("de_wilcoxon_lfc_nmae", 0.3, 0.4, 0.9))
+    assert member_score("expr_mse_unbiased_capped_norm", 5.0, 1.0, 0.0) == 0.0  # Box-Cox tail, clipped at 0
+    assert member_score("de_wilcoxon_lfc_nmae", 50.0, 1.0, 0.0) == -6.0
+    assert member_score("pds_cosine", np.nan, 0.5, 1.0) == -1.0  # a missing value scores metric_min

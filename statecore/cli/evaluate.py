@@ -60,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="pool all contexts instead of one table per obs['context'] value",
     )
+    p.add_argument(
+        "--no-scale",
+        action="store_true",
+        help="vcc2026/all: skip cell-eval2's scaled score (generic baseline + 5 half-splits of the real "
+        "cells, about 4x the metrics' time)",
+    )
     p.add_argument("--timings", action="store_true", help="also print seconds per phase as JSON")
     p.add_argument(
         "-o",
@@ -150,6 +156,7 @@ def files_evaluation(args: argparse.Namespace) -> int:
             pert_col=args.pert_col,
             baseline=base,
             context_col=None if args.no_contexts else "context",
+            scale=not args.no_scale,
         )
     t_eval = time.perf_counter() - t0 - t_read
     t1 = time.perf_counter()
@@ -175,6 +182,11 @@ def _summary(res) -> str:
         + (f" in {len(n)} context(s)" if n is not None else "")
     ]
     lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if res.scaled is not None:
+        lines.append("vcc2026 scaled score (0 = generic baseline, 1 = real half-split replicate):")
+        keep = ["context"] if "context" in res.scaled.columns else []
+        cols = [*keep, "metric", "prediction", "baseline", "replicate", "scaled"]
+        lines.append(res.scaled[cols].to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4f}"))
     score = res.celleval.score if res.celleval is not None else None
     if score is not None:
         s = score[score["metric"].isin(["avg_score", "overlap_at_N", "discrimination_score_l1", "mae"])]

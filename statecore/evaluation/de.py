@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.special import ndtr
-from scipy.stats import false_discovery_control
 
 from statecore.errors import DataError
 
@@ -80,8 +79,19 @@ class DEArrays:
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """BH adjusted p-values along the last axis: scipy's ``false_discovery_control``, which pdex calls."""
-    return false_discovery_control(np.asarray(p, dtype=np.float64), axis=-1)
+    """BH adjusted p-values along the last axis: scipy's ``false_discovery_control`` (which pdex
+    calls), the same operations in the same order, so bit for bit equal (tests/test_de.py);
+    written out because importing scipy.stats costs seconds per ``evaluate`` process."""
+    ps = np.asarray(p, dtype=np.float64)
+    if ps.size <= 1 or ps.shape[-1] <= 1:
+        return ps
+    m = ps.shape[-1]
+    order = np.argsort(ps, axis=-1)
+    s = np.take_along_axis(ps, order, axis=-1) * (m / np.arange(1, m + 1, dtype=np.float64))
+    np.minimum.accumulate(s[..., ::-1], out=s[..., ::-1], axis=-1)
+    out = np.empty_like(s)
+    np.put_along_axis(out, order, s, axis=-1)
+    return np.clip(out, 0.0, 1.0)
 
 
 def _float_keys(block: np.ndarray) -> np.ndarray:
@@ -164,6 +174,87 @@ def _rank_sums_block(keys_ref: np.ndarray, keys_grp: np.ndarray, lab: np.ndarray
     return u1.reshape(n_groups, b), tie.reshape(n_groups, b) + tie_ref[None, :]
 
 
+def _value_keys(v: np.ndarray) -> np.ndarray:
+    """Order-preserving keys (>= 1, < 2**32, as uint64) of strictly positive values."""
+    head = v[:1024]  # continuous values fail on the first few: skip the full float32 round trip
+    if v.dtype == np.float32 or (
+        np.array_equal(head.astype(np.float32), head) and np.array_equal(v.astype(np.float32), v)
+    ):
+        return np.ascontiguousarray(v, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    # dense codes: positive float64 bit patterns sort like the values (one uint64 sort, faster
+    # than np.unique's argsort), then each value's position among the distinct ones
+    bits = np.ascontiguousarray(v, dtype=np.float64).view(np.uint64)
+    s = np.sort(bits)
+    uniq = s[np.r_[True, s[1:] != s[:-1]]] if s.size else s
+    if uniq.size >= 2**32 - 1:
+        raise DataError("too many distinct values in one gene block; use a smaller block_size")
+    return np.searchsorted(uniq, bits).astype(np.uint64) + np.uint64(1)
+
+
+def _rank_sums_sparse(blk, n_ref: int, lab: np.ndarray, n_per: np.ndarray, n_groups: int):
+    """``_rank_sums_block`` for a non-negative CSC block (rows: reference first, then groups in
+    ``lab`` order) that sorts only the stored non-zero values: the zeros of a gene are one tie
+    run below every other value, so their rank sums and tie terms are counts. Same U1 and tie
+    (sums of half-integers, exact in float64) as the dense path."""
+    b = blk.shape[1]
+    s32, s56 = np.uint64(32), np.uint64(56)
+    col = np.repeat(np.arange(b, dtype=np.int64), np.diff(blk.indptr))
+    row, val = blk.indices.astype(np.int64), blk.data
+    nz = val != 0
+    col, row, val = col[nz], row[nz], val[nz]
+    keys = _value_keys(val)
+    isref = row < n_ref
+    z_ref = (n_ref - np.bincount(col[isref], minlength=b)).astype(np.float64)
+    ref_sorted = np.sort((col[isref].astype(np.uint64) << s32) | keys[isref])
+    gene_start = np.searchsorted(ref_sorted, np.arange(b, dtype=np.uint64) << s32)
+    rstart = _run_starts(ref_sorted)
+    rlen = np.diff(np.r_[rstart, ref_sorted.size])
+    run_len_at = np.zeros(ref_sorted.size + 1, np.int64)
+    run_len_at[rstart] = rlen
+    rl = rlen.astype(np.float64)
+    tie_ref = np.bincount(
+        (ref_sorted[rstart] >> s32).astype(np.int64), weights=rl * rl * rl - rl, minlength=b
+    )
+    tie_ref += z_ref * z_ref * z_ref - z_ref
+
+    gcol, glab = col[~isref], lab[row[~isref] - n_ref]
+    size = n_groups * b
+    z_g = (np.repeat(n_per.astype(np.float64), b) - np.bincount(glab * b + gcol, minlength=size)).reshape(
+        n_groups, b
+    )
+    packed = (gcol.astype(np.uint64) << s56) | (glab.astype(np.uint64) << s32) | keys[~isref]
+    grp_sorted = np.sort(packed)
+    gstart = _run_starts(grp_sorted)
+    t_g = np.diff(np.r_[gstart, grp_sorted.size]).astype(np.float64)
+    run_key = grp_sorted[gstart]
+    run_gene = (run_key >> s56).astype(np.int64)
+    run_grp = ((run_key >> s32) & np.uint64(0xFFFFFF)).astype(np.int64)
+    q = (run_gene.astype(np.uint64) << s32) | (run_key & np.uint64(0xFFFFFFFF))
+    left = np.searchsorted(ref_sorted, q, side="left")
+    hit = (
+        ref_sorted[np.minimum(left, max(ref_sorted.size - 1, 0))] == q
+        if ref_sorted.size
+        else np.zeros(q.size, bool)
+    )
+    eq_r = np.where(hit, run_len_at[left], 0).astype(np.float64)
+    lt_r = (left - gene_start[run_gene]).astype(np.float64) + z_ref[run_gene]
+    out = run_grp * b + run_gene
+    u1 = np.bincount(out, weights=t_g * (lt_r + 0.5 * eq_r), minlength=size).reshape(n_groups, b)
+    tie = np.bincount(out, weights=t_g * (t_g * t_g - 1.0 + 3.0 * eq_r * (t_g + eq_r)), minlength=size)
+    tie = tie.reshape(n_groups, b)
+    zr = z_ref[None, :]
+    u1 += z_g * 0.5 * zr  # the group's zeros: no reference value below, the reference's zeros tie
+    tie += z_g * (z_g * z_g - 1.0 + 3.0 * zr * (z_g + zr))
+    return u1, tie + tie_ref[None, :]
+
+
+def _run_starts(a: np.ndarray) -> np.ndarray:
+    """Start index of every run of equal values of a sorted array (none for an empty one)."""
+    if a.size == 0:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+
+
 def _mwu_pvalues(u1: np.ndarray, tie: np.ndarray, n1: np.ndarray, n2: int):
     """Two-sided asymptotic MWU with tie + continuity correction (scipy's 'asymptotic' method)."""
     n1 = n1.astype(np.float64)[:, None]
@@ -184,11 +275,14 @@ def _column_block(x, cols: slice) -> np.ndarray:
     return np.ascontiguousarray(x[:, cols])
 
 
-def rank_sum_arrays(x, groups, control: str, *, genes=None, block_size: int = 256) -> DEArrays:
+def rank_sum_arrays(
+    x, groups, control: str, *, genes=None, block_size: int = 256, pseudobulks: bool = True
+) -> DEArrays:
     """Vectorised DE of every group against ``control`` on log1p values ``x`` (cells x genes).
 
     ``x`` may be a numpy array or a scipy sparse matrix; ``groups`` holds one label per cell
-    (cells with an empty or missing label are ignored, as pdex does).
+    (cells with an empty or missing label are ignored, as pdex does). ``pseudobulks=False``
+    skips pdex's means and fold changes (NaN): for callers with their own (vcc2026).
     """
     labels = pd.Series(np.asarray(groups, dtype=object))
     valid = labels.notna().to_numpy() & (labels.astype(str) != "").to_numpy()
@@ -211,11 +305,15 @@ def rank_sum_arrays(x, groups, control: str, *, genes=None, block_size: int = 25
     k = len(tgroups)
     n_per = np.bincount(lab, minlength=k).astype(np.int64)
     n_ref = len(ref_rows)
-    target_mean, ref_mean = _pdex_means(x, ref_rows, grp_rows, lab, k)
+    if pseudobulks:
+        target_mean, ref_mean = _pdex_means(x, ref_rows, grp_rows, lab, k)
+    else:
+        target_mean, ref_mean = np.full((k, n_genes), np.nan), np.full(n_genes, np.nan)
     # Reorder the rows once (controls first, then groups in order), so that each gene block is
     # a plain column slice: CSC for sparse input (cheap column slices), a row copy for dense.
     rows = np.r_[ref_rows, grp_rows]
     x = sp.csc_matrix(x[rows]) if sp.issparse(x) else np.asarray(x)[rows]
+    sparse_ranks = sp.issparse(x) and (x.nnz == 0 or x.data.min() >= 0)  # zeros lowest: skip them
 
     u1 = np.zeros((k, n_genes))
     tie = np.zeros((k, n_genes))
@@ -224,7 +322,9 @@ def rank_sum_arrays(x, groups, control: str, *, genes=None, block_size: int = 25
     block_size = max(1, min(block_size, 256))  # the gene index is packed into 8 bits of the key
     for start in range(0, n_genes, block_size):
         cols = slice(start, min(start + block_size, n_genes))
-        if k and len(grp_rows):
+        if k and len(grp_rows) and sparse_ranks:
+            u1[:, cols], tie[:, cols] = _rank_sums_sparse(x[:, cols], n_ref, lab, n_per, k)
+        elif k and len(grp_rows):
             keys = _block_keys(_column_block(x, cols))
             u1[:, cols], tie[:, cols] = _rank_sums_block(keys[:n_ref], keys[n_ref:], lab, k)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,8 +21,11 @@ import scipy.sparse as sp
 
 from statecore.data.io import looks_like_counts
 from statecore.errors import DataError
-from statecore.evaluation.metrics import EvalResult, evaluate
 from statecore.evaluation.vcc2026 import Vcc2026Result, evaluate_vcc2026
+from statecore.evaluation.vcc2026_scale import scaled_score
+
+if TYPE_CHECKING:  # metrics (scipy.stats) is imported only when the celleval part runs
+    from statecore.evaluation.metrics import EvalResult
 
 PROFILES = ("celleval", "vcc2026", "all")
 
@@ -34,14 +38,22 @@ class ProfileResult:
     messages: tuple[str, ...]
     celleval: EvalResult | None = None
     vcc2026: Vcc2026Result | None = None
+    # cell-eval2's baseline-to-replicate scaled score: metric, prediction, baseline, replicate,
+    # replicate_sd, scaled (+ avg_score row, + context), and the anchor's five splits
+    scaled: pd.DataFrame | None = None
+    anchor_splits: pd.DataFrame | None = None
 
     def save(self, outdir) -> list[str]:
-        """Write results.csv and agg_results.csv (+ DE tables and score of the celleval part)."""
+        """Write results.csv and agg_results.csv (+ DE tables and score of the celleval part,
+        vcc2026_score.csv and anchor_splits.csv of the vcc2026 scaled score)."""
         if self.celleval is not None:
             self.celleval.save(outdir)  # real_de.csv, pred_de.csv, score.csv
         os.makedirs(outdir, exist_ok=True)
         self.results.to_csv(os.path.join(outdir, "results.csv"), index=False)
         self.agg.to_csv(os.path.join(outdir, "agg_results.csv"), index=False)
+        if self.scaled is not None:
+            self.scaled.to_csv(os.path.join(outdir, "vcc2026_score.csv"), index=False)
+            self.anchor_splits.to_csv(os.path.join(outdir, "anchor_splits.csv"), index=False)
         return sorted(os.listdir(outdir))
 
 
@@ -74,24 +86,52 @@ def as_log1p(adata, which: str):
     return out
 
 
-def _vcc_by_context(pred, real, control, pert_col, context_col):
-    """(results, agg, messages, last Vcc2026Result), one block per shared context when split."""
+def _front(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
+    if not frames:
+        return None
+    f = pd.concat(frames, ignore_index=True)
+    return f[["context", *[k for k in f.columns if k != "context"]]] if "context" in f else f
+
+
+def _vcc_one(pred, real, control, pert_col, scale: bool, ctx: str | None):
+    """One context: the Vcc2026Result and, with ``scale``, its ScaledScore (None if it cannot
+    be built: the reason is the second message list)."""
+    r = evaluate_vcc2026(pred, real, control=control, pert_col=pert_col)
+    tag = f"[{ctx}] " if ctx is not None else ""
+    msgs = [tag + m for m in r.messages]
+    sc = None
+    if scale:
+        try:
+            sc = scaled_score(r.agg, real, control=control, pert_col=pert_col)
+            msgs += [f"{tag}scaled score: {m}" for m in sc.messages]
+        except DataError as exc:
+            msgs.append(f"{tag}scaled score skipped: {exc}")
+    return r, sc, msgs
+
+
+def _vcc_by_context(pred, real, control, pert_col, context_col, scale: bool = True):
+    """(results, agg, messages, last Vcc2026Result, scaled, splits), one block per shared
+    context when split."""
     split = context_col is not None and context_col in real.obs and context_col in pred.obs
     if not split:
-        r = evaluate_vcc2026(pred, real, control=control, pert_col=pert_col)
-        return r.results, r.agg, list(r.messages), r
-    res, aggs, msgs, last = [], [], [], None
-    cr, cp = real.obs[context_col].astype(str).to_numpy(), pred.obs[context_col].astype(str).to_numpy()
-    shared = sorted(set(cr) & set(cp))
-    if not shared:
-        raise DataError(f"pred and real share no {context_col!r} value")
-    for c in shared:
-        last = evaluate_vcc2026(pred[cp == c], real[cr == c], control=control, pert_col=pert_col)
-        res.append(last.results.assign(context=c))
-        aggs.append(last.agg.assign(context=c))
-        msgs += [f"[{c}] {m}" for m in last.messages]
-    front = lambda f: f[["context", *[k for k in f.columns if k != "context"]]]  # noqa: E731
-    return front(pd.concat(res, ignore_index=True)), front(pd.concat(aggs, ignore_index=True)), msgs, last
+        blocks = [(None, pred, real)]
+    else:
+        cr, cp = real.obs[context_col].astype(str).to_numpy(), pred.obs[context_col].astype(str).to_numpy()
+        shared = sorted(set(cr) & set(cp))
+        if not shared:
+            raise DataError(f"pred and real share no {context_col!r} value")
+        blocks = [(c, pred[cp == c], real[cr == c]) for c in shared]
+    res, aggs, scaled, splits, msgs, last = [], [], [], [], [], None
+    for c, p, r in blocks:
+        last, sc, m = _vcc_one(p, r, control, pert_col, scale, c)
+        msgs += m
+        tag = {} if c is None else {"context": c}
+        res.append(last.results.assign(**tag))
+        aggs.append(last.agg.assign(**tag))
+        if sc is not None:
+            scaled.append(sc.table.assign(**tag))
+            splits.append(sc.splits.assign(**tag))
+    return _front(res), _front(aggs), msgs, last, _front(scaled), _front(splits)
 
 
 def evaluate_profile(
@@ -103,14 +143,18 @@ def evaluate_profile(
     pert_col: str = "perturbation",
     baseline=None,
     context_col: str | None = "context",
+    scale: bool = True,
 ) -> ProfileResult:
-    """Score ``pred`` against ``real`` with the scorers of ``profile`` (see module docstring)."""
+    """Score ``pred`` against ``real`` with the scorers of ``profile`` (see module docstring);
+    ``scale``: also cell-eval2's baseline-to-replicate scaled score of the vcc2026 part."""
     if profile not in PROFILES:
         raise DataError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     messages: list[str] = []
-    ce = vr = None
+    ce = vr = scaled = splits = None
     tables, aggs = [], []
     if profile in ("celleval", "all"):
+        from statecore.evaluation.metrics import evaluate
+
         # only 'all' converts counts (it is given count files); celleval alone keeps refusing them
         lp, lr = (as_log1p(pred, "pred"), as_log1p(real, "real")) if profile == "all" else (pred, real)
         for a, b, which in ((pred, lp, "pred"), (real, lr, "real")):
@@ -131,8 +175,8 @@ def evaluate_profile(
         tables.append(ce.results)
         aggs.append(ce.agg)
     if profile in ("vcc2026", "all"):
-        res, agg, msgs, vr = _vcc_by_context(
-            as_counts(pred, "pred"), as_counts(real, "real"), control, pert_col, context_col
+        res, agg, msgs, vr, scaled, splits = _vcc_by_context(
+            as_counts(pred, "pred"), as_counts(real, "real"), control, pert_col, context_col, scale
         )
         messages += msgs
         tables.append(res)
@@ -145,4 +189,4 @@ def evaluate_profile(
     agg = aggs[0]
     for a in aggs[1:]:
         agg = agg.merge(a, on=akeys, how="outer", sort=False)
-    return ProfileResult(profile, results, agg, tuple(messages), ce, vr)
+    return ProfileResult(profile, results, agg, tuple(messages), ce, vr, scaled, splits)

@@ -64,12 +64,14 @@ AGG_STATISTICS = ("count", "null_count", "mean", "std", "min", "max", "median")
 # ---------------------------------------------------------------- input
 
 
-def check_counts(x, which: str) -> None:
-    """cell-eval2 refuses anything but finite, non-negative integer counts; so do we."""
+def check_counts(x, which: str, allow_fractional: bool = False) -> None:
+    """cell-eval2 refuses anything but finite, non-negative integer counts; so do we
+    (``allow_fractional``: its baseline allowance, non-negative finite values)."""
     vals = x.data if sp.issparse(x) else np.asarray(x)
     if vals.size == 0:
         return
-    if not np.isfinite(vals).all() or vals.min() < 0 or not np.array_equal(vals, np.round(vals)):
+    integer = allow_fractional or np.array_equal(vals, np.round(vals))
+    if not np.isfinite(vals).all() or vals.min() < 0 or not integer:
         raise DataError(
             f"{which} X is not raw counts (non-negative integers); the vcc2026 profile scores raw "
             "counts only: write predictions with `predict --counts` and the real cells with "
@@ -89,7 +91,13 @@ def _indicator(codes: np.ndarray, k: int) -> sp.csr_matrix:
 
 
 def _row_sums(x) -> np.ndarray:
-    return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    """Row totals summed in float64 (cell-eval2 widens before scanpy's normalize_total; a float32
+    sum rounds fractional counts, e.g. its generic baseline's)."""
+    if sp.issparse(x):
+        if x.dtype != np.float64:
+            x = sp.csr_matrix((x.data.astype(np.float64), x.indices, x.indptr), shape=x.shape)
+        return np.asarray(x.sum(axis=1)).ravel()
+    return np.asarray(x, dtype=np.float64).sum(axis=1)
 
 
 # ---------------------------------------------------------------- expression space
@@ -225,14 +233,18 @@ def expression_metrics(
     }
 
 
-def pds_cosine(pred: CountBulks, real: CountBulks, perts: np.ndarray, control: str, genes) -> np.ndarray:
+def pds_cosine(
+    pred: CountBulks, real: CountBulks, perts: np.ndarray, control: str, genes, own_control: bool = False
+) -> np.ndarray:
     """1 - midrank / (N - 1) of each true perturbation among all N real effects by cosine
-    distance to the predicted effect (both against the REAL control); every column that is
-    the target gene of some real perturbation is removed first (scope 'panel')."""
+    distance to the predicted effect (both against the REAL control, or with ``own_control``
+    the prediction's against its own: control_source 'pred'); every column that is the
+    target gene of some real perturbation is removed first (scope 'panel')."""
     ci = int(np.flatnonzero(real.groups == control)[0])
     real_perts = np.delete(real.groups, ci)
     real_eff = np.delete(real.means, ci, axis=0) - real.means[ci]
-    pred_eff = pred.means[pd.Index(pred.groups).get_indexer(perts)] - real.means[ci]
+    pred_ctrl = pred.means[int(np.flatnonzero(pred.groups == control)[0])] if own_control else real.means[ci]
+    pred_eff = pred.means[pd.Index(pred.groups).get_indexer(perts)] - pred_ctrl
     panel = np.unique(list(target_columns(real_perts, genes).values())).astype(int)
     keep = np.ones(real_eff.shape[1], bool)
     keep[panel] = False
@@ -258,13 +270,15 @@ def pds_cosine(pred: CountBulks, real: CountBulks, perts: np.ndarray, control: s
 
 @dataclass(frozen=True)
 class GatedDE:
-    """DE of K perturbations vs the real control over the CPM-gated genes (row k = perts[k])."""
+    """DE of K perturbations vs a control over all G genes (row k = perts[k]); genes outside
+    the control-CPM gate are absent from cell-eval2's table: NaN here and ``keep`` False."""
 
     perts: np.ndarray  # (K,)
-    genes: np.ndarray  # (Gk,) genes that pass the control-CPM gate
-    lfc: np.ndarray  # (K, Gk) log2((mean CPM + eps) / (control mean CPM + eps))
-    p_value: np.ndarray  # (K, Gk) pdex's rank-sum p-value
-    p_adj: np.ndarray  # (K, Gk) BH within each perturbation over the gated genes
+    genes: np.ndarray  # (G,) every gene
+    keep: np.ndarray  # (G,) bool: the gene passes this side's control-CPM gate
+    lfc: np.ndarray  # (K, G) log2((mean CPM + eps) / (control mean CPM + eps)), NaN off the gate
+    p_value: np.ndarray  # (K, G) pdex's rank-sum p-value, NaN off the gate
+    p_adj: np.ndarray  # (K, G) BH within each perturbation over the gated genes, NaN off the gate
 
 
 def _cpm_exact(x, target_sum: float):
@@ -292,13 +306,16 @@ def control_gate(ctrl_cpm, cfg: Vcc2026Config) -> np.ndarray:
     return mean * (1e6 / cfg.target_sum) > cfg.min_control_cpm
 
 
-def gated_de(cpm_target, labels, cpm_ctrl, perts, keep: np.ndarray, genes, cfg: Vcc2026Config) -> GatedDE:
-    """DE of each label group of ``cpm_target`` (CPM rows) vs the control rows ``cpm_ctrl``."""
+def gated_de(cpm_target, labels, cpm_ctrl, perts, genes, cfg: Vcc2026Config) -> GatedDE:
+    """DE of each label group of ``cpm_target`` (CPM rows) vs the control rows ``cpm_ctrl``,
+    over the genes that pass this control's CPM gate."""
+    keep = control_gate(cpm_ctrl, cfg)
+    genes = np.asarray(genes)
     ctrl = "\x00control"  # a label no perturbation can carry
     parts = [cpm_ctrl[:, keep], cpm_target[:, keep]]  # gated genes only: no full-width copy
     sub = sp.vstack(parts).tocsr() if sp.issparse(cpm_target) else np.vstack(parts)
     lab = np.r_[np.full(cpm_ctrl.shape[0], ctrl, dtype=object), np.asarray(labels, dtype=object)]
-    de = rank_sum_arrays(_log1p(sub), lab, ctrl, genes=np.asarray(genes)[keep])
+    de = rank_sum_arrays(_log1p(sub), lab, ctrl, genes=genes[keep], pseudobulks=False)
     idx = pd.Index(de.groups).get_indexer(perts)
     if (idx < 0).any():
         raise DataError(f"no cells for perturbation(s) {list(np.asarray(perts)[idx < 0])[:5]}")
@@ -307,18 +324,24 @@ def gated_de(cpm_target, labels, cpm_ctrl, perts, keep: np.ndarray, genes, cfg: 
     ok = codes >= 0
     ind = _indicator(codes[ok], len(perts))
     n = np.asarray(ind.sum(axis=1)).ravel()
-    tsub = cpm_target[np.flatnonzero(ok)][:, keep]
+    tsub = parts[1] if ok.all() else cpm_target[np.flatnonzero(ok)][:, keep]
     tmean = ind @ tsub
     tmean = (tmean.toarray() if sp.issparse(tmean) else np.asarray(tmean)) / n[:, None]
     rmean = np.asarray(cpm_ctrl[:, keep].mean(axis=0), dtype=np.float64).ravel()
-    lfc = np.log2((tmean + cfg.epsilon) / (rmean + cfg.epsilon))
     p = de.p_value[idx]
+
+    def wide(v):
+        out = np.full((len(perts), genes.size), np.nan)
+        out[:, keep] = v
+        return out
+
     return GatedDE(
         perts=np.asarray(perts),
-        genes=np.asarray(genes)[keep],
-        lfc=lfc,
-        p_value=p,
-        p_adj=benjamini_hochberg(p) if p.shape[1] else p,
+        genes=genes,
+        keep=keep,
+        lfc=wide(np.log2((tmean + cfg.epsilon) / (rmean + cfg.epsilon))),
+        p_value=wide(p),
+        p_adj=wide(benjamini_hochberg(p) if p.shape[1] else p),
     )
 
 
@@ -326,45 +349,55 @@ def _defined(v: np.ndarray) -> np.ndarray:
     return ~np.isnan(v) & (v != 0)
 
 
+def _on_target(real: GatedDE) -> np.ndarray:
+    """(K, G) each perturbation's own gene, where it resolves: its label names a gene of the
+    REAL table (cell-eval2's dataset-global resolution against the real DE features)."""
+    k, g = real.lfc.shape
+    out = np.zeros((k, g), bool)
+    for i, c in target_columns(real.perts, real.genes).items():
+        out[i, c] = bool(real.keep[c])
+    return out
+
+
 def de_metrics(real: GatedDE, pred: GatedDE, cfg: Vcc2026Config) -> dict[str, np.ndarray]:
     """sig_jaccard, direction_fidelity_yield_raw, direction_reach_raw and lfc_nmae per
-    perturbation; each perturbation's own gene row is excluded first (cell-eval2 #172)."""
-    k, g = real.lfc.shape
-    on_target = np.zeros((k, g), bool)
-    for i, c in target_columns(real.perts, real.genes).items():
-        on_target[i, c] = True
+    perturbation; each perturbation's own gene row is excluded first (cell-eval2 #172). The
+    direction metrics rank only genes in BOTH tables (cell-eval2's inner join)."""
+    on_target = _on_target(real)
     a = cfg.p_adj_threshold
-    rsig = (real.p_adj < a) & ~on_target
-    psig = (pred.p_adj < a) & ~on_target
+    with np.errstate(invalid="ignore"):
+        rsig = (real.p_adj < a) & ~on_target
+        psig = (pred.p_adj < a) & ~on_target
     inter, union = (rsig & psig).sum(1), (rsig | psig).sum(1)
     out = {"de_wilcoxon_sig_jaccard": np.where(union == 0, 1.0, inter / np.maximum(union, 1))}
-    in_denom = _defined(real.lfc)
+    both = (real.keep & pred.keep)[None, :]
+    in_denom = _defined(real.lfc) & both
     match = in_denom & _defined(pred.lfc) & (np.sign(pred.lfc) == np.sign(real.lfc))
     n_conf = rsig.sum(1)
     scored = psig & in_denom
     n_pred, hits = scored.sum(1), (scored & match).sum(1)
     den = np.maximum(n_pred, n_conf)
     out["de_wilcoxon_direction_fidelity_yield_raw"] = np.where(den == 0, np.nan, hits / np.maximum(den, 1))
-    out["de_wilcoxon_direction_reach_raw"] = _reach_raw(real, pred, rsig, in_denom, match, n_conf, cfg)
+    out["de_wilcoxon_direction_reach_raw"] = _reach_raw(pred, rsig & both, psig, in_denom, match, n_conf, cfg)
     out["de_wilcoxon_lfc_nmae"] = _lfc_nmae(real, pred, rsig, cfg)
     return out
 
 
-def _reach_raw(real, pred, rsig, in_denom, match, n_conf, cfg) -> np.ndarray:
+def _reach_raw(pred, pool, psig, in_denom, match, n_conf, cfg) -> np.ndarray:
     """Largest prefix (pred-significant first, then by pred p_adj, p-value, -|LFC|, gene name)
-    of the real-significant genes whose sign-match purity stays >= the floor, over n_conf."""
-    name_rank = np.argsort(np.argsort(real.genes.astype(str), kind="stable"), kind="stable")
-    out = np.full(len(real.perts), np.nan)
-    a = cfg.p_adj_threshold
-    for i in range(len(real.perts)):
+    of the ranked pool (real-significant genes in both tables) whose sign-match purity stays
+    >= the floor, over n_conf (all real-significant genes)."""
+    name_rank = np.argsort(np.argsort(pred.genes.astype(str), kind="stable"), kind="stable")
+    out = np.full(len(pred.perts), np.nan)
+    for i in range(len(pred.perts)):
         if n_conf[i] == 0:
             continue
-        u = np.flatnonzero(rsig[i])
+        u = np.flatnonzero(pool[i])
         pa, pv, pl = pred.p_adj[i, u], pred.p_value[i, u], pred.lfc[i, u]
         pa = np.where(np.isnan(pa), np.inf, pa)
         pv = np.where(np.isnan(pv), np.inf, pv)
         abs_l = np.where(np.isnan(pl), -np.inf, np.abs(pl))
-        order = np.lexsort((name_rank[u], -abs_l, pv, pa, ~(pred.p_adj[i, u] < a)))
+        order = np.lexsort((name_rank[u], -abs_l, pv, pa, ~psig[i, u]))
         nd = np.cumsum(in_denom[i, u][order])
         nm = np.cumsum(match[i, u][order])
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -375,7 +408,8 @@ def _reach_raw(real, pred, rsig, in_denom, match, n_conf, cfg) -> np.ndarray:
 
 def _lfc_nmae(real, pred, rsig, cfg) -> np.ndarray:
     """mean |pred LFC - real LFC| / mean |real LFC| over the real-significant genes with a finite
-    real LFC; NaN (omitted, as cell-eval2 leaves no row) below ``lfc_nmae_min_gate`` genes."""
+    real LFC (a gene missing from the pred table counts as LFC 0); NaN (omitted, as cell-eval2
+    leaves no row) below ``lfc_nmae_min_gate`` genes."""
     gate = rsig & np.isfinite(real.lfc)
     n = gate.sum(1)
     pl = np.where(np.isfinite(pred.lfc), pred.lfc, 0.0)
@@ -424,24 +458,112 @@ def aggregate(results: pd.DataFrame, omitted: pd.DataFrame | None = None) -> pd.
     return pd.DataFrame({"statistic": list(AGG_STATISTICS), **dict(sorted(table.items()))})
 
 
-def _matrix(adata, which: str):
+def _matrix(adata, which: str, allow_fractional: bool = False):
     x = adata.X
     if x is None:
         raise DataError(f"{which} AnnData has no X matrix")
     x = sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x)
-    check_counts(x, which)
+    check_counts(x, which, allow_fractional)
     return x
 
 
+@dataclass(frozen=True)
+class CountScores:
+    """Per-perturbation values (``perts`` order) and both sides' DE, from :func:`score_counts`."""
+
+    values: dict[str, np.ndarray]
+    real_de: GatedDE
+    pred_de: GatedDE
+
+
+def score_counts(
+    xp, lp, xr, lr, perts, control: str, genes, cfg: Vcc2026Config, own_control=False, threads: int = 2
+):
+    """Every per-perturbation vcc2026 metric from aligned count matrices and labels.
+
+    ``xr``/``lr`` hold the real perturbations and control; ``xp``/``lp`` the predicted
+    perturbations (and, with ``own_control``, the prediction's own control cells: cell-eval2's
+    ``control_source='pred'``, used by its replicate anchor, where pds and the predicted DE are
+    measured against the prediction's control). Otherwise every effect is against the REAL
+    control (``control_source='real'``, the scored setting). The real and the predicted side
+    (bulks and DE) run in ``threads`` threads (numpy releases the GIL; the sides are
+    independent, so results do not depend on it)."""
+    is_ctrl = lr == control
+
+    def real_side():
+        rb = count_bulks(xr, lr, cfg.bulk_target_sum, need_jk=set(perts) | {control})
+        cpm = _cpm_exact(xr, cfg.target_sum)
+        ctrl = cpm[np.flatnonzero(is_ctrl)]
+        return rb, gated_de(cpm[np.flatnonzero(~is_ctrl)], lr[~is_ctrl], ctrl, perts, genes, cfg)
+
+    def pred_side():
+        pb = count_bulks(xp, lp, cfg.bulk_target_sum, need_jk=set(perts))
+        cpm = _cpm_exact(xp, cfg.target_sum)
+        if own_control:
+            pc = lp == control
+            return pb, gated_de(cpm[np.flatnonzero(~pc)], lp[~pc], cpm[np.flatnonzero(pc)], perts, genes, cfg)
+        ctrl = _cpm_exact(xr[np.flatnonzero(is_ctrl)], cfg.target_sum)  # row-wise: as the real side's
+        return pb, gated_de(cpm, lp, ctrl, perts, genes, cfg)
+
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            fr, fp = pool.submit(real_side), pool.submit(pred_side)
+            (rb, rde), (pb, pde) = fr.result(), fp.result()
+    else:
+        (rb, rde), (pb, pde) = real_side(), pred_side()
+    vals = expression_metrics(pb, rb, perts, control, genes, cfg)
+    vals["pds_cosine"] = pds_cosine(pb, rb, perts, control, genes, own_control=own_control)
+    vals.update(de_metrics(rde, pde, cfg))
+    return CountScores(vals, rde, pde)
+
+
+def _shared_perts(lp, lr, control, pert_col, messages, own_control):
+    if control not in set(lr):
+        raise DataError(f"control {control!r} not found in real obs[{pert_col!r}]; pass --control")
+    if own_control and control not in set(lp):
+        raise DataError(f"control {control!r} not found in pred obs[{pert_col!r}]")
+    pr, pp = set(lr) - {control}, set(lp) - {control}
+    perts = np.array(sorted(pr & pp))
+    if perts.size == 0:
+        raise DataError(f"pred and real share no perturbation besides {control!r}")
+    for only, side in ((pr - pp, "real"), (pp - pr, "pred")):
+        if only:
+            messages.append(f"{len(only)} perturbation(s) only in {side} were left out: {sorted(only)[:10]}")
+    return perts
+
+
+def results_frame(perts, values: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per perturbation, which cells cell-eval2 omits: lfc_nmae below its gate)."""
+    results = pd.DataFrame({"perturbation": perts, **{m: values[m] for m in PER_PERT_METRICS}})
+    omitted = pd.DataFrame({m: np.zeros(len(perts), bool) for m in PER_PERT_METRICS})
+    omitted["de_wilcoxon_lfc_nmae"] = np.isnan(values["de_wilcoxon_lfc_nmae"])
+    return results, omitted
+
+
 def evaluate_vcc2026(
-    pred, real, *, control: str, pert_col: str = "perturbation", config: Vcc2026Config | None = None
+    pred,
+    real,
+    *,
+    control: str,
+    pert_col: str = "perturbation",
+    config: Vcc2026Config | None = None,
+    control_source: str = "real",
+    allow_fractional: bool = False,
 ) -> Vcc2026Result:
     """Score a raw-count prediction against raw-count real cells with the vcc2026 metrics.
 
-    Both AnnData carry ``obs[pert_col]``; ``real`` must hold the control cells (``pred``'s own
-    control cells, if any, are not used: every effect is measured against the real control).
+    Both AnnData carry ``obs[pert_col]``; ``real`` must hold the control cells. With
+    ``control_source='real'`` (the preset) ``pred``'s own control cells, if any, are not used:
+    every effect is measured against the real control; ``'pred'`` measures the prediction's
+    effects against its own control cells. ``allow_fractional`` accepts non-integer predicted
+    counts (cell-eval2's allowance for its generic-response baseline).
     Perturbations present on one side only are left out and listed in ``messages``."""
     cfg = config or Vcc2026Config()
+    if control_source not in ("real", "pred"):
+        raise DataError(f"control_source must be 'real' or 'pred', not {control_source!r}")
+    own = control_source == "pred"
     messages: list[str] = []
     genes = np.asarray(real.var_names).astype(str)
     if not np.array_equal(genes, np.asarray(pred.var_names).astype(str)):
@@ -454,38 +576,15 @@ def evaluate_vcc2026(
             raise DataError(f"{which} has no obs column {pert_col!r}; pass --pert-col")
     lr = real.obs[pert_col].astype(str).to_numpy()
     lp = pred.obs[pert_col].astype(str).to_numpy()
-    if control not in set(lr):
-        raise DataError(f"control {control!r} not found in real obs[{pert_col!r}]; pass --control")
-    pr, pp = set(lr) - {control}, set(lp) - {control}
-    perts = np.array(sorted(pr & pp))
-    if perts.size == 0:
-        raise DataError(f"pred and real share no perturbation besides {control!r}")
-    for only, side in ((pr - pp, "real"), (pp - pr, "pred")):
-        if only:
-            messages.append(f"{len(only)} perturbation(s) only in {side} were left out: {sorted(only)[:10]}")
+    perts = _shared_perts(lp, lr, control, pert_col, messages, own)
     keep_r = np.isin(lr, [*perts, control])
-    keep_p = np.isin(lp, perts)
-    xr, xp = _matrix(real, "real")[keep_r], _matrix(pred, "pred")[keep_p]
-    lr, lp = lr[keep_r], lp[keep_p]
+    keep_p = np.isin(lp, [*perts, control] if own else perts)
+    xr = _matrix(real, "real")[keep_r]
+    xp = _matrix(pred, "pred", allow_fractional)[keep_p]
     if not target_columns(perts, genes):
         messages.append(
             "no perturbation names a measured gene: nothing is excluded (cell-eval2 refuses this)"
         )
-
-    rb = count_bulks(xr, lr, cfg.bulk_target_sum)
-    pb = count_bulks(xp, lp, cfg.bulk_target_sum)
-    vals = expression_metrics(pb, rb, perts, control, genes, cfg)
-    vals["pds_cosine"] = pds_cosine(pb, rb, perts, control, genes)
-
-    cpm_r, cpm_p = _cpm_exact(xr, cfg.target_sum), _cpm_exact(xp, cfg.target_sum)
-    is_ctrl = lr == control
-    ctrl = cpm_r[np.flatnonzero(is_ctrl)]
-    keep = control_gate(ctrl, cfg)
-    rde = gated_de(cpm_r[np.flatnonzero(~is_ctrl)], lr[~is_ctrl], ctrl, perts, keep, genes, cfg)
-    pde = gated_de(cpm_p, lp, ctrl, perts, keep, genes, cfg)
-    vals.update(de_metrics(rde, pde, cfg))
-
-    results = pd.DataFrame({"perturbation": perts, **{m: vals[m] for m in PER_PERT_METRICS}})
-    omitted = pd.DataFrame({m: np.zeros(len(perts), bool) for m in PER_PERT_METRICS})
-    omitted["de_wilcoxon_lfc_nmae"] = np.isnan(vals["de_wilcoxon_lfc_nmae"])
+    scores = score_counts(xp, lp[keep_p], xr, lr[keep_r], perts, control, genes, cfg, own_control=own)
+    results, omitted = results_frame(perts, scores.values)
     return Vcc2026Result(results, aggregate(results, omitted), tuple(messages), omitted)
