@@ -44,19 +44,54 @@ if run.split is not None and run.split.test.get(run.split.context):
 split_ctx = run.split.context if run.split is not None else None
 c1, c2, c3, c4 = st.columns([1, 3, 1, 1])
 context = c1.selectbox(
-    "Context", contexts, index=contexts.index(split_ctx) if split_ctx in contexts else 0, key="scr_context"
+    "Context",
+    contexts,
+    index=contexts.index(split_ctx) if split_ctx in contexts else 0,
+    key="scr_context",
+    help="The cell line, donor or cell type whose control cells every perturbation is applied to.",
 )
 perts = c2.multiselect(
     f"Perturbations (empty = all {n_all} the model knows"
     + (f"; any of the {len(singles)} genes of its feature table)" if run.vocab.features is not None else ")"),
     singles,
     key="scr_perts",
+    help="Leave empty to rank every perturbation the model can predict; pick some to screen only those.",
 )
-n_cells = int(c3.number_input("Cells per perturbation", 8, 2000, 128, key="scr_n_cells"))
-seed = int(c4.number_input("Seed", 0, 10_000, 0, key="scr_seed"))
+n_cells = int(
+    c3.number_input(
+        "Cells per perturbation",
+        8,
+        2000,
+        128,
+        key="scr_n_cells",
+        help="Predicted cells per perturbation. More cells give steadier scores and take longer; every "
+        "perturbation starts from the same control cells, so differences are the model's, not chance.",
+    )
+)
+seed = int(
+    c4.number_input(
+        "Seed",
+        0,
+        10_000,
+        0,
+        key="scr_seed",
+        help="Which control cells are drawn. The same seed gives the same screen again.",
+    )
+)
 c5, c6 = st.columns(2)
-pairs = c5.multiselect("Also screen every pair of these singles", singles, key="scr_pairs")
-genes = c6.multiselect("Genes to follow (which perturbations move them)", run.genes, key="scr_genes")
+pairs = c5.multiselect(
+    "Also screen every pair of these singles",
+    singles,
+    key="scr_pairs",
+    help="Adds every double perturbation of the picked genes (n picked give n(n-1)/2 pairs), each "
+    "compared with the sum of its two singles.",
+)
+genes = c6.multiselect(
+    "Genes to follow (which perturbations move them)",
+    run.genes,
+    key="scr_genes",
+    help="Adds a column per gene with its predicted change: answers 'which knockouts lower CD274?'.",
+)
 n_screen = (len(perts) or n_all) + len(pairs) * (len(pairs) - 1) // 2
 args = ui.cli_args(context=context, perts=perts, pairs=pairs, genes=genes, n_cells=n_cells, seed=seed)
 st.caption(
@@ -72,7 +107,11 @@ go_now = b1.button(
     disabled=n_screen > ui.IN_PAGE_MAX,
     help=f"Up to {ui.IN_PAGE_MAX} predictions in the page; larger screens run in the background.",
 )
-go_bg = b2.button("Run in the background (survives closing the tab)", key="scr_bg")
+go_bg = b2.button(
+    "Run in the background (survives closing the tab)",
+    key="scr_bg",
+    help="Starts a worker process; its progress and result are listed below, also after a refresh.",
+)
 
 if go_now:
     from statecore.inference.screen import screen
@@ -135,10 +174,23 @@ st.caption(
     "the data hold real cells of that perturbation here (measured_edist)."
 )
 f1, f2, f3 = st.columns([2, 1, 1])
-text = f1.text_input("Filter perturbations", key="scr_filter")
-kinds = f2.multiselect("Kind", ["single", "pair"], default=["single", "pair"], key="scr_kinds")
+text = f1.text_input(
+    "Filter perturbations", key="scr_filter", help="Shows only perturbations whose name contains this text."
+)
+kinds = f2.multiselect(
+    "Kind",
+    ["single", "pair"],
+    default=["single", "pair"],
+    key="scr_kinds",
+    help="single: one gene; pair: a double perturbation.",
+)
 sources = f3.multiselect(
-    "Source", ["measured", "predicted"], default=["measured", "predicted"], key="scr_sources"
+    "Source",
+    ["measured", "predicted"],
+    default=["measured", "predicted"],
+    key="scr_sources",
+    help="measured: the data hold real cells of this perturbation in this context (see measured_edist); "
+    "predicted: only the model's prediction.",
 )
 table = view.table
 if "unseen_gene" in table.columns and table["unseen_gene"].astype(bool).any():
@@ -158,12 +210,23 @@ st.dataframe(shown, hide_index=True, width="stretch")
 
 top_n = len(table)
 if len(table) > 5:
-    top_n = int(st.slider("Top N", 5, min(100, len(table)), min(20, len(table)), key="scr_top_n"))
+    top_n = int(
+        st.slider(
+            "Top N",
+            5,
+            min(100, len(table)),
+            min(20, len(table)),
+            key="scr_top_n",
+            help="How many of the strongest hits the charts show.",
+        )
+    )
 st.plotly_chart(ui.top_bars(table, top_n, view.control_edist), width="stretch", key="scr_fig_bars")
 st.plotly_chart(ui.hit_heatmap(view, top_n), width="stretch", key="scr_fig_heat")
 followed = [c.split(":", 1)[1] for c in table.columns if c.startswith("delta:")]
 if followed:
-    gene = st.selectbox("Gene", followed, key="scr_gene_show")
+    gene = st.selectbox(
+        "Gene", followed, key="scr_gene_show", help="One of the followed genes: its predicted change per hit."
+    )
     st.plotly_chart(ui.gene_scatter(table, gene), width="stretch", key="scr_fig_gene")
 mat = ui.interaction_matrix(table, sep)
 if len(mat):

@@ -282,3 +282,23 @@ def test_every_control_on_data_preprocess_and_train_has_help(env, two_files, pre
         at.selectbox(key="train_task").set_value(task).run()
         missing += without_help(at)
     assert not missing, sorted(set(missing))
+
+
+def test_every_input_widget_on_every_page_has_help_in_the_source():
+    """Static companion of the AppTest above, for the pages it cannot reach without a run (Predict,
+    Evaluate, Screen): every input widget call in pages/ and statecore/ui/ passes ``help=``."""
+    import ast
+
+    kinds = {"selectbox", "number_input", "text_input", "checkbox", "radio", "multiselect", "slider",
+             "select_slider", "toggle", "text_area", "file_uploader"}  # fmt: skip
+    missing = []
+    for path in sorted([*(ROOT / "pages").glob("*.py"), *(ROOT / "statecore" / "ui").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in kinds
+            ):
+                if not any(k.arg == "help" for k in node.keywords):
+                    missing.append(f"{path.name}:{node.lineno} {node.func.attr}")
+    assert not missing, missing
