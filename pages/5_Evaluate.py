@@ -156,6 +156,12 @@ if model_res is not None and "overlap_at_N" in model_res.columns:
     empty = analysis.overlap_empty_reason(overlap, n_sig)
     if empty:
         st.info(empty)
+    elif len(overlap) == 1:  # one test perturbation: a number says it better than a single bar
+        st.metric(
+            f"Overlap of top DE genes (model vs real), {overlap.index[0]}",
+            f"{overlap.iloc[0]:.3f}",
+            help="Share of the real top DE genes that the model's prediction also ranks among its top DE genes.",
+        )
     else:
         st.plotly_chart(
             figures.per_perturbation_bars(
