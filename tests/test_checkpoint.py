@@ -51,3 +51,27 @@ def test_pickle_named_like_checkpoint_executes_nothing(tmp_path, monkeypatch):
         with pytest.raises(CheckpointError, match="never loads pickled"):
             read_weights(tmp_path / name)
     assert not marker.exists()
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    import os
+    import subprocess
+
+    from statecore.training.checkpoint import remove_stale_temp_files, temp_file_pid
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = {
+        f".train_state.safetensors.{dead.pid}.2e667c49.tmp": True,  # checkpoint write, writer gone
+        f".status.json.{dead.pid}.tmp": True,  # JSON write, writer gone
+        f".last.safetensors.{dead.pid}.12345678.tmp": True,  # an all-digit random part
+        f".status.json.{os.getpid()}.tmp": False,  # this process: not stale
+        f".best.safetensors.{os.getppid()}.0badc0de.tmp": False,  # a live writer
+        ".odd.tmp": False,  # no pid: not ours to judge
+    }
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert temp_file_pid(tmp_path / f".last.safetensors.{dead.pid}.12345678.tmp") == dead.pid
+    removed = {p.name for p in remove_stale_temp_files(tmp_path)}
+    assert removed == {n for n, stale in names.items() if stale}
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, stale in names.items() if not stale}

@@ -57,32 +57,38 @@ def _step(run: Path, since: float) -> int:
     return int(status.get("step", 0)) if isinstance(status, dict) else 0
 
 
-def _check_consistent(run: Path) -> int | None:
-    """Every file readable; returns the resume point (None: a clean restart is due)."""
+def _check_consistent(run: Path, killed: set[int] = frozenset()) -> int | None:
+    """Every file readable, and no temporary file but those of lives killed since the last life that got
+    to train (``killed``: their pids; a SIGKILL mid-write leaves one, and the next life that starts
+    removes it); returns the resume point (None: a clean restart is due)."""
     for name in ("config.json", "status.json", "train_state.json", "split.json"):
         if (run / name).exists():
             assert read_json(run / name) is not None, f"{name} is corrupt"
     for name in (ckpt.LAST, ckpt.BEST, ckpt.TRAIN_STATE):
         if (run / name).exists():
             ckpt.read_weights(run / name)  # raises on a torn file
-    assert not list(run.glob(".*.tmp")), "temporary files left behind"
+    stale = [p.name for p in run.glob(".*.tmp") if ckpt.temp_file_pid(p) not in killed]
+    assert not stale, f"temporary files of earlier lives left behind: {stale}"
     return ckpt.resume_point(run)
 
 
-def _kill_sometime(proc: subprocess.Popen, run: Path, rng: random.Random, floor: int) -> None:
+def _kill_sometime(proc: subprocess.Popen, run: Path, rng: random.Random, floor: int) -> bool:
     """One life in five dies during start-up; the others once this life has written the checkpoint after
     ``floor`` (status.json is rewritten right after each save), at a random moment up to 1.5 s later
-    (mid-step, mid-log or mid-checkpoint)."""
+    (mid-step, mid-log or mid-checkpoint). Returns whether this life got to train."""
     since = time.time()
+    trained = False
     if rng.random() < 0.2:
         time.sleep(rng.uniform(0.3, 3.0))
     else:
         deadline = time.monotonic() + 300
         while _step(run, since) < floor + 10 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
+        trained = _step(run, since) >= floor + 10
         time.sleep(rng.uniform(0.0, 1.5))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    return trained
 
 
 @pytest.mark.slow
@@ -93,12 +99,13 @@ def test_sigkill_at_random_moments_then_resume(prepared_synthetic, tmp_path):
     run = tmp_path / "run"
     rng = random.Random(0)
     trials = int(os.environ.get("STATECORE_KILL_TRIALS", "20"))
-    points = []
+    points, pending = [], set()
     for _ in range(trials):
-        point = _check_consistent(run) if run.exists() else None
+        point = _check_consistent(run, killed=pending) if run.exists() else None
         proc = _train(cfg, run)
-        _kill_sometime(proc, run, rng, floor=point or 0)
-        after = _check_consistent(run)
+        trained = _kill_sometime(proc, run, rng, floor=point or 0)
+        pending = {proc.pid} if trained else pending | {proc.pid}
+        after = _check_consistent(run, killed=pending)
         steps = [r["step"] for r in read_metrics(run)] if run.exists() else []
         # metrics continue from the checkpoint: every 10 steps, each once, no gap
         assert steps == list(range(10, 10 * len(steps) + 1, 10)), steps
@@ -111,5 +118,6 @@ def test_sigkill_at_random_moments_then_resume(prepared_synthetic, tmp_path):
     assert done.wait(timeout=900) == 0, done.stderr.read().decode()[-2000:]
     steps = [r["step"] for r in read_metrics(run)]
     assert steps == list(range(10, STEPS + 1, 10)), steps[-5:]
+    assert not list(run.glob(".*.tmp")), "the last life did not clear the killed lives' temporary files"
     assert read_json(run / "status.json")["state"] == "done"
     print(f"{trials} kills; resume points: {points}")

@@ -197,6 +197,41 @@ def resume_point(run_dir: str | os.PathLike) -> int | None:
     return int(info["step"]) if saved_step == info["step"] else None
 
 
+def temp_file_pid(path: Path) -> int | None:
+    """The writer's pid in an atomic write's temporary name (``.NAME.PID.tmp`` or ``.NAME.PID.HEX.tmp``)."""
+    parts = path.name.split(".")
+    if len(parts) < 4:
+        return None
+    # the pid sits before the random part when there is one (which may itself be all digits)
+    if parts[-3].isdigit() and len(parts[-2]) == 8:
+        return int(parts[-3])
+    return int(parts[-2]) if parts[-2].isdigit() else None
+
+
+def remove_stale_temp_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of atomic writes whose writer is dead (a SIGKILL or power loss in the
+    middle of a checkpoint write leaves one; no ``finally`` runs). Called by a worker that holds the run,
+    before it reads the run's state. Returns what was removed."""
+    removed = []
+    for tmp in Path(run_dir).glob(".*.tmp"):
+        pid = temp_file_pid(tmp)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: not our writer, leave its file alone
+        return True
+    return True
+
+
 def clear_training_state(run_dir: str | os.PathLike) -> None:
     """Remove what a failed first attempt left (weights, optimizer state, metrics) so a restart is clean."""
     run_dir = Path(run_dir)

@@ -411,6 +411,8 @@ def _start_config(config: RunConfig, run_dir: Path) -> tuple[RunConfig, bool]:
     """(config to build from, resuming): a run directory with a complete training state resumes with its
     saved config (only the training length may change); anything less restarts cleanly."""
     dist_utils.barrier()  # rank 0 has finished writing any earlier run here before anyone looks
+    if dist_utils.current().is_main:
+        ckpt.remove_stale_temp_files(run_dir)  # left by a worker killed mid-write
     saved = runs.read_json(run_dir / "config.json")
     resuming = ckpt.resume_point(run_dir) is not None and isinstance(saved, dict)
     dist_utils.barrier()  # every rank has looked before rank 0 writes a fresh run's files
