@@ -49,17 +49,78 @@ def test_knn_transformer_is_scanpys_default_below_8192_cells():
     assert big.get_params()["n_trees"] == min(64, 5 + round(300_000**0.5 / 20.0))
 
 
-def test_prepare_defaults_with_umap_at_10k_cells(tmp_path):
+def _cli(*args: str, timeout: int = 3000) -> str:
+    """One real ``python -m statecore`` process; returns its stdout (fails on a non-zero exit)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "statecore", *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, (args[0], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    return proc.stdout
+
+
+def _every_entry_point(prepared_path, tmp_path, *, steps: int, embed: bool) -> None:
+    """train -> predict (streamed) -> predict --split test -> evaluate --run-dir -> screen [-> embed fit and
+    transform], each as a real process on the prepared file at hand."""
+    run = tmp_path / "run"
+    _cli("train", "--data", str(prepared_path), "--run-dir", str(run), "--context", "c1", "--task",
+         "underrepresented", "--steps", str(steps), "--set-size", "32", "--batch-size", "4", "--quiet")  # fmt: skip
+    pred = tmp_path / "pred.h5ad"
+    _cli(
+        "predict",
+        "--run-dir",
+        str(run),
+        "--context",
+        "c1",
+        "--perturbation",
+        "P000,P001+P002",
+        "-o",
+        str(pred),
+    )
+    p = ad.read_h5ad(pred, backed="r")
+    assert p.n_vars > 0 and int(p.obs["predicted"].sum()) > 0 and np.isfinite(p.X[:50]).all()
+    _cli("predict", "--run-dir", str(run), "--split", "test", "-o", str(tmp_path / "split.h5ad"))
+    out = _cli("evaluate", "--run-dir", str(run), "--no-scale")
+    assert "pearson" in out.lower()
+    _cli("screen", "--run-dir", str(run), "--context", "c1", "--n-cells", "32", "-o", str(tmp_path / "s.csv"))
+    assert (tmp_path / "s.csv").read_text().count("\n") >= 20  # every perturbation ranked
+    if embed:
+        se = tmp_path / "se"
+        _cli(
+            "embed",
+            "fit",
+            "--data",
+            str(prepared_path),
+            "--run-dir",
+            str(se),
+            "--steps",
+            "5",
+            "--batch-size",
+            "16",
+        )
+        emb = tmp_path / "emb.h5ad"
+        _cli("embed", "transform", "--run-dir", str(se), "--data", str(prepared_path), "-o", str(emb))
+        e = ad.read_h5ad(emb, backed="r")
+        assert e.obsm["X_state"].shape[0] == e.n_obs and np.isfinite(e.obsm["X_state"][:100]).all()
+
+
+def test_every_entry_point_at_10k_cells(tmp_path):
+    """The default suite's realistic size: 10,000 cells through prepare (defaults, UMAP) and every
+    later CLI step."""
     prepared = _prepare_cli(tmp_path, 10_000, 150)
     umap = prepared.obsm["X_umap"]
     assert umap.shape == (prepared.n_obs, 2) and prepared.n_obs > 8192
     assert np.isfinite(umap).all() and umap.std(axis=0).min() > 0
     assert sp.issparse(prepared.X)
+    _every_entry_point(tmp_path / "prepared.h5ad", tmp_path, steps=5, embed=False)
 
 
 @pytest.mark.slow
-def test_prepare_cli_defaults_at_20k_cells_2k_genes(tmp_path):
+def test_every_entry_point_at_20k_cells_2k_genes(tmp_path):
+    """≥ 20,000 cells x ≥ 2,000 genes through prepare (defaults, UMAP), train, predict, evaluate, screen
+    and the State Embedding fit + transform, each a real process (the app's pages run the same code:
+    tests/test_app_pages.py)."""
     prepared = _prepare_cli(tmp_path, 20_000, 2_000, subprocess_run=True)
-    assert prepared.n_obs > 19_000 and prepared.obsm["X_umap"].shape == (prepared.n_obs, 2)
-    assert np.isfinite(prepared.obsm["X_umap"]).all()
-    assert int(prepared.var["highly_variable"].sum()) == 2000 or prepared.n_vars <= 2000
+    assert prepared.n_obs > 19_000 and np.isfinite(prepared.obsm["X_umap"]).all()
+    assert int(prepared.var["highly_variable"].sum()) == 2000
+    _every_entry_point(tmp_path / "prepared.h5ad", tmp_path, steps=20, embed=True)
