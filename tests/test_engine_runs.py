@@ -24,16 +24,33 @@ def _cfg(steps=12, **train):
 
 
 def test_incomplete_training_state_restarts_cleanly_with_the_prior(prepared_synthetic, tmp_path):
-    """A crash between last.safetensors and train_state.json: no resume from step 0 with a zeroed prior."""
+    """A crash that left weights but no training state: no resume from step 0 with a zeroed prior."""
     run = tmp_path / "r"
     train_run(prepared_synthetic, _cfg(steps=6), run)
-    (run / ckpt.TRAIN_STATE_JSON).unlink()  # the crash left weights but no optimizer state
+    (run / ckpt.TRAIN_STATE).unlink()  # the crash left weights but no optimizer state
     assert ckpt.resume_point(run) is None
     res = train_run(prepared_synthetic, _cfg(steps=6), run)
     assert res.losses[0][0] == 1  # started over
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 7))  # no duplicated lines
     loaded = ckpt.load_run(run)
     assert loaded.model.pert_shift.abs().sum() > 0  # the shift prior was rebuilt, not zeros
+
+
+def test_resume_state_is_one_file_whatever_last_safetensors_holds(prepared_synthetic, tmp_path):
+    """A kill between the training state's write and last.safetensors' (either order) must not force a
+    restart: the resume state is one atomically written file, which also holds the weights."""
+    run = tmp_path / "r"
+    train_run(prepared_synthetic, _cfg(steps=6, ckpt_every_steps=3), run)
+    stale = tmp_path / "last_at_3.safetensors"
+    train_run(prepared_synthetic, _cfg(steps=3), tmp_path / "r3")
+    (tmp_path / "r3" / ckpt.LAST).replace(stale)
+    stale.replace(run / ckpt.LAST)  # last.safetensors one checkpoint behind the training state
+    assert ckpt.resume_point(run) == 6
+    res = train_run(prepared_synthetic, _cfg(steps=8), run)
+    ref_run = tmp_path / "intact"
+    train_run(prepared_synthetic, _cfg(steps=6, ckpt_every_steps=3), ref_run)
+    ref = train_run(prepared_synthetic, _cfg(steps=8), ref_run)  # the same resume, last.safetensors intact
+    assert res.losses == ref.losses  # resumed from the state's own weights, not the stale file
 
 
 def test_identical_runs_write_identical_checkpoint_bytes(prepared_synthetic, tmp_path):

@@ -124,11 +124,16 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[
 
 
 def save_train_state(
-    run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer, info: dict[str, Any]
+    run_dir: str | os.PathLike,
+    optimizer: torch.optim.Optimizer,
+    info: dict[str, Any],
+    model: torch.nn.Module | None = None,
 ) -> None:
-    """Optimizer tensors to safetensors, everything else (step, param groups, RNG) to JSON.
-
-    The JSON is written last: a reader that finds it also finds the tensors it refers to.
+    """The whole resume state in ONE safetensors file, written atomically: the model's weights
+    (``model.*``), the optimizer's tensors (``opt.*``) and the torch RNG, with the step, the param groups and
+    the optimizer's scalars in its header. One rename makes it visible, so a kill at any moment leaves the
+    previous state or the new one, never a mix of steps (two files, weights and optimizer state, could
+    be caught between their writes and force a restart from step 0).
     """
     run_dir = Path(run_dir)
     sd = optimizer.state_dict()
@@ -141,59 +146,94 @@ def save_train_state(
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     tensors["rng.torch"] = torch.get_rng_state()
-    _atomic_save(tensors, run_dir / TRAIN_STATE, _header({}))
+    if model is not None:
+        tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     payload = dict(info, param_groups=sd["param_groups"], opt_scalars=scalars)
-    atomic_write_json(run_dir / TRAIN_STATE_JSON, payload)
+    _atomic_save(
+        {k: tensors[k] for k in sorted(tensors)}, run_dir / TRAIN_STATE, _header({"train_state": payload})
+    )
+    (run_dir / TRAIN_STATE_JSON).unlink(missing_ok=True)  # the older layout's second file, now stale
 
 
-def load_train_state(run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore optimizer and torch RNG state saved by :func:`save_train_state`; return the info dict."""
+def _train_state_info(run_dir: Path, tensors_meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The resume info: from the train state's own header, or (runs written before) train_state.json."""
+    meta = tensors_meta if tensors_meta is not None else _read_header(run_dir / TRAIN_STATE)
+    info = (meta or {}).get("train_state")
+    if info is None:
+        info = read_json(run_dir / TRAIN_STATE_JSON)
+    return info if isinstance(info, dict) and isinstance(info.get("step"), int) else None
+
+
+def _read_header(path: Path) -> dict[str, Any] | None:
+    """A safetensors file's statecore header without reading its tensors; None when unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+        return json.loads(header[HEADER_KEY]) if HEADER_KEY in header else {}
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
+
+
+def load_train_state(
+    run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None
+) -> dict[str, Any]:
+    """Restore the optimizer, the torch RNG and (when given and stored) the model's weights saved by
+    :func:`save_train_state`; return the info dict. Returns ``info["model_loaded"]`` False for runs
+    written before the weights lived in this file (the caller then loads last.safetensors)."""
     run_dir = Path(run_dir)
-    info = read_json(run_dir / TRAIN_STATE_JSON)
-    if not isinstance(info, dict):
+    tensors, meta = read_weights(run_dir / TRAIN_STATE)
+    info = _train_state_info(run_dir, meta)
+    if info is None:
         raise CheckpointError(
-            f"{str(run_dir / TRAIN_STATE_JSON)!r} missing or unreadable; cannot resume this run"
+            f"{str(run_dir / TRAIN_STATE)!r} holds no training state; cannot resume this run"
         )
-    tensors, _ = read_weights(run_dir / TRAIN_STATE)
     state: dict[int, dict[str, Any]] = {}
+    weights = {}
     for name, value in tensors.items():
         if name.startswith("opt."):
             _, idx, key = name.split(".", 2)
             state.setdefault(int(idx), {})[key] = value
+        elif name.startswith("model."):
+            weights[name[len("model.") :]] = value
     for idx, extra in info.get("opt_scalars", {}).items():
         state.setdefault(int(idx), {}).update(extra)
-    groups = info["param_groups"]
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(
-            f"optimizer state in {str(run_dir)!r} does not match the model ({exc})"
-        ) from exc
+        optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+        if model is not None and weights:
+            model.load_state_dict(weights, strict=True)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"training state in {str(run_dir)!r} does not match the model ({exc})") from exc
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
-    return info
+    return dict(info, model_loaded=bool(model is not None and weights))
 
 
 # --------------------------------------------------------------------------- resume points
 
 
 def resume_point(run_dir: str | os.PathLike) -> int | None:
-    """The step a run directory can resume from, or None when its training state is incomplete.
+    """The step a run directory can resume from, or None when it holds no complete training state.
 
-    Complete means: ``last.safetensors``, ``train_state.safetensors`` and ``train_state.json`` all present,
-    readable, and written at the same step (a crash between two of these writes leaves them apart).
+    The state is one file (``train_state.safetensors``, written atomically), complete when it reads.
+    Runs written before kept the weights in ``last.safetensors`` and the step in ``train_state.json``:
+    those are complete when all three read and agree on the step.
     """
     run_dir = Path(run_dir)
-    if not all((run_dir / n).is_file() for n in (LAST, TRAIN_STATE, TRAIN_STATE_JSON)):
+    header = _read_header(run_dir / TRAIN_STATE) if (run_dir / TRAIN_STATE).is_file() else None
+    if header is None:
         return None
-    info = read_json(run_dir / TRAIN_STATE_JSON)
-    if not isinstance(info, dict) or not isinstance(info.get("step"), int):
+    if "train_state" in header:
+        info = _train_state_info(run_dir, header)
+        return int(info["step"]) if info is not None else None
+    info = _train_state_info(run_dir, header)  # the older layout
+    if info is None or not (run_dir / LAST).is_file():
         return None
-    try:
-        _, meta = read_weights(run_dir / LAST)
-    except CheckpointError:
+    saved = _read_header(run_dir / LAST)
+    if saved is None:
         return None
-    saved_step = (meta.get("meta") or {}).get("step", info["step"])  # older runs did not record it
+    saved_step = (saved.get("meta") or {}).get("step", info["step"])  # older runs did not record it
     return int(info["step"]) if saved_step == info["step"] else None
 
 

@@ -165,8 +165,9 @@ class _Loop:
         self.eta_s: float | None = None
 
     def _load(self, run_dir: Path) -> None:
-        ckpt.load_model_weights(self.model, run_dir / ckpt.LAST)
-        info = ckpt.load_train_state(run_dir, self.optimizer)
+        info = ckpt.load_train_state(run_dir, self.optimizer, self.model)
+        if not info["model_loaded"]:  # a run written before the weights lived in the training state
+            ckpt.load_model_weights(self.model, run_dir / ckpt.LAST)
         self.step, self.best_val = int(info["step"]), info.get("best_val")
         self.bad_checks = int(info.get("bad_checks", 0))
         if self.writer:
@@ -290,14 +291,14 @@ class _Loop:
         # never checkpoint a diverged model (a local check: the wall-clock cadence differs between ranks)
         if self.pending and not bool(torch.isfinite(torch.stack([v for _, v in self.pending])).all()):
             self.flush_losses()  # raises, naming the step
-        ckpt.save_weights(self.run_dir / ckpt.LAST, self.model, self._meta())
         info = {
             "step": self.step,
             "best_val": self.best_val,
             "total": self.total,
             "bad_checks": self.bad_checks,
         }
-        ckpt.save_train_state(self.run_dir, self.optimizer, info)
+        ckpt.save_train_state(self.run_dir, self.optimizer, info, self.model)  # the resume state, one file
+        ckpt.save_weights(self.run_dir / ckpt.LAST, self.model, self._meta())  # what predictions load
         if not self.task.has_val:
             ckpt.save_weights(self.run_dir / ckpt.BEST, self.model, self._meta())
 
@@ -369,9 +370,11 @@ class _Loop:
         state = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
         try:
             self.pending.clear()  # a failed step's losses may be the divergence itself
-            ckpt.save_weights(self.run_dir / ckpt.LAST, self.model, self._meta())
             info = {"step": self.step, "best_val": self.best_val, "total": self.total}
-            ckpt.save_train_state(self.run_dir, self.optimizer, {**info, "bad_checks": self.bad_checks})
+            ckpt.save_train_state(
+                self.run_dir, self.optimizer, {**info, "bad_checks": self.bad_checks}, self.model
+            )
+            ckpt.save_weights(self.run_dir / ckpt.LAST, self.model, self._meta())
         except Exception:  # noqa: BLE001 - the original error matters more than a failed save
             pass
         error = None if state == "cancelled" else (str(exc) or type(exc).__name__)
