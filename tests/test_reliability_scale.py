@@ -122,5 +122,5 @@ def test_every_entry_point_at_20k_cells_2k_genes(tmp_path):
     tests/test_app_pages.py)."""
     prepared = _prepare_cli(tmp_path, 20_000, 2_000, subprocess_run=True)
     assert prepared.n_obs > 19_000 and np.isfinite(prepared.obsm["X_umap"]).all()
-    assert int(prepared.var["highly_variable"].sum()) == 2000
+    assert int(prepared.var["highly_variable"].sum()) == min(2000, prepared.n_vars)
     _every_entry_point(tmp_path / "prepared.h5ad", tmp_path, steps=20, embed=True)
