@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-hvg", type=int, default=None, help="highly variable genes (default 2000)")
     p.add_argument("--hvg-flavor", default=None, choices=["auto", "seurat_v3", "seurat", "cell_ranger"])
     p.add_argument("--no-umap", action="store_true", help="skip the stored UMAP (faster)")
+    p.add_argument(
+        "--library-size-col",
+        default=None,
+        help="obs column of each cell's library size for normalisation (e.g. whole-transcriptome UMIs "
+        "of a gene panel); default: the cell's total counts",
+    )
     p.set_defaults(func=run)
 
 
@@ -89,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         changes["n_hvg"] = args.n_hvg
     if args.hvg_flavor is not None:
         changes["hvg_flavor"] = args.hvg_flavor
+    if args.library_size_col is not None:
+        changes["library_size_col"] = args.library_size_col
     qc = qc.replace(**changes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -20,7 +20,7 @@ from statecore.config import RunConfig, TrainConfig
 from statecore.data.sets import PerturbationVocab, SetDataset, build_groups, obs_labels, select_genes
 from statecore.data.splits import Split, make_split
 from statecore.errors import DataError
-from statecore.models.losses import get_loss
+from statecore.models.losses import discrimination_loss, get_loss
 from statecore.models.transition import StateTransitionModel
 from statecore.runs import files as runs
 from statecore.training import checkpoint as ckpt
@@ -83,8 +83,33 @@ def set_loss_fn(model: torch.nn.Module, loss_fn: Callable) -> Callable:
     return lambda pred, batch: (loss_fn(pred, batch.x_target).mean(), {})
 
 
+@dataclass
+class DiscTerm:
+    """The discriminative loss term (``losses.discrimination_loss``) against real training shifts: each
+    single-perturbation set's predicted mean shift should be nearer its own pair's real shift than the
+    other perturbations' real shifts in the same context (what the PDS ranks). Tables: training pairs only."""
+
+    pair_index: torch.Tensor  # [C, P] row of table for (context, single), -1 where not a training pair
+    table: torch.Tensor  # [K, G] real mean shift of each training pair
+    weight: float
+
+    def __call__(self, pred: torch.Tensor, b, context: torch.Tensor) -> torch.Tensor:
+        z = b.z_pert  # [B, P]
+        rows = self.pair_index.to(z.device)[context.clamp_min(0)]  # [B, P]
+        rows = torch.where(context[:, None] >= 0, rows, torch.full_like(rows, -1))
+        single = (z != 0).sum(dim=1) == 1
+        own = rows.gather(1, z.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+        own = torch.where(single, own, torch.full_like(own, -1))
+        cand = torch.zeros(len(z), len(self.table) + 1, dtype=torch.bool, device=z.device)
+        cand.scatter_(1, torch.where(rows >= 0, rows, len(self.table)), True)
+        pred_shift = pred.mean(dim=1) - b.x_ctrl.mean(dim=1)
+        return discrimination_loss(pred_shift, self.table.to(pred.device), own, cand[:, :-1])
+
+
 class STTask:
     """A State Transition model + its set data, as the engine trains it (``statecore.training.tracks``)."""
+
+    disc: DiscTerm | None = None  # set by the expression track when STConfig.disc_weight > 0
 
     def __init__(self, model, data: TrainData, *, loss: str = "energy", meta=None, step_loss=None) -> None:
         self.model, self.data = model, data
@@ -109,7 +134,12 @@ class STTask:
         return module(b.x_ctrl, b.z_pert, b.batch_idx, **self._kw(self.data.train, b))  # [B, S, G]
 
     def loss(self, out: torch.Tensor, b):
-        return self.step_loss(out, b)
+        loss, extra = self.step_loss(out, b)
+        if self.disc is None:
+            return loss, extra
+        context = self.data.train.context_index(b.groups, self.data.contexts).to(out.device)
+        term = self.disc(out, b, context)
+        return loss + self.disc.weight * term, {**extra, "disc_loss": term.detach()}
 
     @torch.no_grad()
     def val_loss(self, device: torch.device, batch_size: int) -> float:
@@ -156,15 +186,17 @@ def vocab_meta(data: TrainData) -> dict[str, Any]:
     }
 
 
-def prior_for(adata, data: TrainData) -> ShiftPrior:
+def prior_for(adata, data: TrainData, *, with_val: bool = True) -> ShiftPrior:
     """The shift prior's tables from training and validation pairs (never test): validation pairs then only
-    guide the choice of checkpoint, and the prior of a pair measured in few contexts is less noisy."""
+    guide the choice of checkpoint, and the prior of a pair measured in few contexts is less noisy.
+    ``with_val=False``: training pairs only (``STConfig.prior_pairs="train"``)."""
     if data.vocab.features is not None:
         raise DataError(
             "the shift prior needs one-hot perturbations; set shift prior off when giving features"
         )
     split = data.split
-    pairs = {c: [*split.train.get(c, []), *split.val.get(c, [])] for c in sorted({*split.train, *split.val})}
+    val = split.val if with_val else {}
+    pairs = {c: [*split.train.get(c, []), *val.get(c, [])] for c in sorted({*split.train, *val})}
     return shift_prior_tables(
         adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts
     )
@@ -196,7 +228,8 @@ class ExpressionTrack:
         data, config = self.adapt(adata, data, config)
         prior = None
         if config.model.shift_prior and config.model_config().decoder_dim == 0:
-            prior = prior_for(adata, data)  # rebuilt on resume too: the weights then overwrite it
+            # rebuilt on resume too: the weights then overwrite it
+            prior = prior_for(adata, data, with_val=config.model.prior_pairs != "train")
             config = config.with_shapes(
                 config.model_config().replace(n_contexts=len(data.contexts), n_prior_pairs=prior.n_pairs)
             )
@@ -205,6 +238,15 @@ class ExpressionTrack:
         task = STTask(
             model, data, loss=config.model.loss, meta=vocab_meta(data), step_loss=self.step_loss_factory
         )
+        if config.model.disc_weight > 0 and prior is not None:
+            train_only = (
+                prior if config.model.prior_pairs == "train" else prior_for(adata, data, with_val=False)
+            )
+            task.disc = DiscTerm(
+                torch.from_numpy(train_only.pair_index),
+                torch.from_numpy(train_only.pair_shift),
+                float(config.model.disc_weight),
+            )
         return BuiltTask(task=task, config=config)
 
     # hooks Track B overrides
