@@ -381,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--preset", default="small")
     p.add_argument(
-        "--minutes", type=float, default=10.0, help="training wall-clock cap per task (a safety net)"
+        "--minutes",
+        type=float,
+        default=60.0,
+        help="training wall-clock cap per task: a safety net only (the step budget --steps decides)",
     )
     p.add_argument(
         "--steps",

@@ -280,3 +280,24 @@ def test_trained_run_with_discrimination_term_and_options(prepared_synthetic, tm
     pairs = {c: list(split.train.get(c, [])) for c in split.train}  # validation pairs left out
     expected = perturbation_shifts(prepared_synthetic, genes=run.genes, vocab=run.vocab, train_pairs=pairs)
     np.testing.assert_allclose(run.model.pert_shift.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_shrinkage_keeps_strong_shifts_and_zeroes_noise():
+    from statecore.training.priors import shift_prior_tables, shrinkage_factor
+
+    assert shrinkage_factor(np.array([3.0, 4.0]), 1.0) == pytest.approx(1 - 1 / 25)
+    assert shrinkage_factor(np.array([0.1, 0.0]), 1.0) == 0.0 and shrinkage_factor(np.zeros(2), 1.0) == 0.0
+    rng = np.random.default_rng(0)
+    n = 200
+    X = rng.normal(5.0, 1.0, size=(3 * n, 4)).astype(np.float32)
+    X[n : 2 * n, 0] += 2.0  # A: a strong shift of gene 0; B: noise only
+    obs = pd.DataFrame(
+        {"context": ["a"] * (3 * n), "perturbation": ["ctrl"] * n + ["A"] * n + ["B"] * n},
+        index=[f"c{i}" for i in range(3 * n)],
+    )
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(4)]))
+    vocab = PerturbationVocab.from_labels(["ctrl", "A", "B"], "ctrl")
+    kw = dict(genes=list(adata.var_names), vocab=vocab, train_pairs={"a": ["A", "B"]}, contexts=["a"])
+    raw, shrunk = shift_prior_tables(adata, **kw), shift_prior_tables(adata, **kw, shrink=True)
+    assert shrunk.shift[1, 0] == pytest.approx(raw.shift[1, 0], rel=0.01)  # strong: barely shrunk
+    assert np.abs(shrunk.shift[2]).sum() < 0.5 * np.abs(raw.shift[2]).sum()  # noise: shrunk hard

@@ -32,11 +32,35 @@ def _group_mean(gather: RowGatherer, rows: np.ndarray, block: int = 4096) -> np.
     return total / max(len(rows), 1)
 
 
+def _group_noise(gather: RowGatherer, rows: np.ndarray, mean: np.ndarray, block: int = 4096) -> float:
+    """Sampling variance of the group's mean, summed over genes: sum_g var_g / n."""
+    sq = None
+    for i in range(0, len(rows), block):
+        part = np.square(gather(rows[i : i + block]).astype(np.float64) - mean).sum(axis=0)
+        sq = part if sq is None else sq + part
+    n = len(rows)
+    return float(sq.sum() / max(n - 1, 1) / max(n, 1)) if sq is not None else 0.0
+
+
+def shrinkage_factor(shift: np.ndarray, noise: float) -> float:
+    """Positive-part James-Stein factor max(0, 1 - noise / |shift|^2) of a measured mean shift whose
+    sampling noise (summed over genes) is ``noise``: a shift no larger than its noise shrinks to zero,
+    a strong one stays nearly as measured (Efron & Morris 1973)."""
+    power = float(np.square(shift).sum())
+    return max(0.0, 1.0 - noise / power) if power > 0 else 0.0
+
+
 def _pair_shifts(
-    adata, *, genes: Sequence[str], vocab: PerturbationVocab, train_pairs: Mapping[str, Sequence[str]]
+    adata,
+    *,
+    genes: Sequence[str],
+    vocab: PerturbationVocab,
+    train_pairs: Mapping[str, Sequence[str]],
+    shrink: bool = False,
 ) -> dict[tuple[str, int], np.ndarray]:
     """(context, vocabulary index of a single) -> that single's mean minus the context's control mean, float64,
-    for every single perturbation listed in ``train_pairs`` that has cells; each group mean is computed once."""
+    for every single perturbation listed in ``train_pairs`` that has cells; each group mean is computed once.
+    ``shrink``: each shift times its :func:`shrinkage_factor` (noise of both group means)."""
     if vocab.features is not None:
         raise ValueError("the shift prior needs the one-hot perturbation vocabulary, not feature vectors")
     pert, ctx, _ = obs_labels(adata)
@@ -50,10 +74,15 @@ def _pair_shifts(
         if not singles or len(ctrl_rows) == 0:
             continue
         ctrl_mean = _group_mean(gather, ctrl_rows)
+        ctrl_noise = _group_noise(gather, ctrl_rows, ctrl_mean) if shrink else 0.0
         for p in singles:
             rows = np.flatnonzero(in_ctx & (pert == p))
             if len(rows):
-                out[(context, index[p])] = _group_mean(gather, rows) - ctrl_mean
+                mean = _group_mean(gather, rows)
+                shift = mean - ctrl_mean
+                if shrink:
+                    shift = shift * shrinkage_factor(shift, _group_noise(gather, rows, mean) + ctrl_noise)
+                out[(context, index[p])] = shift
     return out
 
 
@@ -135,8 +164,10 @@ def shift_prior_tables(
     vocab: PerturbationVocab,
     train_pairs: Mapping[str, Sequence[str]],
     contexts: Sequence[str],
+    shrink: bool = False,
 ) -> ShiftPrior:
-    """:func:`perturbation_shifts` and :func:`context_pair_shifts` from one pass over the group means."""
-    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
+    """:func:`perturbation_shifts` and :func:`context_pair_shifts` from one pass over the group means
+    (``shrink``: every measured shift shrunk by its James-Stein factor, :func:`shrinkage_factor`)."""
+    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs, shrink=shrink)
     pair_index, pair_shift = _index_pairs(pairs, contexts, len(vocab.names), len(genes))
     return ShiftPrior(_average(pairs, len(vocab.names), len(genes)), pair_index, pair_shift)

@@ -186,7 +186,7 @@ def vocab_meta(data: TrainData) -> dict[str, Any]:
     }
 
 
-def prior_for(adata, data: TrainData, *, with_val: bool = True) -> ShiftPrior:
+def prior_for(adata, data: TrainData, *, with_val: bool = True, shrink: bool = False) -> ShiftPrior:
     """The shift prior's tables from training and validation pairs (never test): validation pairs then only
     guide the choice of checkpoint, and the prior of a pair measured in few contexts is less noisy.
     ``with_val=False``: training pairs only (``STConfig.prior_pairs="train"``)."""
@@ -198,7 +198,7 @@ def prior_for(adata, data: TrainData, *, with_val: bool = True) -> ShiftPrior:
     val = split.val if with_val else {}
     pairs = {c: [*split.train.get(c, []), *val.get(c, [])] for c in sorted({*split.train, *val})}
     return shift_prior_tables(
-        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts
+        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts, shrink=shrink
     )
 
 
@@ -229,7 +229,9 @@ class ExpressionTrack:
         prior = None
         if config.model.shift_prior and config.model_config().decoder_dim == 0:
             # rebuilt on resume too: the weights then overwrite it
-            prior = prior_for(adata, data, with_val=config.model.prior_pairs != "train")
+            prior = prior_for(
+                adata, data, with_val=config.model.prior_pairs != "train", shrink=config.model.prior_shrink
+            )
             config = config.with_shapes(
                 config.model_config().replace(n_contexts=len(data.contexts), n_prior_pairs=prior.n_pairs)
             )
