@@ -347,6 +347,7 @@ def table(results: dict) -> str:
             cells = [fmt(row.get(c, float("nan")), sd.get(model, {}).get(c)) for c in cols[1:]]
             lines.append("| " + " | ".join([model, *cells]) + " |")
         lines += [f"- {v}" for v in res.get("verdicts", [])]
+        lines += goal_lines(name, res)
         if res.get("celleval_max_abs_diff"):
             worst = max(
                 (v, f"{m}/{k}") for m, d in res["celleval_max_abs_diff"].items() for k, v in d.items()
@@ -354,6 +355,61 @@ def table(results: dict) -> str:
             lines.append(f"cell-eval check: largest |statecore - cell-eval| = {worst[0]:.2g} ({worst[1]})")
         lines.append("")
     return "\n".join(lines)
+
+
+# the goals of issue 17 (mean over seeds): P1 beats perturbation_mean by margins; K1 meets fixed bars on every
+# axis at once; S1, C1, P2 lose to no baseline on any headline metric
+HEADLINE_GOAL = (("pearson_delta", 1), ("discrimination_score_l1", 1), ("overlap_at_N", 1), ("mae", -1))
+
+
+def goal_lines(name: str, res: dict) -> list[str]:
+    """Each goal of the task as a line: met or not, with the numbers it compares."""
+    rows = res.get("rows", {})
+    st = rows.get("ST", {})
+    if not st:
+        return []
+    pm = rows.get("perturbation_mean", {})
+    if name == "P1":
+        checks = [
+            (
+                "PDS ≥ perturbation_mean + 0.03",
+                "discrimination_score_l1",
+                pm.get("discrimination_score_l1", np.nan) + 0.03,
+            ),
+            ("pearson Δ ≥ perturbation_mean + 0.05", "pearson_delta", pm.get("pearson_delta", np.nan) + 0.05),
+            ("DE overlap ≥ 1.5 × perturbation_mean's", "overlap_at_N", 1.5 * pm.get("overlap_at_N", np.nan)),
+        ]
+        return [
+            f"- goal {text}: {'met' if st.get(m, np.nan) >= bar else 'NOT met'} ({st.get(m, np.nan):.3f} vs {bar:.3f})"
+            for text, m, bar in checks
+        ]
+    if name == "K1":
+        spread = st.get("spread_ratio", np.nan)
+        out = [
+            f"- goal pearson Δ ≥ 0.96: {'met' if st['pearson_delta'] >= 0.96 else 'NOT met'} ({st['pearson_delta']:.3f})",
+            f"- goal DE overlap ≥ 0.70: {'met' if st['overlap_at_N'] >= 0.70 else 'NOT met'} ({st['overlap_at_N']:.3f})",
+            f"- goal spread within 20 %: {'met' if abs(spread - 1) <= 0.2 else 'NOT met'} ({spread:.3f})",
+        ]
+        return out
+    if name in ("S1", "C1", "P2"):
+        out = []
+        for m, sign in HEADLINE_GOAL:
+            if not np.isfinite(st.get(m, np.nan)):
+                continue
+            bases = {
+                b: r[m]
+                for b, r in rows.items()
+                if b not in ("ST", CEILING_ROW) and np.isfinite(r.get(m, np.nan))
+            }
+            if not bases:
+                continue
+            best = max(bases, key=lambda b: sign * bases[b])
+            ok = sign * st[m] >= sign * bases[best]
+            out.append(
+                f"- goal no loss on {m}: {'met' if ok else 'NOT met'} (ST {st[m]:.4f}, best baseline {best} {bases[best]:.4f})"
+            )
+        return out
+    return []
 
 
 def merge(paths: list[str], out: Path) -> int:
@@ -374,6 +430,25 @@ def merge(paths: list[str], out: Path) -> int:
     print(table(results))
     print(f"\nwrote {out}")
     return 0
+
+
+def write_results(out: Path, args, argv, results: dict) -> None:
+    meta = {
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "preset": args.preset,
+        "minutes": args.minutes,
+        "steps": args.steps,
+        "num_threads": args.num_threads,
+        "extra": args.extra,
+        "score_on": args.score_on,
+        "seed": args.seed,
+        "seeds": args.seeds,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "load_average_end": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,27 +509,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
     workdir = Path(args.workdir)
-    results: dict[str, dict] = {}
-    for name in names:
-        print(f"[quality] {name} ...", flush=True)
-        try:
-            seeds = range(args.seed, args.seed + max(1, args.seeds))
-            results[name] = over_seeds([run_task(name, TASKS[name], args, workdir, s) for s in seeds])
-        except Exception as exc:  # report the failure in the table, keep going with the other tasks
-            results[name] = {"task": TASKS[name], "error": str(exc)}
-        print(table({name: results[name]}), flush=True)
-    meta = {
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "preset": args.preset,
-        "minutes": args.minutes,
-        "steps": args.steps,
-        "seed": args.seed,
-        "seeds": args.seeds,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "load_average_end": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
     out = (
         Path(args.out)
         if args.out
@@ -464,7 +518,21 @@ def main(argv: list[str] | None = None) -> int:
         / ("quality.json" if len(names) == len(TASKS) else f"quality_{'_'.join(names)}.json")
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float))
+    results: dict[str, dict] = {}
+    for name in names:
+        print(f"[quality] {name} ...", flush=True)
+        runs: list[dict] = []
+        try:
+            for s in range(args.seed, args.seed + max(1, args.seeds)):
+                runs.append(run_task(name, TASKS[name], args, workdir, s))
+                results[name] = over_seeds(runs)
+                write_results(out, args, argv, results)  # after every seed: a cut run keeps what finished
+        except Exception as exc:  # report the failure in the table, keep going with the other tasks
+            results[name] = {"task": TASKS[name], "error": str(exc)}
+            if runs:
+                results[name]["finished_seeds"] = over_seeds(runs)
+        write_results(out, args, argv, results)
+        print(table({name: results[name]}), flush=True)
     print(f"\nwrote {out}")
     return 0 if all("error" not in r for r in results.values()) else 1
 
