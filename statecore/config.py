@@ -109,7 +109,9 @@ class STConfig(_Serializable):
     # sees it, so the model learns how a context deviates from the others rather than from itself)
     prior_singles: str = "average"
     context_gain: bool = False  # a learned per-context, per-gene gain on the prior's shift (starts at 1)
-    prior_shrink: bool = False  # shrink each measured shift by its James-Stein factor (noise vs size)
+    # James-Stein shrinkage of the prior (statecore.training.priors): "off"; "zero" (each measured shift
+    # toward 0); "context" (a single's average shift toward its context's mean perturbed shift)
+    prior_shrink: str = "off"
     # pairs the prior's tables come from: "train_val" (training + validation pairs) or "train" (training
     # pairs only: validation pairs then stay unseen, for scoring settings on them as on a test)
     prior_pairs: str = "train_val"

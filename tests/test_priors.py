@@ -265,6 +265,7 @@ def test_trained_run_with_discrimination_term_and_options(prepared_synthetic, tm
         context_gain=True,
         disc_weight=0.5,
         prior_pairs="train",
+        prior_shrink="context",
     )
     cfg = RunConfig(
         split=SplitConfig(task="underrepresented", context="c0"),
@@ -274,6 +275,7 @@ def test_trained_run_with_discrimination_term_and_options(prepared_synthetic, tm
     train_run(prepared_synthetic, cfg, tmp_path / "run")
     run = load_run(tmp_path / "run")
     assert run.config.model.disc_weight == 0.5 and run.model.context_gain is not None
+    assert run.model.context_generic.abs().sum() > 0 and (run.model.pert_trust[1:] > 0).any()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert any("disc_loss" in line for line in lines)
     split = run.split
@@ -301,3 +303,35 @@ def test_shrinkage_keeps_strong_shifts_and_zeroes_noise():
     raw, shrunk = shift_prior_tables(adata, **kw), shift_prior_tables(adata, **kw, shrink=True)
     assert shrunk.shift[1, 0] == pytest.approx(raw.shift[1, 0], rel=0.01)  # strong: barely shrunk
     assert np.abs(shrunk.shift[2]).sum() < 0.5 * np.abs(raw.shift[2]).sum()  # noise: shrunk hard
+
+
+def test_context_shrinkage_moves_noisy_singles_toward_the_context_mean():
+    from statecore.training.priors import context_shrinkage
+
+    rng = np.random.default_rng(1)
+    n = 200
+    labels = ["ctrl"] * n + ["A"] * n + ["B"] * n
+    X = rng.normal(5.0, 1.0, size=(3 * n, 4)).astype(np.float32)
+    X[n : 2 * n, 0] += 3.0  # A: strong
+    obs = pd.DataFrame(
+        {"context": ["a"] * (3 * n), "perturbation": labels}, index=[f"c{i}" for i in range(3 * n)]
+    )
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(4)]))
+    vocab = PerturbationVocab.from_labels(["ctrl", "A", "B"], "ctrl")
+    kw = dict(genes=list(adata.var_names), vocab=vocab, train_pairs={"a": ["A", "B"]}, contexts=["a", "b"])
+    trust, generic = context_shrinkage(adata, **kw)
+    assert trust[0] == 0 and trust[1] > 0.95 and trust[2] < 0.5
+    table = perturbation_shifts(adata, genes=kw["genes"], vocab=vocab, train_pairs=kw["train_pairs"])
+    np.testing.assert_allclose(generic[0], table[1:].mean(axis=0), atol=1e-5)  # mean of A and B in a
+    np.testing.assert_allclose(generic[1], generic[0])  # b measured nothing: the mean of measured rows
+    np.testing.assert_allclose(generic[2], generic[0])  # unknown context
+    model = _loo_model(prior_shrink="context")
+    _fill_loo(model)
+    model.pert_trust.copy_(torch.tensor([0.0, 0.25, 1.0]))
+    model.context_generic.copy_(torch.tensor([[4.0, 0.0], [0.0, 4.0], [0.0, 0.0], [2.0, 2.0]]))
+    x = torch.zeros(3, 2, 2)
+    z = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    out = model(x, z, context=torch.tensor([0, -1, 0]))[:, 0]
+    # A (average (1, 1), trust 0.25) in a: 0.25 (1, 1) + 0.75 (4, 0); unknown: + 0.75 (2, 2); A+B unchanged
+    expected = torch.tensor([[3.25, 0.25], [1.75, 1.75], [2.0, 2.0]])
+    torch.testing.assert_close(out, expected)

@@ -53,9 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "training context, or over the other contexts only (default: the preset's)")  # fmt: skip
     p.add_argument("--context-gain", default=None, choices=["on", "off"],
                    help="learn a per-context, per-gene gain on the shift prior (default: the preset's)")  # fmt: skip
-    p.add_argument("--prior-shrink", default=None, choices=["on", "off"],
-                   help="shrink each measured shift toward 0 by its James-Stein factor, so shifts no larger "
-                   "than their sampling noise barely move the prediction (default: the preset's)")  # fmt: skip
+    p.add_argument("--prior-shrink", default=None, choices=["off", "zero", "context"],
+                   help="James-Stein shrinkage of the shift prior: a measured shift no larger than its sampling "
+                   "noise moves toward 0 (zero) or toward the context's mean perturbed shift (context); "
+                   "default: the preset's")  # fmt: skip
     p.add_argument("--disc-weight", type=float, default=None,
                    help="weight of the discriminative loss term (own perturbation's real shift nearer than "
                    "the other perturbations' in the context; default: the preset's)")  # fmt: skip
@@ -136,7 +137,7 @@ def _model_from_args(args: argparse.Namespace):
     if args.context_gain:
         model = model.replace(context_gain=args.context_gain == "on")
     if args.prior_shrink:
-        model = model.replace(prior_shrink=args.prior_shrink == "on")
+        model = model.replace(prior_shrink=args.prior_shrink)
     if args.disc_weight is not None:
         if not 0 <= args.disc_weight < float("inf"):
             from statecore.errors import DataError

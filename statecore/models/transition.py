@@ -69,6 +69,12 @@ class StateTransitionModel(nn.Module):
             self.register_buffer("pair_shift", torch.zeros(cfg.n_prior_pairs, G))
         else:
             self.pair_index = self.pair_shift = None
+        if self.pert_shift is not None and cfg.prior_shrink == "context" and cfg.n_contexts > 0:
+            # shrinkage of a single's shift toward its context's mean perturbed shift (training.priors)
+            self.register_buffer("pert_trust", torch.ones(cfg.perturbation_dim))
+            self.register_buffer("context_generic", torch.zeros(cfg.n_contexts + 1, G))
+        else:
+            self.pert_trust = self.context_generic = None
         # learned per-context, per-gene gain on the prior's shift: shift * (1 + gain[context]), zero-initialised
         # (weight decay pulls it back to a gain of 1); a context never trained on keeps gain 1
         self.context_gain = (
@@ -135,6 +141,8 @@ class StateTransitionModel(nn.Module):
                 shift = z_pert.to(out.dtype) @ self.pert_shift  # [B, S, P] @ [P, G]
             if context is not None and self.pair_shift is not None:
                 shift = shift + self._context_correction(z_pert[:, 0].to(out.dtype), context)[:, None]
+            if z_set is not None and self.pert_trust is not None:
+                shift = self._shrink(z_set.to(out.dtype), context, shift)
             if context is not None and self.context_gain is not None:
                 shift = shift * self._gain(context, B)
             out = out + self.prior_cells(x_ctrl, shift, self.cfg.prior_mode) - x_ctrl
@@ -166,6 +174,21 @@ class StateTransitionModel(nn.Module):
                 loo = (self.pert_shift[j] - self.pair_shift[rows[b, j]]) / (n[j, None] - 1)
                 corr.index_add_(0, b, z[b, j, None] * loo)
         return corr
+
+    def _shrink(self, z: torch.Tensor, context: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, G]``: a single's shift as ``trust * shift + (1 - trust) * generic[context]``, the last
+        generic row for an unknown context (or none given); combinations keep theirs."""
+        B = z.shape[0]
+        unknown = self.context_generic.shape[0] - 1
+        if context is None:
+            idx = torch.full((B,), unknown, dtype=torch.long, device=z.device)
+        else:
+            context = context.to(device=z.device, dtype=torch.long).reshape(B)
+            idx = torch.where(context >= 0, context, torch.full_like(context, unknown))
+        trust = (z.abs() @ self.pert_trust).clamp(0, 1)[:, None]  # [B, 1]
+        shrunk = trust * shift[:, 0] + (1 - trust) * self.context_generic[idx]
+        single = ((z != 0).sum(dim=1) == 1)[:, None]
+        return torch.where(single, shrunk, shift[:, 0])[:, None]
 
     def _gain(self, context: torch.Tensor, B: int) -> torch.Tensor:
         """``[B, 1, G]``: 1 + the learned gain of each set's context (1 for an unknown context, -1)."""

@@ -9,7 +9,7 @@ all of it and swaps the cells' representation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from statecore.models.transition import StateTransitionModel
 from statecore.runs import files as runs
 from statecore.training import checkpoint as ckpt
 from statecore.training import distributed as dist_utils
-from statecore.training.priors import ShiftPrior, shift_prior_tables
+from statecore.training.priors import ShiftPrior, context_shrinkage, shift_prior_tables
 from statecore.training.tracks import BuiltTask
 
 # validation loss: the first sets of the validation plan's epoch 0 (fixed); 96 sets every 100 steps keep
@@ -186,7 +186,7 @@ def vocab_meta(data: TrainData) -> dict[str, Any]:
     }
 
 
-def prior_for(adata, data: TrainData, *, with_val: bool = True, shrink: bool = False) -> ShiftPrior:
+def prior_for(adata, data: TrainData, *, with_val: bool = True, shrink: str = "off") -> ShiftPrior:
     """The shift prior's tables from training and validation pairs (never test): validation pairs then only
     guide the choice of checkpoint, and the prior of a pair measured in few contexts is less noisy.
     ``with_val=False``: training pairs only (``STConfig.prior_pairs="train"``)."""
@@ -197,9 +197,12 @@ def prior_for(adata, data: TrainData, *, with_val: bool = True, shrink: bool = F
     split = data.split
     val = split.val if with_val else {}
     pairs = {c: [*split.train.get(c, []), *val.get(c, [])] for c in sorted({*split.train, *val})}
-    return shift_prior_tables(
-        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts, shrink=shrink
-    )
+    kw = dict(genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts)
+    prior = shift_prior_tables(adata, **kw, shrink=shrink == "zero")
+    if shrink != "context":
+        return prior
+    trust, generic = context_shrinkage(adata, **kw)
+    return replace(prior, trust=trust, generic=generic)
 
 
 def build_model(config: RunConfig, prior: ShiftPrior | None) -> StateTransitionModel:
@@ -211,6 +214,9 @@ def build_model(config: RunConfig, prior: ShiftPrior | None) -> StateTransitionM
         if model.pair_index is not None:
             model.pair_index.copy_(torch.from_numpy(prior.pair_index))
             model.pair_shift.copy_(torch.from_numpy(prior.pair_shift))
+        if prior.trust is not None and model.pert_trust is not None:
+            model.pert_trust.copy_(torch.from_numpy(prior.trust))
+            model.context_generic.copy_(torch.from_numpy(prior.generic))
     return model
 
 
