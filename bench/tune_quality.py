@@ -46,6 +46,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "expr_prior_lr1e4": (dict(residual="expression", shift_prior=True), dict(lr=1e-4)),
     "expr_prior_mmd": (dict(residual="expression", shift_prior=True, loss="mmd"), {}),
     "expr_prior_scale": (dict(residual="expression", shift_prior=True, prior_mode="scale"), {}),
+    "expr_prior_zero": (dict(residual="expression", shift_prior=True, prior_shrink="zero"), {}),
+    "expr_prior_ctx": (dict(residual="expression", shift_prior=True, prior_shrink="context"), {}),
 }
 
 
