@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from quality import split_halves, spread_ratio, summarise  # noqa: E402  (bench/ is not a package)
+from quality import spread_ratio, summarise  # noqa: E402  (bench/ is not a package)
+
+from statecore.evaluation.run import split_halves  # noqa: E402
 
 TEST_CONTEXT = "CD14+Mono"
 
