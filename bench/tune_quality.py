@@ -50,6 +50,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "expr_prior_scale": (dict(residual="expression", shift_prior=True, prior_mode="scale"), {}),
     "expr_prior_zero": (dict(residual="expression", shift_prior=True, prior_shrink="zero"), {}),
     "expr_prior_ctx": (dict(residual="expression", shift_prior=True, prior_shrink="context"), {}),
+    "expr_prior_loo": (dict(residual="expression", shift_prior=True, prior_singles="leave_context_out"), {}),
 }
 
 
