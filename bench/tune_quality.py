@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from quality import split_halves, spread_ratio, summarise  # noqa: E402  (bench/ is not a package)
+from quality import spread_ratio, summarise  # noqa: E402  (bench/ is not a package)
+
+from statecore.evaluation.run import split_halves  # noqa: E402
 
 TEST_CONTEXT = "CD14+Mono"
 
@@ -46,6 +48,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "expr_prior_lr1e4": (dict(residual="expression", shift_prior=True), dict(lr=1e-4)),
     "expr_prior_mmd": (dict(residual="expression", shift_prior=True, loss="mmd"), {}),
     "expr_prior_scale": (dict(residual="expression", shift_prior=True, prior_mode="scale"), {}),
+    "expr_prior_zero": (dict(residual="expression", shift_prior=True, prior_shrink="zero"), {}),
+    "expr_prior_ctx": (dict(residual="expression", shift_prior=True, prior_shrink="context"), {}),
+    "expr_prior_loo": (dict(residual="expression", shift_prior=True, prior_singles="leave_context_out"), {}),
 }
 
 

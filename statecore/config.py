@@ -67,6 +67,9 @@ class QCConfig(_Serializable):
     # min_genes is meant for whole transcriptomes: on a gene panel (n_genes < 20,000) it is scaled by
     # n_genes / 20,000 so that e.g. a 500-gene file keeps its cells (see preprocess.effective_min_genes)
     scale_min_genes: bool = True
+    # obs column of each cell's library size (e.g. whole-transcriptome UMIs of a targeted gene panel, whose
+    # own totals move with the perturbation); None: the cell's total counts over the genes in the file
+    library_size_col: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,18 @@ class STConfig(_Serializable):
     residual: str = "hidden"  # hidden (reference ST) | expression (add x_ctrl to the output) | none
     shift_prior: bool = False  # add each perturbation's mean training shift (statecore.training.priors)
     prior_mode: str = "scale_down"  # how cells take the prior's shift: add | scale_down | scale
+    # shift prior of a single in a context where training measured it: "average" (over every training
+    # context, its own included) or "leave_context_out" (over the other contexts only, as a held-out pair
+    # sees it, so the model learns how a context deviates from the others rather than from itself)
+    prior_singles: str = "average"
+    context_gain: bool = False  # a learned per-context, per-gene gain on the prior's shift (starts at 1)
+    # James-Stein shrinkage of the prior (statecore.training.priors): "off"; "zero" (each measured shift
+    # toward 0); "context" (a single's average shift toward its context's mean perturbed shift)
+    prior_shrink: str = "off"
+    # pairs the prior's tables come from: "train_val" (training + validation pairs) or "train" (training
+    # pairs only: validation pairs then stay unseen, for scoring settings on them as on a test)
+    prior_pairs: str = "train_val"
+    disc_weight: float = 0.0  # weight of the discriminative loss term (statecore.models.losses)
     n_contexts: int = 0  # shift prior: contexts of the per-context table (set by training)
     n_prior_pairs: int = 0  # shift prior: measured (context, single perturbation) pairs
     # Unseen genes (issue 14): "features" encodes a perturbation by its genes' feature vectors (any gene of the

@@ -191,3 +191,24 @@ def test_prepare_holds_two_matrices_at_peak(monkeypatch):
         for y in (a.X.data, a.X.indices, p.layers["counts"].indices)
     ]
     assert not any(shared)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_library_size_column_normalises_by_the_given_sizes(synthetic_counts, dense):
+    adata = synthetic_counts
+    if dense:
+        adata.X = adata.X.toarray()
+    raw = np.asarray(adata.X.toarray() if sp.issparse(adata.X) else adata.X)
+    sizes = raw.sum(1) * 3.0 + 7.0  # e.g. whole-transcriptome UMIs of a panel
+    adata.obs["umis_all"] = sizes
+    p = prepare(adata, spec=SPEC, qc=QC.replace(library_size_col="umis_all"))
+    dense_of = lambda m: m.toarray() if sp.issparse(m) else np.asarray(m)  # noqa: E731
+    assert sp.issparse(p.X) != dense
+    np.testing.assert_allclose(dense_of(p.X), np.log1p(raw / sizes[:, None] * 1e4), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(dense_of(p.layers["counts"]), raw)  # counts untouched
+    assert p.uns["statecore"]["qc"]["library_size_col"] == "umis_all"
+    with pytest.raises(DataError, match="not in the cell metadata"):
+        prepare(adata, spec=SPEC, qc=QC.replace(library_size_col="nope"))
+    adata.obs.loc[adata.obs_names[3], "umis_all"] = 0.0
+    with pytest.raises(DataError, match="1 cell"):
+        prepare(adata, spec=SPEC, qc=QC.replace(library_size_col="umis_all"))

@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="above this many cells the UMAP is fitted on a random subsample of this size; the other "
         "cells get no coordinates (default 100000)",
     )
+    p.add_argument(
+        "--library-size-col",
+        default=None,
+        help="obs column of each cell's library size for normalisation (e.g. whole-transcriptome UMIs "
+        "of a gene panel); default: the cell's total counts",
+    )
     p.set_defaults(func=run)
 
 
@@ -100,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         changes["umap_max_cells"] = args.umap_max_cells
     if args.hvg_flavor is not None:
         changes["hvg_flavor"] = args.hvg_flavor
+    if args.library_size_col is not None:
+        changes["library_size_col"] = args.library_size_col
     qc = qc.replace(**changes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

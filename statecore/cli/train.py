@@ -60,6 +60,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "control expression + decode(pred) - decode(control) (default off)")  # fmt: skip
     p.add_argument("--shift-prior", default=None, choices=["on", "off"],
                    help="add each perturbation's mean training shift to the prediction (default: the preset's)")  # fmt: skip
+    p.add_argument("--prior-singles", default=None, choices=["average", "leave_context_out"],
+                   help="shift prior of a single in a context that measured it: the average over every "
+                   "training context, or over the other contexts only (default: the preset's)")  # fmt: skip
+    p.add_argument("--context-gain", default=None, choices=["on", "off"],
+                   help="learn a per-context, per-gene gain on the shift prior (default: the preset's)")  # fmt: skip
+    p.add_argument("--prior-shrink", default=None, choices=["off", "zero", "context"],
+                   help="James-Stein shrinkage of the shift prior: a measured shift no larger than its sampling "
+                   "noise moves toward 0 (zero) or toward the context's mean perturbed shift (context); "
+                   "default: the preset's")  # fmt: skip
+    p.add_argument("--disc-weight", type=float, default=None,
+                   help="weight of the discriminative loss term (own perturbation's real shift nearer than "
+                   "the other perturbations' in the context; default: the preset's)")  # fmt: skip
+    p.add_argument("--prior-pairs", default=None, choices=["train_val", "train"],
+                   help="pairs the shift prior's tables come from (train: validation pairs stay unseen)")  # fmt: skip
     p.add_argument("--residual", default=None, choices=["hidden", "expression", "none"],
                    help="residual path of the model (default: the preset's, expression)")  # fmt: skip
     p.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default auto)")
@@ -130,6 +144,20 @@ def _model_from_args(args: argparse.Namespace):
         model = model.replace(shift_prior=args.shift_prior == "on")
     if args.decoder_residual:
         model = model.replace(decoder_residual=args.decoder_residual == "on")
+    if args.prior_singles:
+        model = model.replace(prior_singles=args.prior_singles)
+    if args.context_gain:
+        model = model.replace(context_gain=args.context_gain == "on")
+    if args.prior_shrink:
+        model = model.replace(prior_shrink=args.prior_shrink)
+    if args.disc_weight is not None:
+        if not 0 <= args.disc_weight < float("inf"):
+            from statecore.errors import DataError
+
+            raise DataError(f"--disc-weight must be a finite number >= 0; got {args.disc_weight}")
+        model = model.replace(disc_weight=args.disc_weight)
+    if args.prior_pairs:
+        model = model.replace(prior_pairs=args.prior_pairs)
     return _with_features(model, args)
 
 

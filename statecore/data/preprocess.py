@@ -88,7 +88,8 @@ def prepare(adata, *, spec: DataSpec, qc: QCConfig = QCConfig(), source: str = "
         out.X = matrix
     else:
         out.layers["counts"] = matrix
-        out.X = _log_normalize(matrix, qc.target_sum, qc.log1p)
+        sizes = library_sizes(adata.obs, qc.library_size_col, keep_cells)
+        out.X = _log_normalize(matrix, qc.target_sum, qc.log1p, totals=sizes)
         out.uns.pop("log1p", None)
 
     n_top = int(min(qc.n_hvg, out.n_vars))
@@ -361,15 +362,37 @@ def _owned_float32(X, keep_cells: np.ndarray, keep_genes: np.ndarray):
     return out.copy() if shares else out
 
 
-def _log_normalize(counts, target_sum: float | None, log1p: bool):
+def library_sizes(obs: pd.DataFrame, column: str | None, keep_cells: np.ndarray) -> np.ndarray | None:
+    """The kept cells' library sizes from ``obs[column]`` (None: use the counts' own totals)."""
+    if column is None:
+        return None
+    if column not in obs.columns:
+        raise DataError(
+            f"library size column {column!r} is not in the cell metadata; choose one of "
+            f"{sorted(map(str, obs.columns))[:20]} or leave --library-size-col out"
+        )
+    values = pd.to_numeric(obs[column], errors="coerce").to_numpy(dtype=np.float64)[keep_cells]
+    bad = ~(np.isfinite(values) & (values > 0))
+    if bad.any():
+        raise DataError(
+            f"library size column {column!r} has {int(bad.sum())} cell(s) without a positive number; "
+            "fix those values or leave --library-size-col out"
+        )
+    return values
+
+
+def _log_normalize(counts, target_sum: float | None, log1p: bool, totals: np.ndarray | None = None):
     """scanpy's normalize_total(target_sum) then log1p, into a new matrix (counts is not modified).
 
     CSR: the same float32 operations as scanpy (per-cell totals summed in float64 and stored as
     float32, scale = total / target_sum, zero totals left unscaled, data / scale, log1p), row chunk by
-    row chunk into one new data array. Dense input goes through scanpy itself.
+    row chunk into one new data array. Dense input goes through scanpy itself. ``totals``: each cell's
+    library size given from outside (``QCConfig.library_size_col``) instead of its summed counts.
     """
     import scanpy as sc
 
+    if totals is not None and not sp.issparse(counts):  # the CSR path below, dense again afterwards
+        return _log_normalize(sp.csr_matrix(counts), target_sum, log1p, totals).toarray()
     if not sp.issparse(counts):
         import anndata as ad
 
@@ -378,8 +401,7 @@ def _log_normalize(counts, target_sum: float | None, log1p: bool):
         if log1p:
             sc.pp.log1p(tmp)
         return tmp.X
-    _, total = _per_cell_stats(counts)
-    total = total.astype(counts.dtype)
+    total = (_per_cell_stats(counts)[1] if totals is None else totals).astype(counts.dtype)
     scale = total / (np.median(total) if target_sum is None else target_sum)
     scale = scale + (scale == 0)
     if not np.all(total > 0):

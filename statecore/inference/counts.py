@@ -136,6 +136,9 @@ def sample_counts(
         alpha = np.zeros(panel.size)
     base = sp.csr_matrix(counts[rows], dtype=np.float32)  # paired controls, every gene
     lib = _row_totals(base)
+    size_col = prepared.uns.get("statecore", {}).get("qc", {}).get("library_size_col")
+    if size_col and size_col in prepared.obs.columns:  # prepare normalised by this column: invert that
+        lib = prepared.obs[size_col].to_numpy(dtype=np.float64)[rows]
     is_pred = pred.obs["predicted"].to_numpy(bool) if "predicted" in pred.obs else np.ones(pred.n_obs, bool)
     drawn = base[:, panel].toarray()  # real control cells keep their real counts
     idx_all = np.flatnonzero(is_pred)

@@ -162,6 +162,34 @@ def energy_mean_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out[0] if single else out
 
 
+def discrimination_loss(
+    pred_shift: torch.Tensor,
+    table: torch.Tensor,
+    own: torch.Tensor,
+    candidates: torch.Tensor,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """Cross-entropy of picking each set's own perturbation among the real shifts of its context.
+
+    ``pred_shift [B, G]``: each predicted set's mean minus its control cells' mean; ``table [K, G]``: real
+    mean shifts of (context, perturbation) pairs; ``own [B]`` long: the row of each set's own pair (-1:
+    no term for that set); ``candidates [B, K]`` bool: the rows of the set's context (its own included).
+    Distances are mean absolute differences over genes, the L1 that the PDS ranks by; logits are
+    ``-d / (temperature * mean candidate distance)`` so the term does not depend on the data's scale.
+    Zero when no set has its own row and another candidate."""
+    if table.shape[0] == 0:
+        return pred_shift.sum() * 0.0
+    own_ok = (own >= 0) & candidates[torch.arange(len(own)), own.clamp_min(0)]
+    keep = own_ok & (candidates.sum(dim=1) >= 2)
+    if not bool(keep.any()):
+        return pred_shift.sum() * 0.0
+    d = (pred_shift[keep, None, :] - table[None]).abs().mean(dim=-1)  # [B', K]
+    cand = candidates[keep]
+    scale = (d.detach() * cand).sum(dim=1) / cand.sum(dim=1)
+    logits = (-d / (temperature * scale.clamp_min(1e-8))[:, None]).masked_fill(~cand, float("-inf"))
+    return torch.nn.functional.cross_entropy(logits, own[keep])
+
+
 def get_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Loss function by name (``energy`` | ``mmd``); returns per-set values [B]."""
     if name == "energy":

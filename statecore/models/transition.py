@@ -17,6 +17,7 @@ from statecore.models.decoder import GeneDecoder
 from statecore.models.layers import mlp, set_transformer
 
 RESIDUALS = ("hidden", "expression", "none")
+PRIOR_SINGLES = ("average", "leave_context_out")
 
 
 class StateTransitionModel(nn.Module):
@@ -31,6 +32,10 @@ class StateTransitionModel(nn.Module):
         cfg = STConfig(**overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
         if cfg.residual not in RESIDUALS:
             raise ValueError(f"STConfig.residual must be one of {RESIDUALS}; got {cfg.residual!r}")
+        if cfg.prior_singles not in PRIOR_SINGLES:
+            raise ValueError(
+                f"STConfig.prior_singles must be one of {PRIOR_SINGLES}; got {cfg.prior_singles!r}"
+            )
         if cfg.basal_encoder not in ("mlp", "linear"):
             raise ValueError(f"STConfig.basal_encoder must be 'mlp' or 'linear'; got {cfg.basal_encoder!r}")
         self.cfg = cfg
@@ -73,7 +78,24 @@ class StateTransitionModel(nn.Module):
             self.register_buffer("pair_shift", torch.zeros(cfg.n_prior_pairs, G))
         else:
             self.pair_index = self.pair_shift = None
-        self.needs_context = self.pair_shift is not None or self.feature_map is not None
+        if self.pert_shift is not None and cfg.prior_shrink == "context" and cfg.n_contexts > 0:
+            # shrinkage of a single's shift toward its context's mean perturbed shift (training.priors)
+            self.register_buffer("pert_trust", torch.ones(cfg.perturbation_dim))
+            self.register_buffer("context_generic", torch.zeros(cfg.n_contexts + 1, G))
+        else:
+            self.pert_trust = self.context_generic = None
+        # learned per-context, per-gene gain on the prior's shift: shift * (1 + gain[context]), zero-initialised
+        # (weight decay pulls it back to a gain of 1); a context never trained on keeps gain 1
+        self.context_gain = (
+            nn.Parameter(torch.zeros(cfg.n_contexts, G))
+            if self.pert_shift is not None and cfg.context_gain and cfg.n_contexts > 0
+            else None
+        )
+        # the forward pass needs each set's context index for any per-context part
+        self.needs_context = any(
+            m is not None
+            for m in (self.pair_shift, self.feature_map, self.context_generic, self.context_gain)
+        )
         if cfg.residual == "expression":
             # Start as the identity map on expression: the model then only has to learn the shift.
             nn.init.zeros_(self.project_out[-1].weight)
@@ -137,6 +159,10 @@ class StateTransitionModel(nn.Module):
                 shift = z_pert.to(out.dtype) @ self.pert_shift  # [B, S, P] @ [P, G]
             if context is not None and self.pair_shift is not None:
                 shift = shift + self._context_correction(z_pert[:, 0].to(out.dtype), context)[:, None]
+            if z_set is not None and self.pert_trust is not None:
+                shift = self._shrink(z_set.to(out.dtype), context, shift)
+            if context is not None and self.context_gain is not None:
+                shift = shift * self._gain(context, B)
             out = out + self.prior_cells(x_ctrl, shift, self.cfg.prior_mode) - x_ctrl
         if self.cfg.relu_output:
             out = torch.relu(out)
@@ -183,7 +209,36 @@ class StateTransitionModel(nn.Module):
         corr = torch.zeros(B, G, dtype=z.dtype, device=z.device)
         if b.numel():
             corr.index_add_(0, b, z[b, j, None] * (self.pair_shift[rows[b, j]] - self.pert_shift[j]))
+        if self.cfg.prior_singles == "leave_context_out":
+            # a single measured in its own context and n >= 2 contexts: the mean of the n - 1 others,
+            # (n * avg - own) / (n - 1) = avg + (avg - own) / (n - 1); a held-out pair has no own shift
+            n = (self.pair_index >= 0).sum(dim=0).to(z.dtype)  # [P] contexts measuring each single
+            b, j = ((rows >= 0) & (z != 0) & ~combo & (n[None] >= 2)).nonzero(as_tuple=True)
+            if b.numel():
+                loo = (self.pert_shift[j] - self.pair_shift[rows[b, j]]) / (n[j, None] - 1)
+                corr.index_add_(0, b, z[b, j, None] * loo)
         return corr
+
+    def _shrink(self, z: torch.Tensor, context: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, G]``: a single's shift as ``trust * shift + (1 - trust) * generic[context]``, the last
+        generic row for an unknown context (or none given); combinations keep theirs."""
+        B = z.shape[0]
+        unknown = self.context_generic.shape[0] - 1
+        if context is None:
+            idx = torch.full((B,), unknown, dtype=torch.long, device=z.device)
+        else:
+            context = context.to(device=z.device, dtype=torch.long).reshape(B)
+            idx = torch.where(context >= 0, context, torch.full_like(context, unknown))
+        trust = (z.abs() @ self.pert_trust).clamp(0, 1)[:, None]  # [B, 1]
+        shrunk = trust * shift[:, 0] + (1 - trust) * self.context_generic[idx]
+        single = ((z != 0).sum(dim=1) == 1)[:, None]
+        return torch.where(single, shrunk, shift[:, 0])[:, None]
+
+    def _gain(self, context: torch.Tensor, B: int) -> torch.Tensor:
+        """``[B, 1, G]``: 1 + the learned gain of each set's context (1 for an unknown context, -1)."""
+        context = context.to(device=self.context_gain.device, dtype=torch.long).reshape(B)
+        gain = self.context_gain[context.clamp_min(0)] * (context >= 0)[:, None].to(self.context_gain.dtype)
+        return (1.0 + gain)[:, None]
 
     @staticmethod
     def prior_cells(x_ctrl: torch.Tensor, shift: torch.Tensor, mode: str = "scale_down") -> torch.Tensor:

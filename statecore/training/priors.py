@@ -32,11 +32,35 @@ def _group_mean(gather: RowGatherer, rows: np.ndarray, block: int = 4096) -> np.
     return total / max(len(rows), 1)
 
 
+def _group_noise(gather: RowGatherer, rows: np.ndarray, mean: np.ndarray, block: int = 4096) -> float:
+    """Sampling variance of the group's mean, summed over genes: sum_g var_g / n."""
+    sq = None
+    for i in range(0, len(rows), block):
+        part = np.square(gather(rows[i : i + block]).astype(np.float64) - mean).sum(axis=0)
+        sq = part if sq is None else sq + part
+    n = len(rows)
+    return float(sq.sum() / max(n - 1, 1) / max(n, 1)) if sq is not None else 0.0
+
+
+def shrinkage_factor(shift: np.ndarray, noise: float) -> float:
+    """Positive-part James-Stein factor max(0, 1 - noise / |shift|^2) of a measured mean shift whose
+    sampling noise (summed over genes) is ``noise``: a shift no larger than its noise shrinks to zero,
+    a strong one stays nearly as measured (Efron & Morris 1973)."""
+    power = float(np.square(shift).sum())
+    return max(0.0, 1.0 - noise / power) if power > 0 else 0.0
+
+
 def _pair_shifts(
-    adata, *, genes: Sequence[str], vocab: PerturbationVocab, train_pairs: Mapping[str, Sequence[str]]
+    adata,
+    *,
+    genes: Sequence[str],
+    vocab: PerturbationVocab,
+    train_pairs: Mapping[str, Sequence[str]],
+    shrink: bool = False,
 ) -> dict[tuple[str, int], np.ndarray]:
     """(context, vocabulary index of a single) -> that single's mean minus the context's control mean, float64,
-    for every single perturbation listed in ``train_pairs`` that has cells; each group mean is computed once."""
+    for every single perturbation listed in ``train_pairs`` that has cells; each group mean is computed once.
+    ``shrink``: each shift times its :func:`shrinkage_factor` (noise of both group means)."""
     if vocab.features is not None:
         raise ValueError("the shift prior needs the one-hot perturbation vocabulary, not feature vectors")
     pert, ctx, _ = obs_labels(adata)
@@ -50,10 +74,15 @@ def _pair_shifts(
         if not singles or len(ctrl_rows) == 0:
             continue
         ctrl_mean = _group_mean(gather, ctrl_rows)
+        ctrl_noise = _group_noise(gather, ctrl_rows, ctrl_mean) if shrink else 0.0
         for p in singles:
             rows = np.flatnonzero(in_ctx & (pert == p))
             if len(rows):
-                out[(context, index[p])] = _group_mean(gather, rows) - ctrl_mean
+                mean = _group_mean(gather, rows)
+                shift = mean - ctrl_mean
+                if shrink:
+                    shift = shift * shrinkage_factor(shift, _group_noise(gather, rows, mean) + ctrl_noise)
+                out[(context, index[p])] = shift
     return out
 
 
@@ -122,6 +151,8 @@ class ShiftPrior:
     shift: np.ndarray  # [P, G] all-context average shift of each single (perturbation_shifts)
     pair_index: np.ndarray  # [C, P] row of pair_shift for (context, single), -1 where not measured
     pair_shift: np.ndarray  # [K, G] a context's own shift of a single
+    trust: np.ndarray | None = None  # [P] shrinkage toward the context mean (context_shrinkage)
+    generic: np.ndarray | None = None  # [C + 1, G] each context's mean perturbed shift; last row: unknown
 
     @property
     def n_pairs(self) -> int:
@@ -135,9 +166,11 @@ def shift_prior_tables(
     vocab: PerturbationVocab,
     train_pairs: Mapping[str, Sequence[str]],
     contexts: Sequence[str],
+    shrink: bool = False,
 ) -> ShiftPrior:
-    """:func:`perturbation_shifts` and :func:`context_pair_shifts` from one pass over the group means."""
-    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
+    """:func:`perturbation_shifts` and :func:`context_pair_shifts` from one pass over the group means
+    (``shrink``: every measured shift shrunk by its James-Stein factor, :func:`shrinkage_factor`)."""
+    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs, shrink=shrink)
     pair_index, pair_shift = _index_pairs(pairs, contexts, len(vocab.names), len(genes))
     return ShiftPrior(_average(pairs, len(vocab.names), len(genes)), pair_index, pair_shift)
 
@@ -300,3 +333,56 @@ def self_effect(
     if kind == "knockdown":
         return float(np.clip(np.median(rel), -1.0, 0.0)) if len(rel) >= 3 else DEFAULT_SELF_EFFECT[kind]
     return float(max(np.median(absolute), 0.0)) if len(absolute) >= 3 else DEFAULT_SELF_EFFECT[kind]
+
+
+def context_shrinkage(
+    adata,
+    *,
+    genes: Sequence[str],
+    vocab: PerturbationVocab,
+    train_pairs: Mapping[str, Sequence[str]],
+    contexts: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """What shrinking each single's average shift toward its context's mean perturbed shift needs.
+
+    Returns ``trust [P]`` float32, the James-Stein factor (:func:`shrinkage_factor`) of each single's
+    all-context average shift against that average's sampling noise (sum over its contexts of both group
+    means' noise, over n²; 0 for the control and for singles never measured), and ``generic [C + 1, G]``
+    float32, each context's mean shift over the singles training measured there (the context_mean
+    baseline's change); contexts without any, and the last row (a context unknown to training), hold the
+    mean of the measured rows. A single's prior is then ``trust * average + (1 - trust) * generic[c]``:
+    a knockout whose measured effect is no larger than its noise predicts what perturbed cells of that
+    context share (an empirical-Bayes estimate, Efron & Morris 1973), a strong one keeps its own shift.
+    """
+    pert, ctx, _ = obs_labels(adata)
+    gather = RowGatherer(adata.X, gene_indices(adata, genes))
+    index = {name: i for i, name in enumerate(vocab.names)}
+    n_genes, cpos = len(genes), {c: i for i, c in enumerate(map(str, contexts))}
+    sums, noise = np.zeros((len(vocab.names), n_genes)), np.zeros(len(vocab.names))
+    counts = np.zeros(len(vocab.names), dtype=np.int64)
+    generic = np.zeros((len(cpos) + 1, n_genes))
+    measured = np.zeros(len(cpos) + 1, dtype=bool)
+    for context in sorted(train_pairs):
+        singles = sorted(p for p in train_pairs[context] if p in index and p != vocab.control)
+        ctrl_rows = np.flatnonzero((ctx == context) & (pert == vocab.control))
+        if not singles or len(ctrl_rows) == 0:
+            continue
+        ctrl_mean = _group_mean(gather, ctrl_rows)
+        ctrl_noise = _group_noise(gather, ctrl_rows, ctrl_mean)
+        shifts = []
+        for p in singles:
+            rows = np.flatnonzero((ctx == context) & (pert == p))
+            if len(rows):
+                mean = _group_mean(gather, rows)
+                shifts.append(mean - ctrl_mean)
+                sums[index[p]] += shifts[-1]
+                noise[index[p]] += _group_noise(gather, rows, mean) + ctrl_noise
+                counts[index[p]] += 1
+        if shifts and context in cpos:
+            generic[cpos[context]], measured[cpos[context]] = np.mean(shifts, axis=0), True
+    trust = np.zeros(len(vocab.names))
+    for i in np.flatnonzero(counts):
+        trust[i] = shrinkage_factor(sums[i] / counts[i], noise[i] / counts[i] ** 2)
+    if measured.any():
+        generic[~measured] = generic[measured].mean(axis=0)
+    return trust.astype(np.float32), generic.astype(np.float32)

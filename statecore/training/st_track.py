@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,19 @@ from statecore.config import RunConfig, TrainConfig
 from statecore.data.sets import PerturbationVocab, SetDataset, build_groups, obs_labels, select_genes
 from statecore.data.splits import Split, make_split
 from statecore.errors import DataError
-from statecore.models.losses import get_loss
+from statecore.models.losses import discrimination_loss, get_loss
 from statecore.models.transition import StateTransitionModel
 from statecore.runs import files as runs
 from statecore.training import checkpoint as ckpt
 from statecore.training import distributed as dist_utils
-from statecore.training.priors import FeatureRidge, ShiftPrior, feature_ridge, self_effect, shift_prior_tables
+from statecore.training.priors import (
+    FeatureRidge,
+    ShiftPrior,
+    context_shrinkage,
+    feature_ridge,
+    self_effect,
+    shift_prior_tables,
+)
 from statecore.training.tracks import BuiltTask
 
 # validation loss: the first sets of the validation plan's epoch 0 (fixed); 96 sets every 100 steps keep
@@ -98,8 +105,33 @@ def set_loss_fn(model: torch.nn.Module, loss_fn: Callable) -> Callable:
     return lambda pred, batch: (loss_fn(pred, batch.x_target).mean(), {})
 
 
+@dataclass
+class DiscTerm:
+    """The discriminative loss term (``losses.discrimination_loss``) against real training shifts: each
+    single-perturbation set's predicted mean shift should be nearer its own pair's real shift than the
+    other perturbations' real shifts in the same context (what the PDS ranks). Tables: training pairs only."""
+
+    pair_index: torch.Tensor  # [C, P] row of table for (context, single), -1 where not a training pair
+    table: torch.Tensor  # [K, G] real mean shift of each training pair
+    weight: float
+
+    def __call__(self, pred: torch.Tensor, b, context: torch.Tensor) -> torch.Tensor:
+        z = b.z_pert  # [B, P]
+        rows = self.pair_index.to(z.device)[context.clamp_min(0)]  # [B, P]
+        rows = torch.where(context[:, None] >= 0, rows, torch.full_like(rows, -1))
+        single = (z != 0).sum(dim=1) == 1
+        own = rows.gather(1, z.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+        own = torch.where(single, own, torch.full_like(own, -1))
+        cand = torch.zeros(len(z), len(self.table) + 1, dtype=torch.bool, device=z.device)
+        cand.scatter_(1, torch.where(rows >= 0, rows, len(self.table)), True)
+        pred_shift = pred.mean(dim=1) - b.x_ctrl.mean(dim=1)
+        return discrimination_loss(pred_shift, self.table.to(pred.device), own, cand[:, :-1])
+
+
 class STTask:
     """A State Transition model + its set data, as the engine trains it (``statecore.training.tracks``)."""
+
+    disc: DiscTerm | None = None  # set by the expression track when STConfig.disc_weight > 0
 
     def __init__(self, model, data: TrainData, *, loss: str = "energy", meta=None, step_loss=None) -> None:
         self.model, self.data = model, data
@@ -124,7 +156,12 @@ class STTask:
         return module(b.x_ctrl, b.z_pert, b.batch_idx, **self._kw(self.data.train, b))  # [B, S, G]
 
     def loss(self, out: torch.Tensor, b):
-        return self.step_loss(out, b)
+        loss, extra = self.step_loss(out, b)
+        if self.disc is None:
+            return loss, extra
+        context = self.data.train.context_index(b.groups, self.data.contexts).to(out.device)
+        term = self.disc(out, b, context)
+        return loss + self.disc.weight * term, {**extra, "disc_loss": term.detach()}
 
     @torch.no_grad()
     def val_loss(self, device: torch.device, batch_size: int) -> float:
@@ -200,18 +237,23 @@ def feature_prior_for(adata, data: TrainData, config: RunConfig) -> tuple[Featur
     return ridge, effect
 
 
-def prior_for(adata, data: TrainData) -> ShiftPrior:
+def prior_for(adata, data: TrainData, *, with_val: bool = True, shrink: str = "off") -> ShiftPrior:
     """The shift prior's tables from training and validation pairs (never test): validation pairs then only
-    guide the choice of checkpoint, and the prior of a pair measured in few contexts is less noisy."""
+    guide the choice of checkpoint, and the prior of a pair measured in few contexts is less noisy.
+    ``with_val=False``: training pairs only (``STConfig.prior_pairs="train"``)."""
     if data.vocab.features is not None:
         raise DataError(
             "the shift prior needs one-hot perturbations; set shift prior off when giving features"
         )
     split = data.split
-    pairs = {c: [*split.train.get(c, []), *split.val.get(c, [])] for c in sorted({*split.train, *split.val})}
-    return shift_prior_tables(
-        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts
-    )
+    val = split.val if with_val else {}
+    pairs = {c: [*split.train.get(c, []), *val.get(c, [])] for c in sorted({*split.train, *val})}
+    kw = dict(genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts)
+    prior = shift_prior_tables(adata, **kw, shrink=shrink == "zero")
+    if shrink != "context":
+        return prior
+    trust, generic = context_shrinkage(adata, **kw)
+    return replace(prior, trust=trust, generic=generic)
 
 
 def build_model(config: RunConfig, prior: ShiftPrior | FeatureRidge | None) -> StateTransitionModel:
@@ -227,6 +269,9 @@ def build_model(config: RunConfig, prior: ShiftPrior | FeatureRidge | None) -> S
         if model.pair_index is not None:
             model.pair_index.copy_(torch.from_numpy(prior.pair_index))
             model.pair_shift.copy_(torch.from_numpy(prior.pair_shift))
+        if prior.trust is not None and model.pert_trust is not None:
+            model.pert_trust.copy_(torch.from_numpy(prior.trust))
+            model.context_generic.copy_(torch.from_numpy(prior.generic))
     return model
 
 
@@ -253,7 +298,10 @@ class ExpressionTrack:
                 config.model_config().replace(n_contexts=len(data.contexts), self_effect=effect)
             )
         elif config.model.shift_prior and config.model_config().decoder_dim == 0:
-            prior = prior_for(adata, data)  # rebuilt on resume too: the weights then overwrite it
+            # rebuilt on resume too: the weights then overwrite it
+            prior = prior_for(
+                adata, data, with_val=config.model.prior_pairs != "train", shrink=config.model.prior_shrink
+            )
             config = config.with_shapes(
                 config.model_config().replace(n_contexts=len(data.contexts), n_prior_pairs=prior.n_pairs)
             )
@@ -262,6 +310,15 @@ class ExpressionTrack:
         task = STTask(
             model, data, loss=config.model.loss, meta=vocab_meta(data), step_loss=self.step_loss_factory
         )
+        if config.model.disc_weight > 0 and isinstance(prior, ShiftPrior):
+            train_only = (
+                prior if config.model.prior_pairs == "train" else prior_for(adata, data, with_val=False)
+            )
+            task.disc = DiscTerm(
+                torch.from_numpy(train_only.pair_index),
+                torch.from_numpy(train_only.pair_shift),
+                float(config.model.disc_weight),
+            )
         return BuiltTask(task=task, config=config)
 
     # hooks Track B overrides
