@@ -148,7 +148,7 @@ def test_bench_scores_through_evaluate_run(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     prepared = load_run(run).config.data_path
-    args = argparse.Namespace(celleval=False)
+    args = argparse.Namespace(celleval=False, score_on="test")
     out = bench.score_task({"task": "zeroshot"}, args, 0, prepared, run)
     assert {"ST", "control", bench.CEILING_ROW} <= set(out["rows"])
     assert out["overall"].startswith("The model beats every baseline on") and len(out["verdicts"]) == 5
