@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from statecore.errors import DataError, StatecoreError
+from statecore.errors import DataError
 
 
 def read_prepared(path: str, *, backed: bool = False):
@@ -55,51 +53,19 @@ def _read_backed(path: Path):
 
 
 def write_h5ad(adata, path) -> None:
-    """Write ``adata`` to ``path`` (.h5ad) atomically: a reader never sees a half-written file.
+    """Write ``adata`` to ``path`` (.h5ad) atomically (``runs.files.atomic_output``): a reader never sees a
+    half-written file, a full disk is refused up front, a failed write is one line naming the folder."""
+    from statecore.runs.files import atomic_output
 
-    The temporary file has a unique name (two writers of one target, e.g. two sessions pressing
-    Apply, never share it) and is removed whatever happens; a failed write (full disk, no
-    permission) is one line naming the folder.
-    """
     out = Path(path)
     if out.suffix != ".h5ad":
         raise DataError(f"output {str(path)!r} must end in .h5ad")
-    tmp = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _check_free_space(adata, out.parent)
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        tmp = Path(name)
+    with atomic_output(out, _file_bytes(adata)) as tmp:
         adata.write_h5ad(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; others on the server must read it
-        tmp.replace(out)
-    except OSError as exc:
-        reason = (exc.strerror or str(exc) or type(exc).__name__).strip().splitlines()[0]
-        raise StatecoreError(
-            f"cannot write {str(out)!r}: {reason}; free disk space or choose a folder you can write to"
-        ) from exc
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` would race other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
-def _check_free_space(adata, folder: Path) -> None:
-    """Refuse before writing when the folder cannot hold the file: HDF5 fails badly on a full disk
-    (errors from its destructors, then a crash at exit), so the common case is caught up front."""
-    import shutil
-
+def _file_bytes(adata) -> int:
+    """About what ``adata`` takes on disk uncompressed: matrices, layers, obsm, obs and var."""
     import numpy as np
     import scipy.sparse as sp
 
@@ -110,10 +76,4 @@ def _check_free_space(adata, folder: Path) -> None:
 
     need = size(adata.X) if adata.X is not None else 0
     need += sum(size(v) for v in adata.layers.values()) + sum(size(v) for v in adata.obsm.values())
-    need += int(adata.obs.memory_usage(deep=True).sum() + adata.var.memory_usage(deep=True).sum())
-    free = shutil.disk_usage(folder).free
-    if need * 1.05 + 1_000_000 > free:
-        raise StatecoreError(
-            f"not enough disk space in {str(folder)!r}: the file needs about {need / 1e6:,.1f} MB and "
-            f"{free / 1e6:,.1f} MB are free; free disk space or choose another output folder"
-        )
+    return need + int(adata.obs.memory_usage(deep=True).sum() + adata.var.memory_usage(deep=True).sum())

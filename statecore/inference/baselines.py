@@ -28,22 +28,13 @@ from collections.abc import Sequence
 import anndata as ad
 import numpy as np
 
+from statecore.config import BASELINE_KINDS  # the one list of baseline kinds
 from statecore.data import pseudobulk
 from statecore.data.io import split_combo
 from statecore.data.sets import RowGatherer, gene_indices, obs_labels
 from statecore.errors import DataError
 from statecore.inference.predict import control_rows, make_prediction_adata, sample_rows
 
-# The one list of baseline kinds (the CLI keeps a copy so that `--help` does not import torch).
-BASELINE_KINDS = (
-    "control",
-    "context_mean",
-    "perturbation_mean",
-    "cell_mean",
-    "additive",
-    "generic_response",
-    "linear_features",
-)
 UNSEEN_BASELINES = ("generic_response", "linear_features")  # the baselines of an unseen-genes run
 
 

@@ -7,9 +7,6 @@ context's real control cells (obs perturbation = control label), var_names = the
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +21,8 @@ import torch
 from anndata.io import write_elem
 
 from statecore.data.sets import RowGatherer, gene_indices, obs_labels
-from statecore.errors import DataError, StatecoreError
+from statecore.errors import DataError
+from statecore.runs.files import atomic_output
 from statecore.training.tracks import get_track
 
 SETS_PER_FORWARD = 16
@@ -198,11 +196,16 @@ def _perturbation_chunks(plan: _Plan, z: np.ndarray) -> tuple[np.ndarray, Iterat
     return picked, chunks()
 
 
-def _labels(perturbations: Sequence[str] | str) -> list[str]:
+def _start(run, adata, context, perturbations, n_cells, control_cells, seed) -> tuple[list[str], Any, _Plan]:
+    """(labels, their encodings, the plan) for :func:`predict` and :func:`write_prediction`; the model in
+    eval mode. Raises a DataError naming an unknown perturbation before any work."""
     labels = [perturbations] if isinstance(perturbations, str) else list(perturbations)
     if not labels:
         raise DataError("give at least one perturbation to predict")
-    return labels
+    z_all = run.vocab.encode(labels)
+    plan = _plan(run, adata, context, n_cells, control_cells, seed)
+    run.model.eval()
+    return labels, z_all, plan
 
 
 def predict(
@@ -216,10 +219,7 @@ def predict(
     seed: int = 0,
 ) -> ad.AnnData:
     """Predicted cells for each perturbation in ``context`` (see module docstring)."""
-    labels = _labels(perturbations)
-    z_all = run.vocab.encode(labels)  # raises a DataError naming an unknown perturbation
-    plan = _plan(run, adata, context, n_cells, control_cells, seed)
-    run.model.eval()
+    labels, z_all, plan = _start(run, adata, context, perturbations, n_cells, control_cells, seed)
     blocks, paired = [], []
     for z in z_all:
         picked, chunks = _perturbation_chunks(plan, z)
@@ -313,10 +313,7 @@ def write_prediction(
     ``write_h5ad`` would give (same cells, same values), with memory bounded by one forward chunk, not
     by the output (100,000 cells x 2,000 genes are 800 MB). Written to a temporary file and renamed, so
     a reader never sees a half-written file. Returns the number of predicted cells."""
-    labels = _labels(perturbations)
-    z_all = run.vocab.encode(labels)
-    plan = _plan(run, adata, context, n_cells, control_cells, seed)
-    run.model.eval()
+    labels, z_all, plan = _start(run, adata, context, perturbations, n_cells, control_cells, seed)
     n_pred, G = plan.n * len(labels), len(run.genes)
     paired = []
     with atomic_h5(path, need_bytes=(n_pred + len(plan.rows)) * G * 4) as f:
@@ -356,40 +353,16 @@ def write_prediction(
 
 @contextmanager
 def atomic_h5(path, need_bytes: int = 0) -> Iterator[Any]:
-    """An h5py file, written as an AnnData root, that appears at ``path`` only when complete.
-
-    Refuses up front when the folder cannot hold ``need_bytes`` (HDF5 fails badly on a full disk), and
-    turns a failed write into one line naming the folder; the temporary file never stays behind."""
+    """An h5py file, written as an AnnData root, that appears at ``path`` only when complete
+    (``runs.files.atomic_output``: disk space checked first, one-line errors, no temporary file left)."""
     import h5py
 
     out = Path(path)
     if out.suffix != ".h5ad":
         raise DataError(f"output {str(path)!r} must end in .h5ad")
-    tmp = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(out.parent).free
-        if need_bytes * 1.05 + 1_000_000 > free:
-            raise StatecoreError(
-                f"not enough disk space in {str(out.parent)!r}: the file needs about {need_bytes / 1e6:,.1f} MB "
-                f"and {free / 1e6:,.1f} MB are free; free disk space or choose another output folder"
-            )
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        tmp = Path(name)
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-            yield f
-        os.chmod(tmp, 0o644)
-        tmp.replace(out)
-    except OSError as exc:
-        reason = (exc.strerror or str(exc) or type(exc).__name__).strip().splitlines()[0]
-        raise StatecoreError(
-            f"cannot write {str(out)!r}: {reason}; free disk space or choose a folder you can write to"
-        ) from exc
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+    with atomic_output(out, need_bytes) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        yield f
 
 
 @torch.no_grad()

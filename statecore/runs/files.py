@@ -10,9 +10,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from statecore.errors import StatecoreError
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 STATUS_KEYS = (
@@ -52,6 +58,50 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, need_bytes: int = 0) -> Iterator[Path]:
+    """A unique temporary path beside ``path``; whatever the caller writes there appears at ``path`` only
+    when the block ends without error (then with the umask's usual mode, so others on a shared server
+    can read it). Refuses up front when the folder cannot hold ``need_bytes`` (HDF5 fails badly on a full
+    disk), turns a failed write into one line naming the folder, and never leaves the temporary file
+    behind (two writers of one target, e.g. two sessions pressing Apply, never share it)."""
+    out = Path(path)
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if need_bytes * 1.05 + 1_000_000 > free:
+            raise StatecoreError(
+                f"not enough disk space in {str(out.parent)!r}: the file needs about {need_bytes / 1e6:,.1f} "
+                f"MB and {free / 1e6:,.1f} MB are free; free disk space or choose another output folder"
+            )
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+        tmp.replace(out)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc) or type(exc).__name__).strip().splitlines()[0]
+        raise StatecoreError(
+            f"cannot write {str(out)!r}: {reason}; free disk space or choose a folder you can write to"
+        ) from exc
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
