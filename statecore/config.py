@@ -95,6 +95,7 @@ class STConfig(_Serializable):
     perturbation_dim: int = 1  # one-hot vocabulary size or feature width
     n_batches: int = 0  # >0 adds a batch embedding
     basal_encoder: str = "mlp"  # mlp | linear
+    out_layers: int = 3  # linear layers of the output MLP (hidden state -> genes)
     dropout: float = 0.0  # see ARCHITECTURE.md: dropout>0 collapses predicted spread
     relu_output: bool = True  # expression is non-negative
     set_size: int = 64

@@ -76,6 +76,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pairs the shift prior's tables come from (train: validation pairs stay unseen)")  # fmt: skip
     p.add_argument("--residual", default=None, choices=["hidden", "expression", "none"],
                    help="residual path of the model (default: the preset's, expression)")  # fmt: skip
+    p.add_argument("--basal-encoder", default=None, choices=["mlp", "linear"],
+                   help="control-cell encoder: a two-layer MLP or one linear layer, as the reference State "
+                   "(default: the preset's)")  # fmt: skip
+    p.add_argument("--out-layers", type=int, default=None,
+                   help="linear layers of the output MLP, hidden state -> genes (default: the preset's)")  # fmt: skip
     p.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     p.add_argument("--no-hvg", action="store_true", help="train on all genes, not var['highly_variable']")
@@ -140,6 +145,14 @@ def _model_from_args(args: argparse.Namespace):
         model = model.replace(set_size=args.set_size)
     if args.residual:
         model = model.replace(residual=args.residual)
+    if args.basal_encoder:
+        model = model.replace(basal_encoder=args.basal_encoder)
+    if args.out_layers is not None:
+        if not 1 <= args.out_layers <= 8:
+            from statecore.errors import DataError
+
+            raise DataError(f"--out-layers must be a whole number from 1 to 8; got {args.out_layers}")
+        model = model.replace(out_layers=args.out_layers)
     if args.shift_prior:
         model = model.replace(shift_prior=args.shift_prior == "on")
     if args.decoder_residual:
