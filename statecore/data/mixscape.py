@@ -132,6 +132,16 @@ def context_totals(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def require_calls(adata) -> None:
+    """DataError naming the fix when ``adata`` carries no perturbed-cell calls."""
+    if CALL_COL not in adata.obs.columns:
+        raise DataError(
+            "the data carry no perturbed-cell calls (obs['perturbed_call']) to train on classified cells; "
+            "prepare them with `python -m statecore prepare --classify-perturbed` (app: Preprocess, "
+            "'Classify perturbed cells'), or train without --train-on-classified"
+        )
+
+
 def training_cells(
     adata, *, control: str, pairs, min_cells: int = MIN_TRAIN_CELLS
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
@@ -141,12 +151,7 @@ def training_cells(
     with fewer than ``min_cells`` such cells keeps all its cells instead (returned second): the classifier
     found no perturbed population there to train on, and without cells the model would never see the
     perturbation, while its cells, mostly unperturbed, teach it that the effect is small."""
-    if CALL_COL not in adata.obs.columns:
-        raise DataError(
-            "the data carry no perturbed-cell calls (obs['perturbed_call']); prepare them with "
-            "`python -m statecore prepare --classify-perturbed` (app: Preprocess, 'Classify perturbed "
-            "cells'), or train without --train-on-classified"
-        )
+    require_calls(adata)
     pert, ctx, _ = obs_labels(adata)
     call = adata.obs[CALL_COL].astype(str).to_numpy()
     keep = (pert == control) | (call != NP)
