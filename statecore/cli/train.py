@@ -28,12 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", default=None, help="prepared .h5ad (python -m statecore prepare)")
     p.add_argument("--run-dir", default=None, help="run directory (created, or resumed when it exists)")
-    p.add_argument("--task", default="zeroshot", choices=SPLIT_TASKS)
-    p.add_argument("--context", default=None, help="target context of the split")
-    p.add_argument("--test-perts", default="",
-                   help="explicit / unseen task: comma-separated test perturbations (unseen: held out of every context)")  # fmt: skip
-    p.add_argument("--test-fraction", type=float, default=0.2,
-                   help="unseen task: share of the target context's perturbed genes held out of every context")  # fmt: skip
+    _register_split(p)
     p.add_argument("--gene-features", default=None,
                    help="encode perturbations by gene features: 'data' (computed from the training data's control "
                    "cells; the default for --task unseen), a table (.csv/.tsv/.parquet/.npz/.npy + .genes.txt), "
@@ -43,14 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--perturbation-type", default=None, choices=PERTURBATION_TYPES,
                    help="gene features: how a perturbation moves its target gene's own expression when the "
                    "gene is in the panel (default none)")  # fmt: skip
-    p.add_argument(
-        "--keep-fraction", type=float, default=0.3, help="underrepresented: share kept in training"
-    )
-    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of training pairs")
-    p.add_argument("--train-on-classified", action="store_true",
-                   help="training and validation pairs use only the perturbed cells that `prepare "
-                   "--classify-perturbed` called KO (a pair with fewer than 10 keeps all its cells); controls "
-                   "and the test cells that scoring reads are never filtered")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="small", choices=PRESETS)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000)")
@@ -103,6 +90,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
+
+
+def _register_split(p: argparse.ArgumentParser) -> None:
+    """The split's flags (SplitConfig)."""
+    p.add_argument("--task", default="zeroshot", choices=SPLIT_TASKS)
+    p.add_argument("--context", default=None, help="target context of the split")
+    p.add_argument("--test-perts", default="",
+                   help="explicit / unseen task: comma-separated test perturbations (unseen: held out of every context)")  # fmt: skip
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="unseen task: share of the target context's perturbed genes held out of every context")  # fmt: skip
+    p.add_argument(
+        "--keep-fraction", type=float, default=0.3, help="underrepresented: share kept in training"
+    )
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of training pairs")
+    p.add_argument("--train-on-classified", action="store_true",
+                   help="training and validation pairs use only the perturbed cells that `prepare "
+                   "--classify-perturbed` called KO (a pair with fewer than 10 keeps all its cells); controls "
+                   "and the test cells that scoring reads are never filtered")  # fmt: skip
 
 
 def _with_track(cfg, args: argparse.Namespace):
