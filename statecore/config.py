@@ -94,7 +94,7 @@ class PerturbedCallConfig(_Serializable):
     # and kept by training on classified cells
     min_cells: int = 10
     de_max_cells: int = 2000  # cells per side of the DE test (a seeded subsample above)
-    pca_max_cells: int = 50_000  # cells the PCA is fitted on (a seeded subsample above; all are projected)
+    pca_max_cells: int = 20_000  # cells the PCA is fitted on (a seeded subsample above; all are projected)
     seed: int = 0
 
 
