@@ -24,6 +24,15 @@ import numpy as np
 from statecore.data.sets import PerturbationVocab, RowGatherer, gene_indices, obs_labels
 
 
+def _labels(adata, cells: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(perturbation, context) labels; cells outside ``cells`` (a boolean mask: the cells training draws
+    from, ``statecore.data.mixscape.training_cells``) get a label no pair has, so no group mean counts them."""
+    pert, ctx, _ = obs_labels(adata)
+    if cells is not None:
+        pert = np.where(np.asarray(cells, dtype=bool), pert, "\x00excluded")
+    return pert, ctx
+
+
 def _group_mean(gather: RowGatherer, rows: np.ndarray, block: int = 4096) -> np.ndarray:
     total = None
     for i in range(0, len(rows), block):
@@ -57,13 +66,15 @@ def _pair_shifts(
     vocab: PerturbationVocab,
     train_pairs: Mapping[str, Sequence[str]],
     shrink: bool = False,
+    cells: np.ndarray | None = None,
 ) -> dict[tuple[str, int], np.ndarray]:
     """(context, vocabulary index of a single) -> that single's mean minus the context's control mean, float64,
     for every single perturbation listed in ``train_pairs`` that has cells; each group mean is computed once.
-    ``shrink``: each shift times its :func:`shrinkage_factor` (noise of both group means)."""
+    ``shrink``: each shift times its :func:`shrinkage_factor` (noise of both group means); ``cells``: the
+    perturbed cells a group mean may use (a mask; None: all)."""
     if vocab.features is not None:
         raise ValueError("the shift prior needs the one-hot perturbation vocabulary, not feature vectors")
-    pert, ctx, _ = obs_labels(adata)
+    pert, ctx = _labels(adata, cells)
     gather = RowGatherer(adata.X, gene_indices(adata, genes))
     index = {name: i for i, name in enumerate(vocab.names)}
     out: dict[tuple[str, int], np.ndarray] = {}
@@ -167,10 +178,12 @@ def shift_prior_tables(
     train_pairs: Mapping[str, Sequence[str]],
     contexts: Sequence[str],
     shrink: bool = False,
+    cells: np.ndarray | None = None,
 ) -> ShiftPrior:
     """:func:`perturbation_shifts` and :func:`context_pair_shifts` from one pass over the group means
-    (``shrink``: every measured shift shrunk by its James-Stein factor, :func:`shrinkage_factor`)."""
-    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs, shrink=shrink)
+    (``shrink``: every measured shift shrunk by its James-Stein factor, :func:`shrinkage_factor`; ``cells``:
+    the perturbed cells the means may use, None: all)."""
+    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs, shrink=shrink, cells=cells)
     pair_index, pair_shift = _index_pairs(pairs, contexts, len(vocab.names), len(genes))
     return ShiftPrior(_average(pairs, len(vocab.names), len(genes)), pair_index, pair_shift)
 
@@ -192,12 +205,14 @@ def single_shifts(
     control: str,
     train_pairs: Mapping[str, Sequence[str]],
     combo_sep: str = "+",
+    cells: np.ndarray | None = None,
 ) -> tuple[list[tuple[str, str]], np.ndarray, dict[str, np.ndarray]]:
-    """Measured mean shifts of the single perturbations listed in ``train_pairs``.
+    """Measured mean shifts of the single perturbations listed in ``train_pairs`` (from ``cells`` only, a
+    mask of the perturbed cells the means may use; None: all).
 
     Returns ``(keys [(context, gene)], shifts [K, G] float64, control means {context: [G]})``; only contexts
     with control cells and perturbations with cells count."""
-    pert, ctx, _ = obs_labels(adata)
+    pert, ctx = _labels(adata, cells)
     gather = RowGatherer(adata.X, gene_indices(adata, genes))
     keys, rows_out, ctrl_means = [], [], {}
     for context in sorted(train_pairs):
@@ -261,14 +276,17 @@ def feature_ridge(
     vocab: PerturbationVocab,
     train_pairs: Mapping[str, Sequence[str]],
     contexts: Sequence[str],
+    cells: np.ndarray | None = None,
 ) -> FeatureRidge:
     """Fit :class:`FeatureRidge` on the single perturbations of ``train_pairs`` (pass the split's TRAINING
-    pairs only) that have gene features in ``vocab`` (a feature vocabulary)."""
+    pairs only) that have gene features in ``vocab`` (a feature vocabulary); ``cells``: as
+    :func:`single_shifts`."""
     if vocab.features is None:
         raise ValueError("the feature ridge needs a gene-feature perturbation vocabulary")
     keys, shifts, _ = single_shifts(
-        adata, genes=genes, control=vocab.control, train_pairs=train_pairs, combo_sep=vocab.combo_sep
-    )
+        adata, genes=genes, control=vocab.control, train_pairs=train_pairs, combo_sep=vocab.combo_sep,
+        cells=cells,
+    )  # fmt: skip
     idx = vocab._index()
     keep = [i for i, (_, p) in enumerate(keys) if p in idx]
     keys, shifts = [keys[i] for i in keep], shifts[keep]
@@ -309,6 +327,7 @@ def self_effect(
     train_pairs: Mapping[str, Sequence[str]],
     kind: str,
     combo_sep: str = "+",
+    cells: np.ndarray | None = None,
 ) -> float:
     """How a perturbation moves its target's own expression (log1p), for ``kind``:
 
@@ -321,7 +340,7 @@ def self_effect(
     if kind in ("none", "knockout"):
         return 0.0 if kind == "none" else -1.0
     keys, shifts, ctrl = single_shifts(
-        adata, genes=genes, control=control, train_pairs=train_pairs, combo_sep=combo_sep
+        adata, genes=genes, control=control, train_pairs=train_pairs, combo_sep=combo_sep, cells=cells
     )
     pos = {g: i for i, g in enumerate(genes)}
     rel, absolute = [], []
@@ -342,8 +361,10 @@ def context_shrinkage(
     vocab: PerturbationVocab,
     train_pairs: Mapping[str, Sequence[str]],
     contexts: Sequence[str],
+    cells: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """What shrinking each single's average shift toward its context's mean perturbed shift needs.
+    """What shrinking each single's average shift toward its context's mean perturbed shift needs
+    (``cells``: the perturbed cells the means may use, None: all).
 
     Returns ``trust [P]`` float32, the James-Stein factor (:func:`shrinkage_factor`) of each single's
     all-context average shift against that average's sampling noise (sum over its contexts of both group
@@ -354,7 +375,7 @@ def context_shrinkage(
     a knockout whose measured effect is no larger than its noise predicts what perturbed cells of that
     context share (an empirical-Bayes estimate, Efron & Morris 1973), a strong one keeps its own shift.
     """
-    pert, ctx, _ = obs_labels(adata)
+    pert, ctx = _labels(adata, cells)
     gather = RowGatherer(adata.X, gene_indices(adata, genes))
     index = {name: i for i, name in enumerate(vocab.names)}
     n_genes, cpos = len(genes), {c: i for i, c in enumerate(map(str, contexts))}
