@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,10 @@ from statecore.training import distributed as dist_utils
 from statecore.training.priors import (
     FeatureRidge,
     ShiftPrior,
-    context_shrinkage,
     feature_ridge,
+    prior_tables,
     self_effect,
-    shift_prior_tables,
+    vocab_pair_stats,
 )
 from statecore.training.tracks import BuiltTask
 
@@ -248,12 +248,10 @@ def prior_for(adata, data: TrainData, *, with_val: bool = True, shrink: str = "o
     split = data.split
     val = split.val if with_val else {}
     pairs = {c: [*split.train.get(c, []), *val.get(c, [])] for c in sorted({*split.train, *val})}
-    kw = dict(genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts)
-    prior = shift_prior_tables(adata, **kw, shrink=shrink == "zero")
-    if shrink != "context":
-        return prior
-    trust, generic = context_shrinkage(adata, **kw)
-    return replace(prior, trust=trust, generic=generic)
+    stats = vocab_pair_stats(
+        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, noise=shrink != "off"
+    )
+    return prior_tables(stats, vocab=data.vocab, contexts=data.contexts, shrink=shrink)
 
 
 def build_model(config: RunConfig, prior: ShiftPrior | FeatureRidge | None) -> StateTransitionModel:
