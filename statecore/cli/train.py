@@ -65,10 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "training context, or over the other contexts only (default: the preset's)")  # fmt: skip
     p.add_argument("--context-gain", default=None, choices=["on", "off"],
                    help="learn a per-context, per-gene gain on the shift prior (default: the preset's)")  # fmt: skip
-    p.add_argument("--prior-shrink", default=None, choices=["off", "zero", "context"],
+    p.add_argument("--prior-shrink", default=None, choices=["off", "zero", "context", "auto"],
                    help="James-Stein shrinkage of the shift prior: a measured shift no larger than its sampling "
-                   "noise moves toward 0 (zero) or toward the context's mean perturbed shift (context); "
-                   "default: the preset's")  # fmt: skip
+                   "noise moves toward 0 (zero) or toward the context's mean perturbed shift (context); auto: "
+                   "the one that predicts the run's training pairs best, each left out in turn "
+                   "(prior_choice.json); default: the preset's")  # fmt: skip
     p.add_argument("--disc-weight", type=float, default=None,
                    help="weight of the discriminative loss term (own perturbation's real shift nearer than "
                    "the other perturbations' in the context; default: the preset's)")  # fmt: skip
@@ -317,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train_one(args: argparse.Namespace, cfg, run_dir, adata) -> int:
     from statecore.runs.jobs import hold_run_lock
-    from statecore.training import distributed
+    from statecore.training import distributed, prior_choice
     from statecore.training.engine import resolve_device, train_run
 
     if not (run_dir / "job.json").exists():  # started from a shell: an old stop request is void (the app's
@@ -336,6 +337,8 @@ def _train_one(args: argparse.Namespace, cfg, run_dir, adata) -> int:
             lock.release()
     if not main:
         return 0 if result.state == "done" else 3
+    if cfg.model.prior_shrink == "auto" and (line := prior_choice.saved_line(run_dir)):
+        print(line)
     last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
     best = f"{result.best_val:.4f}" if result.best_val is not None else "n/a"
     note = f" ({result.reason})" if result.reason else ""
