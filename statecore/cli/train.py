@@ -337,10 +337,10 @@ def _train_one(args: argparse.Namespace, cfg, run_dir, adata) -> int:
             lock.release()
     if not main:
         return 0 if result.state == "done" else 3
-    if cfg.model.prior_shrink == "auto" and (line := prior_choice.saved_line(run_dir)):
-        print(line)
     last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
     best = f"{result.best_val:.4f}" if result.best_val is not None else "n/a"
     note = f" ({result.reason})" if result.reason else ""
     print(f"{result.state}: step {result.step}, loss {last}, best val {best}{note} -> {run_dir}")
+    if cfg.model.prior_shrink == "auto" and (line := prior_choice.saved_line(run_dir)):
+        print(line)
     return 0 if result.state == "done" else 3

@@ -157,21 +157,26 @@ def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), 0.0)
 
 
-def _pds_row(
-    loo: LooPrediction, stats: PairStats, means: _ContextMeans, k: int, rivals: np.ndarray, cols: np.ndarray
-) -> float:
-    """PDS (L1) of pair ``k`` among itself and ``rivals`` (the other measured pairs of its context and kind):
-    each comparison uses the prediction made without BOTH pairs, so neither's noise is in it (a test pair's
-    rivals are held out too; under "context" a rival's shift would otherwise sit in the context mean)."""
-    x = stats.shift
-    pred = np.broadcast_to(loo.pred[k], (len(rivals), x.shape[1]))
-    if loo.generic_weight[k] > 0:
-        c = means.pos[k]
-        shift = means.without(c, x[k][None] + x[rivals], 2) - means.without(c, x[k][None], 1)
-        pred = pred + loo.generic_weight[k] * shift
-    d_own = np.abs(x[k, cols] - pred[:, cols]).sum(axis=1)
-    d_rival = np.abs(x[rivals][:, cols] - pred[:, cols]).sum(axis=1)
-    return 1.0 - float((d_rival < d_own).sum()) / (len(rivals) + 1)
+def rival_predictions(
+    loo: LooPrediction,
+    stats: PairStats,
+    *,
+    vocab: PerturbationVocab,
+    contexts: Sequence[str],
+    k: int,
+    rivals: np.ndarray,
+    means: _ContextMeans | None = None,
+) -> np.ndarray:
+    """``[len(rivals), G]``: pair ``k``'s prediction made without both it and each rival (a test pair's
+    rivals are held out too). Only "context" differs from ``loo.pred[k]``: a rival's shift sits in the
+    context mean, ``(context_sum - own - rival) / (m - 2)`` replaces ``(context_sum - own) / (m - 1)``."""
+    pred = np.broadcast_to(loo.pred[k], (len(rivals), stats.shift.shape[1]))
+    if loo.generic_weight[k] == 0:
+        return pred
+    means = means or _ContextMeans.of(stats, vocab, contexts)
+    x, c = stats.shift, means.pos[k]
+    shift = means.without(c, x[k][None] + x[rivals], 2) - means.without(c, x[k][None], 1)
+    return pred + loo.generic_weight[k] * shift
 
 
 def pair_scores(
@@ -185,7 +190,7 @@ def pair_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``rows``: pearson delta of the predicted vs the measured shift, and the PDS (L1): 1 - the
     number of rivals nearer the prediction than the pair's own measured shift, over rivals + 1 (NaN
-    without rivals). Rivals: the other measured training pairs of the same context and kind (singles,
+    without rivals), each comparison with :func:`rival_predictions`. Rivals: the other measured training pairs of the same context and kind (singles,
     or combinations: a held-out set is one or the other); the pair's target gene is left out, as
     ``evaluation.metrics.discrimination_score`` does."""
     gpos = {g: i for i, g in enumerate(genes)}
@@ -199,7 +204,12 @@ def pair_scores(
         if len(rivals):
             cols = np.ones(stats.shift.shape[1], dtype=bool)
             cols[gpos.get(stats.labels[k], [])] = False
-            pds[r] = _pds_row(loo, stats, means, k, rivals, cols)
+            pred = rival_predictions(
+                loo, stats, vocab=vocab, contexts=contexts, k=k, rivals=rivals, means=means
+            )[:, cols]
+            d_own = np.abs(stats.shift[k, cols] - pred).sum(axis=1)
+            d_rival = np.abs(stats.shift[rivals][:, cols] - pred).sum(axis=1)
+            pds[r] = 1.0 - float((d_rival < d_own).sum()) / (len(rivals) + 1)
     return _pearson_rows(loo.pred[rows], stats.shift[rows]), pds
 
 
