@@ -99,6 +99,10 @@ def test_a_single_measured_in_one_context_only_is_skipped_and_counted():
     pairs = {"c0": perts, "c1": perts[:4]}  # P04, P05 measured in c0 only: no leave-one-out prediction
     choice = _choose(adata, vocab, pairs)
     assert choice.n_skipped == 2 and choice.n_scored == 4 and choice.scope == "c0"
+    none = _choose(adata, vocab, {"c0": perts[:3], "c1": perts[3:]})  # no single in two contexts
+    assert none.choice == "off" and none.n_scored == 0 and none.n_skipped == 6
+    assert none.line().startswith("shift prior: kept off (no training pair to cross-validate")
+    assert prior_choice.PriorChoice(**{**none.__dict__, "n_scored": 1}).line().count("n/a") == 6  # NaN scores
 
 
 def test_pds_agrees_with_the_evaluation_metric():

@@ -235,11 +235,18 @@ class PriorChoice:
 
     def line(self) -> str:
         """One line for the CLI: the choice and every candidate's scores."""
-        s = self.scores
-        others = [c for c in CANDIDATES if c != self.choice]
+        if self.n_scored == 0:
+            return (
+                f"shift prior: kept {self.choice} (no training pair to cross-validate: {self.n_skipped} training "
+                "single(s) measured in one context only)"
+            )
+        s, others = self.scores, [c for c in CANDIDATES if c != self.choice]
+
+        def fmt(v) -> str:
+            return f"{v:.3f}" if isinstance(v, float | int) and np.isfinite(v) else "n/a"
 
         def vs(key: str) -> str:
-            return f"{s[self.choice][key]:.3f} vs " + ", ".join(f"{c} {s[c][key]:.3f}" for c in others)
+            return f"{fmt(s[self.choice][key])} vs " + ", ".join(f"{c} {fmt(s[c][key])}" for c in others)
 
         return (
             f"shift prior: chose {self.choice} (PDS {vs('pds')}; pearson delta {vs('pearson_delta')}; "
