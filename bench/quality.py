@@ -20,6 +20,7 @@ Usage:
   python bench/quality.py --tasks P1,P2,K1,S1,C1 --seeds 3   # docs/RESULTS.md: small preset, 400 steps each
   python bench/quality.py --tasks K1 --minutes 4             # 400 steps or 4 minutes, whichever ends first
   python bench/quality.py --tasks P1 --extra=--loss,mmd      # extra `train` flags for every task
+  python bench/quality.py --tasks P1,P2 --classify --extra=--train-on-classified   # Mixscape-style calls (issue 17)
   python bench/quality.py --merge a.json b.json              # combine task subsets run in parallel
 Writes bench/results/quality.json (and quality_<tasks>.json when a subset is run) and prints a table.
 """
@@ -133,7 +134,8 @@ def spread_ratio(pred, real, control: str) -> float:
     return std(pred) / max(std(real), 1e-12)
 
 
-def prepare_task(cfg: dict, tdir: Path, seed: int, log: Path) -> Path:
+def prepare_task(cfg: dict, tdir: Path, seed: int, log: Path, *, classify: bool = False) -> Path:
+    """The task's prepared data (``classify``: with ``prepare --classify-perturbed``, tasks that allow it)."""
     prepared = tdir / "prepared.h5ad"
     if cfg["data"] == "synthetic":
         src = tdir / "raw.h5ad"
@@ -145,11 +147,36 @@ def prepare_task(cfg: dict, tdir: Path, seed: int, log: Path) -> Path:
                 f"data file {src} not found; set STATECORE_SHARED_DATA to the shared data folder"
             )
     n_hvg = str(cfg.get("n_hvg", 2000))
+    extra = ["--classify-perturbed"] if classify and cfg.get("classify") else []
     sh(
-        ["prepare", str(src), "-o", str(prepared), "--n-hvg", n_hvg, "--no-umap", *cfg.get("prepare", [])],
+        [
+            "prepare",
+            str(src),
+            "-o",
+            str(prepared),
+            "--n-hvg",
+            n_hvg,
+            "--no-umap",
+            *cfg.get("prepare", []),
+            *extra,
+        ],
         log,
     )
     return prepared
+
+
+def perturbed_calls(prepared: Path) -> list[dict] | None:
+    """Per context and overall: targeting cells and those the classifier called KO / NP (None: no calls)."""
+    import anndata as ad
+
+    from statecore.data.mixscape import call_summary, context_totals
+
+    adata = ad.read_h5ad(prepared, backed="r")
+    try:
+        summary = call_summary(adata)
+    finally:
+        adata.file.close()
+    return None if summary is None else context_totals(summary).to_dict("records")
 
 
 def train_task(cfg: dict, args, seed: int, prepared: Path, tdir: Path, workdir: Path, log: Path) -> dict:
@@ -232,12 +259,15 @@ def run_task(name: str, cfg: dict, args, workdir: Path, seed: int) -> dict:
     tdir.mkdir(parents=True, exist_ok=True)
     log = tdir / "log.txt"
     log.write_text("")
-    prepared = prepare_task(cfg, tdir, seed, log)
+    classify = bool(getattr(args, "classify", False))
+    prepared = prepare_task(cfg, tdir, seed, log, classify=classify)
+    calls = perturbed_calls(prepared) if classify and cfg.get("classify") else None
     trained = train_task(cfg, args, seed, prepared, tdir, workdir, log)
     run_dir = trained.pop("run_dir")
     status = json.loads((run_dir / "status.json").read_text())
     scored = score_task(cfg, args, seed, prepared, run_dir)
-    return {"task": cfg, "seed": seed, **trained, "train_steps": int(status.get("step", 0)), **scored}
+    out = {"task": cfg, "seed": seed, **trained, "train_steps": int(status.get("step", 0)), **scored}
+    return {**out, "perturbed_calls": calls} if calls is not None else out
 
 
 def over_seeds(runs: list[dict]) -> dict:
@@ -293,6 +323,7 @@ TASKS = {
         keep_fraction=0.3,
         n_hvg=299,
         prepare=PAPALEXI_PREPARE,
+        classify=True,  # --classify: prepare --classify-perturbed (Mixscape-style calls, issue 17)
     ),
     "P2": dict(
         data="papalexi2021_thp1_rep12/papalexi2021_thp1_rep12.h5ad",
@@ -301,6 +332,7 @@ TASKS = {
         context="rep_2",
         n_hvg=299,
         prepare=PAPALEXI_PREPARE,
+        classify=True,
     ),
 }
 
@@ -441,6 +473,7 @@ def write_results(out: Path, args, argv, results: dict) -> None:
         "steps": args.steps,
         "num_threads": args.num_threads,
         "extra": args.extra,
+        "classify": bool(getattr(args, "classify", False)),
         "score_on": args.score_on,
         "seed": args.seed,
         "seeds": args.seeds,
@@ -478,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--extra", default="", help="comma-separated extra `train` flags for every task, e.g. --loss,mmd"
+    )
+    p.add_argument(
+        "--classify",
+        action="store_true",
+        help="prepare P1/P2 with --classify-perturbed (Mixscape-style perturbed-cell calls; their counts go into "
+        "the JSON); pair with --extra=--train-on-classified to train on the cells called perturbed",
     )
     p.add_argument(
         "--score-on",

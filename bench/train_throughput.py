@@ -215,10 +215,11 @@ REF_ARGS = (
     "model.kwargs.transformer_backbone_kwargs.intermediate_size=1024 training.batch_size=16 training.lr=1e-4 "
     "training.train_seed=0 use_wandb=false name=st overwrite=true"
 ).split()
-# The same CLI as a user runs, with the small preset's MLP/FFN width raised to the reference's 1024.
+# The same CLI as a user runs, with the small preset's MLP/FFN width raised to the reference's 1024 (its
+# control encoder is one linear layer, as the reference's with use_basal_projection false).
 SAME_SHAPE_CHILD = (
     "import sys; from statecore.config import ST_PRESETS; "
-    "ST_PRESETS['small'] = ST_PRESETS['small'].replace(mlp_hidden_dim=1024); "
+    "ST_PRESETS['small'] = ST_PRESETS['small'].replace(mlp_hidden_dim=1024, basal_encoder='linear'); "
     "from statecore.cli.main import main; sys.exit(main(sys.argv[1:]))"
 )
 

@@ -25,6 +25,7 @@ spec = DataSpec.from_dict(info["spec"])
 
 from statecore.data import preprocess  # noqa: E402 - scanpy import after the page shell renders
 from statecore.data.io import check  # noqa: E402
+from statecore.data.mixscape import call_summary, context_totals  # noqa: E402
 
 report = widgets.attempt(check, adata, spec, what="Validating the data")
 if not widgets.failed(report) and report.errors:
@@ -96,6 +97,15 @@ umap = c3.checkbox(
     key="prep_umap",
     help="Compute a 2-D map of the cells once, for the UMAP plots on Predict and Evaluate (adds some seconds).",
 )
+classify = c3.checkbox(
+    "Classify perturbed cells (Mixscape-style)",
+    value=False,
+    key="prep_classify",
+    help="Many cells that carry a targeting guide are not perturbed. This calls each targeting cell perturbed "
+    "(KO) or not (NP), per context, from how far its expression moves from its most similar control cells "
+    "along the perturbation's own direction (Mixscape, Papalexi et al. 2021). No cell is removed: Train can "
+    "then use only the perturbed cells, and Evaluate still scores every cell.",
+)
 qc = QCConfig(
     min_genes=int(min_genes),
     min_cells=int(min_cells),
@@ -105,6 +115,7 @@ qc = QCConfig(
     hvg_flavor=flavor,
     umap=umap,
     scale_min_genes=scale,
+    classify_perturbed=classify,
 )
 
 st.subheader("Quality control")
@@ -156,7 +167,8 @@ def _target_path() -> Path:
 def _apply() -> dict:
     target = _target_path()
     if not target.exists():  # same input, mapping and settings: reuse the file on disk
-        with st.spinner("Preparing: QC, normalization, HVGs" + (", UMAP" if qc.umap else "") + "…"):
+        steps = "Preparing: QC, normalization, HVGs" + (", UMAP" if qc.umap else "")
+        with st.spinner(steps + (", perturbed-cell calls" if qc.classify_perturbed else "") + "…"):
             from statecore.cli._common import write_h5ad
 
             prepared = preprocess.prepare(adata, spec=spec, qc=qc, source=info["path"])
@@ -192,6 +204,16 @@ if done["qc"] != qc.to_dict():
 qc_report = prepared.uns.get("statecore", {}).get("qc_report", {})
 if {"genes_in", "n_hvg"} <= set(qc_report):
     st.markdown(analysis.hvg_explanation(qc_report, int(done["qc"].get("n_hvg", qc_report["n_hvg"]))))
+calls = call_summary(prepared)
+if calls is not None and not calls.empty:
+    st.subheader("Perturbed-cell calls")
+    st.caption(
+        "Targeting cells called perturbed (KO) or not perturbed (NP) per context. No cell was removed; "
+        "**Train** offers 'Train on classified cells' for this data."
+    )
+    st.dataframe(context_totals(calls), hide_index=True, key="prep_calls_totals")
+    with st.expander("Per perturbation"):
+        st.dataframe(calls, hide_index=True, key="prep_calls_table")
 if qc_report:
     with st.expander("QC report: every number of this preparation"):
         st.json({k: (v.item() if hasattr(v, "item") else v) for k, v in qc_report.items()})

@@ -257,6 +257,14 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
     c1, c2, c3 = st.columns(3)
     task, context, test_perts, keep = _task_widgets(c1, contexts, default_ctx, perts)
     unseen = _unseen_widgets(c1, perts) if task == "unseen" else None
+    classified = "perturbed_call" in obs.columns and c1.checkbox(
+        "Train on classified cells",
+        value=False,
+        key="train_classified",
+        help="This data carries perturbed-cell calls (Preprocess, 'Classify perturbed cells'). When on, training "
+        "uses only the targeting cells called perturbed (KO); a perturbation with fewer than 10 such cells in a "
+        "context keeps all its cells. Controls, and every test cell that Evaluate scores, are never filtered.",
+    )
     kind, emb_run, preset, p, set_size = _model_widgets(c2)
     steps, minutes, lr, batch, device, members = _budget_widgets(c3)
     c3.caption(training.gpu_summary())
@@ -283,7 +291,13 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
             length = {k: train[k] for k in ("steps", "max_minutes", "device")}
             config = training.se_run_config(data_path=prepared["path"], **length)
         else:
-            split = SplitConfig(task=task, context=context, test_perts=tuple(test_perts), keep_fraction=keep)
+            split = SplitConfig(
+                task=task,
+                context=context,
+                test_perts=tuple(test_perts),
+                keep_fraction=keep,
+                train_on_classified=bool(classified),
+            )
             if unseen is not None:
                 split = split.replace(test_perts=unseen["test"], test_fraction=unseen["fraction"])
             spec = DataSpec.from_dict(adata.uns.get("statecore", {}).get("spec") or {}).replace(

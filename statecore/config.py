@@ -70,6 +70,32 @@ class QCConfig(_Serializable):
     # obs column of each cell's library size (e.g. whole-transcriptome UMIs of a targeted gene panel, whose
     # own totals move with the perturbation); None: the cell's total counts over the genes in the file
     library_size_col: str | None = None
+    # call each targeting cell perturbed ("KO") or not ("NP") with a Mixscape-style classifier
+    # (statecore.data.mixscape, settings in PerturbedCallConfig); prepare never drops a cell for it
+    classify_perturbed: bool = False
+
+
+@dataclass(frozen=True)
+class PerturbedCallConfig(_Serializable):
+    """Mixscape-style perturbed-cell classifier (statecore.data.mixscape; Papalexi et al. 2021)."""
+
+    n_pcs: int = 30  # principal components of the context's HVG expression (the neighbour space)
+    n_neighbors: int = 20  # nearest control cells of the same context whose mean a cell's signature subtracts
+    min_de_genes: int = 5  # fewer DE genes: the perturbation has no detectable effect, its cells are all NP
+    de_pval: float = (
+        0.05  # Benjamini-Hochberg adjusted Wilcoxon p-value of a DE gene (signatures vs controls')
+    )
+    # and at least this mean signature difference (natural log1p units): Mixscape's log2 fold change of 0.25
+    # (Seurat's logfc.threshold) is 0.25 * ln 2 = 0.17 in natural-log units
+    de_min_diff: float = 0.17
+    threshold: float = 0.5  # posterior P(KO) above which a cell is called KO
+    max_iter: int = 10  # rounds of direction -> mixture -> calls (stops earlier when the calls stop changing)
+    # fewer cells in a (context, perturbation), or fewer controls in a context: not classified ("unclassified")
+    # and kept by training on classified cells
+    min_cells: int = 10
+    de_max_cells: int = 2000  # cells per side of the DE test (a seeded subsample above)
+    pca_max_cells: int = 20_000  # cells the PCA is fitted on (a seeded subsample above; all are projected)
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +107,10 @@ class SplitConfig(_Serializable):
     test_fraction: float = 0.2  # unseen: share of the target context's perturbations held out everywhere
     val_fraction: float = 0.1  # validation perturbations carved from training ones
     seed: int = 0
+    # training and validation pairs draw perturbed cells only from cells prepare called perturbed
+    # (obs["perturbed_call"], `prepare --classify-perturbed`; statecore.data.mixscape.training_cells);
+    # controls and every test cell stay as they are
+    train_on_classified: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +125,7 @@ class STConfig(_Serializable):
     perturbation_dim: int = 1  # one-hot vocabulary size or feature width
     n_batches: int = 0  # >0 adds a batch embedding
     basal_encoder: str = "mlp"  # mlp | linear
+    out_layers: int = 3  # linear layers of the output MLP (hidden state -> genes)
     dropout: float = 0.0  # see ARCHITECTURE.md: dropout>0 collapses predicted spread
     relu_output: bool = True  # expression is non-negative
     set_size: int = 64
@@ -188,6 +219,9 @@ class TrainConfig(_Serializable):
 # training shift: on the synthetic validation screen it lifted pearson_delta 0.15 -> 0.57 and PDS
 # 0.53 -> 0.96, and it was neutral on the Kang validation context (0.909 -> 0.911 pearson_delta).
 ST_PRESETS: dict[str, STConfig] = {
+    # small: one linear control encoder (as the reference State) and a two-layer output MLP since 2026-12-03:
+    # 15 % fewer FLOPs per cell than the two-layer encoder / three-layer output, level on the validation
+    # pairs of S1, P1 and C1 (docs/RESULTS.md "The lighter small preset"; docs/PERFORMANCE.md)
     "small": STConfig(
         hidden_dim=256,
         transformer_heads=8,
@@ -196,6 +230,8 @@ ST_PRESETS: dict[str, STConfig] = {
         set_size=64,
         residual="expression",
         shift_prior=True,
+        basal_encoder="linear",
+        out_layers=2,
     ),
     "base": STConfig(
         hidden_dim=672,

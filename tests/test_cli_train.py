@@ -1,5 +1,6 @@
 import anndata as ad
 import pytest
+import torch
 
 from statecore.cli import main
 
@@ -91,3 +92,27 @@ def test_errors_are_one_line(data_path, tmp_path, capsys):
         ["predict", "--run-dir", str(tmp_path / "missing"), "--split", "test", "-o", str(tmp_path / "x.h5ad")]
     )
     assert code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_model_shape_flags_reach_the_saved_model(data_path, tmp_path, capsys):
+    """--basal-encoder linear / --out-layers 2 build that model, save it in config.json, and reload it."""
+    import json
+
+    from statecore.training.checkpoint import load_run
+
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data_path), "--run-dir", str(run), "--task", "underrepresented"]
+    argv += ["--context", "c0", "--steps", "2", "--set-size", "8", "--batch-size", "2", "--threads", "1"]
+    argv += ["--basal-encoder", "linear", "--out-layers", "2", "--quiet"]
+    assert main(argv) == 0
+    model_cfg = json.loads((run / "config.json").read_text())["model"]
+    assert model_cfg["basal_encoder"] == "linear" and model_cfg["out_layers"] == 2
+    model = load_run(run).model
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.project_out) == 2
+    assert isinstance(model.basal_encoder, torch.nn.Linear)
+    capsys.readouterr()
+    bad = argv[: argv.index("--out-layers")] + ["--out-layers", "0", "--quiet"]
+    bad[bad.index(str(run))] = str(tmp_path / "bad")
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "--out-layers" in err and err.count("\n") == 1

@@ -48,6 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="obs column of each cell's library size for normalisation (e.g. whole-transcriptome UMIs "
         "of a gene panel); default: the cell's total counts",
     )
+    p.add_argument(
+        "--classify-perturbed",
+        action="store_true",
+        help="call each targeting cell perturbed (KO) or not (NP) with a Mixscape-style classifier, per "
+        "context; writes obs['perturbed_call'] and obs['perturbed_prob'] and removes no cell (train with "
+        "--train-on-classified to train on the perturbed cells)",
+    )
     p.set_defaults(func=run)
 
 
@@ -57,13 +64,54 @@ def _column(value: str | None, detected: str | None) -> str | None:
     return None if value.lower() == "none" else value
 
 
+def _qc_from_args(args: argparse.Namespace):
+    from statecore.config import QCConfig
+    from statecore.errors import DataError
+
+    changes = {"umap": not args.no_umap, "classify_perturbed": bool(args.classify_perturbed)}
+    if args.min_genes is not None:
+        changes.update(min_genes=args.min_genes, scale_min_genes=False)
+    if args.min_cells is not None:
+        changes["min_cells"] = args.min_cells
+    if args.n_hvg is not None:
+        changes["n_hvg"] = args.n_hvg
+    if args.umap_max_cells is not None:
+        if args.umap_max_cells < 4:
+            raise DataError(f"--umap-max-cells {args.umap_max_cells}: give at least 4 (or --no-umap)")
+        changes["umap_max_cells"] = args.umap_max_cells
+    if args.hvg_flavor is not None:
+        changes["hvg_flavor"] = args.hvg_flavor
+    if args.library_size_col is not None:
+        changes["library_size_col"] = args.library_size_col
+    return QCConfig().replace(**changes)
+
+
+def print_calls(prepared) -> None:
+    """The perturbed-cell classifier's counts: targeting cells kept (called KO) per context and overall."""
+    from statecore.data.mixscape import call_summary, context_totals
+
+    summary = call_summary(prepared)
+    if summary is None or summary.empty:
+        return
+    rows = context_totals(summary).to_dict("records")
+    if len(rows) == 2:  # one context: its line is the overall one
+        rows = rows[:1]
+    for r in rows:
+        where = "overall" if r["context"] == "all" else f"context {r['context']!r}"
+        extra = f", {r['unclassified']:,} unclassified (kept)" if r["unclassified"] else ""
+        print(
+            f"perturbed-cell calls, {where}: keeps {r['KO']:,} of {r['targeting cells']:,} targeting cells "
+            f"as KO ({100 * r['KO share']:.1f}%), {r['NP']:,} NP{extra}; {r['no detectable effect']} of "
+            f"{r['perturbations']} perturbations with no detectable effect"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
     import warnings
     from pathlib import Path
 
     from statecore.cli._common import write_h5ad
-    from statecore.config import QCConfig
     from statecore.data.io import detect, read_data, suggest_control
     from statecore.data.preprocess import prepare
     from statecore.errors import DataError
@@ -92,23 +140,7 @@ def run(args: argparse.Namespace) -> int:
         control=control,
         cell_id_col=args.cell_id_col,
     )
-    qc = QCConfig()
-    changes = {"umap": not args.no_umap}
-    if args.min_genes is not None:
-        changes.update(min_genes=args.min_genes, scale_min_genes=False)
-    if args.min_cells is not None:
-        changes["min_cells"] = args.min_cells
-    if args.n_hvg is not None:
-        changes["n_hvg"] = args.n_hvg
-    if args.umap_max_cells is not None:
-        if args.umap_max_cells < 4:
-            raise DataError(f"--umap-max-cells {args.umap_max_cells}: give at least 4 (or --no-umap)")
-        changes["umap_max_cells"] = args.umap_max_cells
-    if args.hvg_flavor is not None:
-        changes["hvg_flavor"] = args.hvg_flavor
-    if args.library_size_col is not None:
-        changes["library_size_col"] = args.library_size_col
-    qc = qc.replace(**changes)
+    qc = _qc_from_args(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -132,4 +164,5 @@ def run(args: argparse.Namespace) -> int:
         f"{prepared.obs['context'].nunique()} contexts, control {spec.control!r} "
         f"[pert_col={spec.pert_col}, context_col={spec.context_col}, batch_col={spec.batch_col}]"
     )
+    print_calls(prepared)
     return 0

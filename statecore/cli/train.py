@@ -28,12 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", default=None, help="prepared .h5ad (python -m statecore prepare)")
     p.add_argument("--run-dir", default=None, help="run directory (created, or resumed when it exists)")
-    p.add_argument("--task", default="zeroshot", choices=SPLIT_TASKS)
-    p.add_argument("--context", default=None, help="target context of the split")
-    p.add_argument("--test-perts", default="",
-                   help="explicit / unseen task: comma-separated test perturbations (unseen: held out of every context)")  # fmt: skip
-    p.add_argument("--test-fraction", type=float, default=0.2,
-                   help="unseen task: share of the target context's perturbed genes held out of every context")  # fmt: skip
+    _register_split(p)
     p.add_argument("--gene-features", default=None,
                    help="encode perturbations by gene features: 'data' (computed from the training data's control "
                    "cells; the default for --task unseen), a table (.csv/.tsv/.parquet/.npz/.npy + .genes.txt), "
@@ -43,10 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--perturbation-type", default=None, choices=PERTURBATION_TYPES,
                    help="gene features: how a perturbation moves its target gene's own expression when the "
                    "gene is in the panel (default none)")  # fmt: skip
-    p.add_argument(
-        "--keep-fraction", type=float, default=0.3, help="underrepresented: share kept in training"
-    )
-    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of training pairs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="small", choices=PRESETS)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000)")
@@ -77,6 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pairs the shift prior's tables come from (train: validation pairs stay unseen)")  # fmt: skip
     p.add_argument("--residual", default=None, choices=["hidden", "expression", "none"],
                    help="residual path of the model (default: the preset's, expression)")  # fmt: skip
+    p.add_argument("--basal-encoder", default=None, choices=["mlp", "linear"],
+                   help="control-cell encoder: a two-layer MLP or one linear layer, as the reference State "
+                   "(default: the preset's)")  # fmt: skip
+    p.add_argument("--out-layers", type=int, default=None,
+                   help="linear layers of the output MLP, hidden state -> genes (default: the preset's)")  # fmt: skip
     p.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     p.add_argument("--no-hvg", action="store_true", help="train on all genes, not var['highly_variable']")
@@ -100,6 +96,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
+
+
+def _register_split(p: argparse.ArgumentParser) -> None:
+    """The split's flags (SplitConfig)."""
+    p.add_argument("--task", default="zeroshot", choices=SPLIT_TASKS)
+    p.add_argument("--context", default=None, help="target context of the split")
+    p.add_argument("--test-perts", default="",
+                   help="explicit / unseen task: comma-separated test perturbations (unseen: held out of every context)")  # fmt: skip
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="unseen task: share of the target context's perturbed genes held out of every context")  # fmt: skip
+    p.add_argument(
+        "--keep-fraction", type=float, default=0.3, help="underrepresented: share kept in training"
+    )
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of training pairs")
+    p.add_argument("--train-on-classified", action="store_true",
+                   help="training and validation pairs use only the perturbed cells that `prepare "
+                   "--classify-perturbed` called KO (a pair with fewer than 10 keeps all its cells); controls "
+                   "and the test cells that scoring reads are never filtered")  # fmt: skip
 
 
 def _with_track(cfg, args: argparse.Namespace):
@@ -141,6 +155,14 @@ def _model_from_args(args: argparse.Namespace):
         model = model.replace(set_size=args.set_size)
     if args.residual:
         model = model.replace(residual=args.residual)
+    if args.basal_encoder:
+        model = model.replace(basal_encoder=args.basal_encoder)
+    if args.out_layers is not None:
+        if not 1 <= args.out_layers <= 8:
+            from statecore.errors import DataError
+
+            raise DataError(f"--out-layers must be a whole number from 1 to 8; got {args.out_layers}")
+        model = model.replace(out_layers=args.out_layers)
     if args.shift_prior:
         model = model.replace(shift_prior=args.shift_prior == "on")
     if args.decoder_residual:
@@ -234,7 +256,10 @@ def _overrides(cfg, args: argparse.Namespace):
     ):
         if value is not None:
             train = train.replace(**{name: value})
-    return cfg.replace(train=train)
+    cfg = cfg.replace(train=train)
+    if getattr(args, "train_on_classified", False):
+        cfg = cfg.replace(split=cfg.split.replace(train_on_classified=True))
+    return cfg
 
 
 def _load_config(path: str):
@@ -265,13 +290,23 @@ def _resolve(args: argparse.Namespace):
         if not data_path:
             raise DataError(f"--config {args.config!r} names no data file; pass --data")
         adata = read_prepared(data_path, backed=args.backed)
-        return _overrides(cfg.replace(data_path=str(Path(data_path).resolve())), args), run_dir, adata
+        cfg = _overrides(cfg.replace(data_path=str(Path(data_path).resolve())), args)
+        return _checked(cfg, adata), run_dir, adata
     if not args.data or not args.run_dir:
         raise DataError("give --data and --run-dir (or --config <run>/config.json)")
     adata = read_prepared(args.data, backed=args.backed)
     if args.no_hvg and "highly_variable" in adata.var.columns:
         del adata.var["highly_variable"]
-    return _overrides(config_from_args(args, adata), args), Path(args.run_dir), adata
+    return _checked(_overrides(config_from_args(args, adata), args), adata), Path(args.run_dir), adata
+
+
+def _checked(cfg, adata):
+    """``cfg`` after the checks that need the data, before any run directory is touched."""
+    if cfg.split.train_on_classified:
+        from statecore.data.mixscape import require_calls
+
+        require_calls(adata)
+    return cfg
 
 
 def progress_printer(quiet: bool, total: int):

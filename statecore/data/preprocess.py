@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from statecore.config import DataSpec, QCConfig
+from statecore.config import DataSpec, PerturbedCallConfig, QCConfig
 from statecore.data.io import labelled_mask, looks_like_counts, looks_log_normalized, validate
 from statecore.errors import DataError
 
@@ -58,8 +58,19 @@ def choose_hvg_flavor(requested: str, has_counts: bool) -> str:
     return requested
 
 
-def prepare(adata, *, spec: DataSpec, qc: QCConfig = QCConfig(), source: str = ""):
-    """Canonical prepared AnnData (see docs/CONTRACTS.md) as a new object."""
+def prepare(
+    adata,
+    *,
+    spec: DataSpec,
+    qc: QCConfig = QCConfig(),
+    source: str = "",
+    classifier: PerturbedCallConfig = PerturbedCallConfig(),
+):
+    """Canonical prepared AnnData (see docs/CONTRACTS.md) as a new object.
+
+    ``qc.classify_perturbed``: also call every targeting cell perturbed or not (``classifier``'s settings,
+    :mod:`statecore.data.mixscape`) into ``obs["perturbed_call"]`` / ``obs["perturbed_prob"]`` and
+    ``uns["statecore"]["perturbed_call"]``; no cell is removed for it."""
     counts_src = _counts_source(adata)
     log_input = counts_src is None
     for msg in validate(adata, spec, require_counts=qc.hvg_flavor == "seurat_v3"):
@@ -112,6 +123,10 @@ def prepare(adata, *, spec: DataSpec, qc: QCConfig = QCConfig(), source: str = "
         "qc_report": report,
         "source": str(source or ""),
     }
+    if qc.classify_perturbed:
+        from statecore.data.mixscape import annotate, classify_perturbed
+
+        annotate(out, classify_perturbed(out, control=spec.control, cfg=classifier))
     return out
 
 

@@ -236,11 +236,14 @@ def build_groups(
     pairs: set[tuple[str, str]] | None = None,
     include_controls: bool = True,
     contexts: Sequence[str] | None = None,
+    cells: np.ndarray | None = None,
 ) -> list[Group]:
     """Groups of cells by (context, perturbation, batch), each with its control pool.
 
     ``pairs``: the (context, perturbation) pairs to keep (None: all perturbed cells);
-    ``include_controls``: add control groups (identity targets) of ``contexts`` (None: every context).
+    ``include_controls``: add control groups (identity targets) of ``contexts`` (None: every context);
+    ``cells``: a boolean mask of the perturbed cells a group may hold (None: all; controls always stay),
+    e.g. those a perturbed-cell classifier called perturbed (``statecore.data.mixscape.training_cells``).
     """
     pert, ctx, batch = obs_labels(adata)
     df = pd.DataFrame({"c": ctx, "p": pert, "b": batch})
@@ -260,6 +263,10 @@ def build_groups(
                 continue
         elif pairs is not None and (c, p) not in pairs:
             continue
+        elif cells is not None:
+            rows = rows[np.asarray(cells, dtype=bool)[rows]]
+            if len(rows) == 0:
+                continue
         pool = ctrl_by_cb.get((c, b))
         if pool is None:
             pool = pool_c.get(c)

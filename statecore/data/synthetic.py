@@ -53,6 +53,7 @@ def make_perturbation_adata(
     module_structure: bool = True,
     module_sd: float = 0.6,
     self_lfc: float = -1.5,
+    frac_escape: float = 0.0,
 ) -> ad.AnnData:
     """Simulate a perturbation screen with raw counts in ``X`` and the planted truth in ``uns``.
 
@@ -69,13 +70,18 @@ def make_perturbation_adata(
     a perturbation's program is its module's shared program (scaled, plus a few genes of its own), so knocking
     out genes of one module gives similar profiles, as for genes of one complex; without it every program is
     drawn independently (the no-structure control: gene features then carry no information on the response).
+
+    ``frac_escape > 0`` (perturbed-cell classifier, issue 17): that share of the targeting cells, drawn at random
+    from their own stream, carry their guide's label but no effect (expression as a control cell's), like cells
+    whose cut was repaired in frame; ``obs["escaped"]`` marks them.
     """
     ctx_names = (
         [f"c{i}" for i in range(contexts)] if isinstance(contexts, int) else [str(c) for c in contexts]
     )
     _check_args(
-        n_cells, n_genes, n_perturbations, ctx_names, n_batches, frac_no_effect, n_combos, frac_control
-    )
+        n_cells, n_genes, n_perturbations, ctx_names, n_batches, frac_no_effect, n_combos, frac_control,
+        frac_escape,
+    )  # fmt: skip
     rng = np.random.default_rng(seed)  # one stream, drawn in a fixed order: the same seed, the same data
     k = min(int(program_size) if program_size is not None else max(3, n_genes // 20), n_genes)
     k_ctx = min(int(n_context_genes) if n_context_genes is not None else max(1, k // 4), n_genes)
@@ -110,12 +116,18 @@ def make_perturbation_adata(
         n_context_genes=k_ctx, effect_size=effect_size, library_mean=library_mean, library_sd=library_sd,
         dispersion=dispersion, batch_effect=batch_effect, context_effect=context_effect,
         gene_mean_sd=gene_mean_sd, modules=modules, module_structure=module_structure, module_sd=module_sd,
-        self_lfc=self_lfc,
+        self_lfc=self_lfc, frac_escape=frac_escape,
     )  # fmt: skip
     uns = {"control": CONTROL, "no_effect": no_effect, "combos": combos, "effects": effects, "params": params}
     ctx_idx, pert_lab, batch_idx, lib = _design(
         rng, n_cells, len(ctx_names), labels, n_batches, frac_control, library_mean, library_sd
     )
+    effective = pert_lab
+    if frac_escape > 0:
+        escaped = (np.random.default_rng([int(seed), 17]).random(n_cells) < frac_escape) & (
+            pert_lab != CONTROL
+        )
+        effective = np.where(escaped, CONTROL, pert_lab)
     cell_term = None
     if module is not None:
         uns["module_of"] = module["module_of"]
@@ -123,7 +135,7 @@ def make_perturbation_adata(
         activity = arng.normal(0.0, module_sd, (n_cells, modules))  # [cells, modules]
         cell_term = lambda sl: activity[sl] @ module["loadings"]  # noqa: E731  [rows, G] log-scale
     means = _mean_counts(
-        uns, labels, ctx_names, base, ctx_shift, batch_shift, (ctx_idx, pert_lab, batch_idx, lib), cell_term
+        uns, labels, ctx_names, base, ctx_shift, batch_shift, (ctx_idx, effective, batch_idx, lib), cell_term
     )
     X = _sample_counts(rng, means, theta, n_cells, n_genes, sparse)
     obs = pd.DataFrame(
@@ -136,6 +148,8 @@ def make_perturbation_adata(
         },
         index=pd.Index([f"cell{i:07d}" for i in range(n_cells)]),
     )
+    if frac_escape > 0:
+        obs["escaped"] = effective != pert_lab
     adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
     adata.uns["synthetic"] = _h5ad_safe(uns)
     return adata
@@ -349,7 +363,7 @@ def _draw_combos(rng, perts: list[str], no_effect: list[str], n_combos: int) -> 
 
 
 def _check_args(
-    n_cells, n_genes, n_perts, ctx_names, n_batches, frac_no_effect, n_combos, frac_control
+    n_cells, n_genes, n_perts, ctx_names, n_batches, frac_no_effect, n_combos, frac_control, frac_escape=0.0
 ) -> None:
     if n_cells < 1 or n_genes < 1:
         raise ValueError(f"n_cells and n_genes must be >= 1, got {n_cells} and {n_genes}")
@@ -368,6 +382,8 @@ def _check_args(
         )
     if n_combos < 0:
         raise ValueError(f"n_combos must be >= 0, got {n_combos}")
+    if not 0.0 <= frac_escape < 1.0:
+        raise ValueError(f"frac_escape must lie in [0, 1), got {frac_escape}")
 
 
 def _h5ad_safe(obj: Any) -> Any:

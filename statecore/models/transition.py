@@ -49,7 +49,7 @@ class StateTransitionModel(nn.Module):
         self.batch_embedding = nn.Embedding(cfg.n_batches, H) if cfg.n_batches > 0 else None
         self.noise_proj = nn.Linear(cfg.noise_dim, H) if cfg.noise_dim > 0 else None
         self.transformer = set_transformer(H, cfg.transformer_heads, cfg.transformer_layers, M, cfg.dropout)
-        self.project_out = mlp(H, M, G, n_layers=3, dropout=cfg.dropout)
+        self.project_out = mlp(H, M, G, n_layers=cfg.out_layers, dropout=cfg.dropout)
         # Embedding track (decoder_dim > 0): ST predicts SE embeddings (width G = D) and this decoder,
         # saved in the same checkpoint, maps them back to decoder_dim genes (see statecore.embedding.track).
         self.gene_decoder = (

@@ -311,11 +311,13 @@ def choose_for_run(
     contexts: Sequence[str],
     genes: Sequence[str],
     target: str | None,
+    cells: np.ndarray | None = None,
 ) -> PriorChoice:
     """:func:`choose` on a run's TRAINING pairs (``Split.train``; pass nothing else): one pass over their
-    group means, singles and combinations."""
+    group means, singles and combinations (``cells``: the perturbed cells the means may use, as the prior's
+    tables; None: all)."""
     stats = vocab_pair_stats(
-        adata, genes=genes, vocab=vocab, train_pairs=train_pairs, noise=True, combinations=True
+        adata, genes=genes, vocab=vocab, train_pairs=train_pairs, noise=True, combinations=True, cells=cells
     )
     return choose(stats, vocab=vocab, contexts=contexts, genes=genes, target=target)
 

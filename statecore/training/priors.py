@@ -24,6 +24,15 @@ import numpy as np
 from statecore.data.sets import PerturbationVocab, RowGatherer, gene_indices, obs_labels
 
 
+def _labels(adata, cells: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(perturbation, context) labels; cells outside ``cells`` (a boolean mask: the cells training draws
+    from, ``statecore.data.mixscape.training_cells``) get a label no pair has, so no group mean counts them."""
+    pert, ctx, _ = obs_labels(adata)
+    if cells is not None:
+        pert = np.where(np.asarray(cells, dtype=bool), pert, "\x00excluded")
+    return pert, ctx
+
+
 def _group_mean(gather: RowGatherer, rows: np.ndarray, block: int = 4096) -> np.ndarray:
     total = None
     for i in range(0, len(rows), block):
@@ -87,11 +96,13 @@ def pair_stats(
     train_pairs: Mapping[str, Sequence[str]],
     keep: Callable[[str], bool] = lambda label: True,
     noise: bool = False,
+    cells: np.ndarray | None = None,
 ) -> PairStats:
     """:class:`PairStats` of the perturbations listed in ``train_pairs`` (context -> labels; pass TRAINING
     pairs) that ``keep`` accepts and that have cells, in contexts with control cells. ``noise``: also each
-    shift's sampling noise (a second pass over each group's cells; zeros otherwise)."""
-    pert, ctx, _ = obs_labels(adata)
+    shift's sampling noise (a second pass over each group's cells; zeros otherwise); ``cells``: the
+    perturbed cells a group mean may use (a mask; None: all)."""
+    pert, ctx = _labels(adata, cells)
     gather = RowGatherer(adata.X, gene_indices(adata, genes))
     keys: list[tuple[str, str]] = []
     shifts, noises, counts, ctrl_means = [], [], [], {}
@@ -126,6 +137,7 @@ def vocab_pair_stats(
     train_pairs: Mapping[str, Sequence[str]],
     noise: bool = False,
     combinations: bool = False,
+    cells: np.ndarray | None = None,
 ) -> PairStats:
     """:func:`pair_stats` of the one-hot vocabulary's single perturbations (and, with ``combinations``, of
     combinations whose every part is in the vocabulary)."""
@@ -138,7 +150,13 @@ def vocab_pair_stats(
         return label in names or (combinations and len(parts) > 1 and all(p in names for p in parts))
 
     return pair_stats(
-        adata, genes=genes, control=vocab.control, train_pairs=train_pairs, keep=keep, noise=noise
+        adata,
+        genes=genes,
+        control=vocab.control,
+        train_pairs=train_pairs,
+        keep=keep,
+        noise=noise,
+        cells=cells,
     )
 
 
@@ -240,10 +258,14 @@ def shift_prior_tables(
     train_pairs: Mapping[str, Sequence[str]],
     contexts: Sequence[str],
     shrink: bool = False,
+    cells: np.ndarray | None = None,
 ) -> ShiftPrior:
     """:func:`perturbation_shifts` and :func:`context_pair_shifts` from one pass over the group means
-    (``shrink``: every measured shift shrunk by its James-Stein factor, :func:`shrinkage_factor`)."""
-    stats = vocab_pair_stats(adata, genes=genes, vocab=vocab, train_pairs=train_pairs, noise=shrink)
+    (``shrink``: every measured shift shrunk by its James-Stein factor, :func:`shrinkage_factor`; ``cells``:
+    the perturbed cells the means may use, None: all)."""
+    stats = vocab_pair_stats(
+        adata, genes=genes, vocab=vocab, train_pairs=train_pairs, noise=shrink, cells=cells
+    )
     return prior_tables(stats, vocab=vocab, contexts=contexts, shrink="zero" if shrink else "off")
 
 
@@ -282,14 +304,17 @@ def single_shifts(
     control: str,
     train_pairs: Mapping[str, Sequence[str]],
     combo_sep: str = "+",
+    cells: np.ndarray | None = None,
 ) -> tuple[list[tuple[str, str]], np.ndarray, dict[str, np.ndarray]]:
-    """Measured mean shifts of the single perturbations listed in ``train_pairs``.
+    """Measured mean shifts of the single perturbations listed in ``train_pairs`` (from ``cells`` only, a
+    mask of the perturbed cells the means may use; None: all).
 
     Returns ``(keys [(context, gene)], shifts [K, G] float64, control means {context: [G]})``; only contexts
     with control cells and perturbations with cells count."""
     stats = pair_stats(
-        adata, genes=genes, control=control, train_pairs=train_pairs, keep=lambda p: combo_sep not in p
-    )
+        adata, genes=genes, control=control, train_pairs=train_pairs, keep=lambda p: combo_sep not in p,
+        cells=cells,
+    )  # fmt: skip
     return list(zip(stats.contexts, stats.labels)), stats.shift, stats.ctrl_mean
 
 
@@ -338,14 +363,17 @@ def feature_ridge(
     vocab: PerturbationVocab,
     train_pairs: Mapping[str, Sequence[str]],
     contexts: Sequence[str],
+    cells: np.ndarray | None = None,
 ) -> FeatureRidge:
     """Fit :class:`FeatureRidge` on the single perturbations of ``train_pairs`` (pass the split's TRAINING
-    pairs only) that have gene features in ``vocab`` (a feature vocabulary)."""
+    pairs only) that have gene features in ``vocab`` (a feature vocabulary); ``cells``: as
+    :func:`single_shifts`."""
     if vocab.features is None:
         raise ValueError("the feature ridge needs a gene-feature perturbation vocabulary")
     keys, shifts, _ = single_shifts(
-        adata, genes=genes, control=vocab.control, train_pairs=train_pairs, combo_sep=vocab.combo_sep
-    )
+        adata, genes=genes, control=vocab.control, train_pairs=train_pairs, combo_sep=vocab.combo_sep,
+        cells=cells,
+    )  # fmt: skip
     idx = vocab._index()
     keep = [i for i, (_, p) in enumerate(keys) if p in idx]
     keys, shifts = [keys[i] for i in keep], shifts[keep]
@@ -386,6 +414,7 @@ def self_effect(
     train_pairs: Mapping[str, Sequence[str]],
     kind: str,
     combo_sep: str = "+",
+    cells: np.ndarray | None = None,
 ) -> float:
     """How a perturbation moves its target's own expression (log1p), for ``kind``:
 
@@ -398,7 +427,7 @@ def self_effect(
     if kind in ("none", "knockout"):
         return 0.0 if kind == "none" else -1.0
     keys, shifts, ctrl = single_shifts(
-        adata, genes=genes, control=control, train_pairs=train_pairs, combo_sep=combo_sep
+        adata, genes=genes, control=control, train_pairs=train_pairs, combo_sep=combo_sep, cells=cells
     )
     pos = {g: i for i, g in enumerate(genes)}
     rel, absolute = [], []
@@ -419,8 +448,10 @@ def context_shrinkage(
     vocab: PerturbationVocab,
     train_pairs: Mapping[str, Sequence[str]],
     contexts: Sequence[str],
+    cells: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """What shrinking each single's average shift toward its context's mean perturbed shift needs.
+    """What shrinking each single's average shift toward its context's mean perturbed shift needs
+    (``cells``: the perturbed cells the means may use, None: all).
 
     Returns ``trust [P]`` float32, the James-Stein factor (:func:`shrinkage_factor`) of each single's
     all-context average shift against that average's sampling noise (sum over its contexts of both group
@@ -431,7 +462,9 @@ def context_shrinkage(
     a knockout whose measured effect is no larger than its noise predicts what perturbed cells of that
     context share (an empirical-Bayes estimate, Efron & Morris 1973), a strong one keeps its own shift.
     """
-    stats = vocab_pair_stats(adata, genes=genes, vocab=vocab, train_pairs=train_pairs, noise=True)
+    stats = vocab_pair_stats(
+        adata, genes=genes, vocab=vocab, train_pairs=train_pairs, noise=True, cells=cells
+    )
     return _context_shrinkage(stats, vocab, contexts)
 
 

@@ -52,6 +52,8 @@ class TrainData:
     batches: list[str]
     split: Split | None = None
     unencoded: tuple[str, ...] = ()  # gene-feature runs: training perturbations without features, left out
+    # SplitConfig.train_on_classified: the cells training and the prior draw from (statecore.data.mixscape)
+    cells: np.ndarray | None = None
 
 
 def make_train_data(
@@ -65,8 +67,10 @@ def make_train_data(
     vocab: PerturbationVocab | None = None,
     pert_features=None,
     batches: list[str] | None = None,
+    cells: np.ndarray | None = None,
 ) -> TrainData:
-    """Training and validation set datasets for ``split`` (controls of every context train as identity)."""
+    """Training and validation set datasets for ``split`` (controls of every context train as identity);
+    ``cells``: a mask of the perturbed cells they may draw (None: all; :func:`classified_cells`)."""
     _, ctx, batch = obs_labels(adata)
     genes = list(genes) if genes is not None else select_genes(adata, use_hvg)
     if vocab is None:
@@ -87,17 +91,40 @@ def make_train_data(
                 f"training (baselines still use them): {list(unencoded[:10])}",
                 stacklevel=2,
             )
-    groups = build_groups(adata, control=split.control, pairs=train_pairs, include_controls=True)
+    groups = build_groups(adata, control=split.control, pairs=train_pairs, include_controls=True, cells=cells)
     train = SetDataset(adata, groups, seed=seed, **kw)
     val = None
     if val_pairs:
-        vgroups = build_groups(adata, control=split.control, pairs=val_pairs, include_controls=False)
+        vgroups = build_groups(
+            adata, control=split.control, pairs=val_pairs, include_controls=False, cells=cells
+        )
         if vgroups:
             val = SetDataset(adata, vgroups, seed=seed + 1_000_003, **kw)
     return TrainData(
         train=train, val=val, genes=genes, vocab=vocab, contexts=contexts, batches=batches, split=split,
-        unencoded=unencoded,
+        unencoded=unencoded, cells=cells,
     )  # fmt: skip
+
+
+def classified_cells(adata, config: RunConfig, split: Split) -> np.ndarray | None:
+    """With ``SplitConfig.train_on_classified``, the cells training draws from: controls and the perturbed
+    cells prepare did not call NP; a training or validation pair with too few of those keeps all its cells
+    (a warning names them). None otherwise. Test cells are never filtered (scoring reads the data itself)."""
+    if not config.split.train_on_classified:
+        return None
+    from statecore.data.mixscape import MIN_TRAIN_CELLS, training_cells
+
+    cells, whole = training_cells(
+        adata, control=split.control, pairs=split.pairs("train") | split.pairs("val")
+    )
+    if whole:
+        warnings.warn(
+            f"training on classified cells: {len(whole)} training/validation pair(s) have fewer than "
+            f"{MIN_TRAIN_CELLS} cells called perturbed and keep all their cells: "
+            f"{[f'{c}/{p}' for c, p in whole[:12]]}{' ...' if len(whole) > 12 else ''}",
+            stacklevel=2,
+        )
+    return cells
 
 
 def set_loss_fn(model: torch.nn.Module, loss_fn: Callable) -> Callable:
@@ -229,11 +256,11 @@ def feature_prior_for(adata, data: TrainData, config: RunConfig) -> tuple[Featur
     split = data.split
     pairs = {c: list(ps) for c, ps in split.train.items()}
     ridge = feature_ridge(
-        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts
+        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts, cells=data.cells
     )
     effect = self_effect(
         adata, genes=data.genes, control=split.control, train_pairs=pairs, kind=config.model.perturbation_type,
-        combo_sep=data.vocab.combo_sep,
+        combo_sep=data.vocab.combo_sep, cells=data.cells,
     )  # fmt: skip
     return ridge, effect
 
@@ -250,7 +277,7 @@ def prior_for(adata, data: TrainData, *, with_val: bool = True, shrink: str = "o
     val = split.val if with_val else {}
     pairs = {c: [*split.train.get(c, []), *val.get(c, [])] for c in sorted({*split.train, *val})}
     stats = vocab_pair_stats(
-        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, noise=shrink != "off"
+        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, noise=shrink != "off", cells=data.cells
     )
     return prior_tables(stats, vocab=data.vocab, contexts=data.contexts, shrink=shrink)
 
@@ -271,7 +298,7 @@ def resolve_auto_prior(
     if chosen is None:
         result = prior_choice.choose_for_run(
             adata, train_pairs={c: list(ps) for c, ps in data.split.train.items()}, vocab=data.vocab,
-            contexts=data.contexts, genes=data.genes, target=data.split.context,
+            contexts=data.contexts, genes=data.genes, target=data.split.context, cells=data.cells,
         )  # fmt: skip
         chosen = result.choice
         if dist_utils.current().is_main:
@@ -388,8 +415,9 @@ class ExpressionTrack:
         # seeded: the same split on every rank
         split = make_split(adata, config.split, eligible=eligible, combo_sep=config.spec.combo_sep)
         data = make_train_data(
-            adata, split, set_size=config.model.set_size, seed=config.train.seed, genes=genes, vocab=vocab
-        )
+            adata, split, set_size=config.model.set_size, seed=config.train.seed, genes=genes, vocab=vocab,
+            cells=classified_cells(adata, config, split),
+        )  # fmt: skip
         if dist_utils.current().is_main:
             split.save(run_dir / "split.json")
             ckpt.write_vocab_files(
@@ -409,6 +437,7 @@ class ExpressionTrack:
             genes=runs.read_lines(run_dir / "genes.txt"),
             vocab=vocab,
             batches=runs.read_lines(run_dir / "batches.txt"),
+            cells=classified_cells(adata, config, split),
         )
 
 
