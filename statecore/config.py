@@ -145,7 +145,9 @@ class STConfig(_Serializable):
     prior_singles: str = "average"
     context_gain: bool = False  # a learned per-context, per-gene gain on the prior's shift (starts at 1)
     # James-Stein shrinkage of the prior (statecore.training.priors): "off"; "zero" (each measured shift
-    # toward 0); "context" (a single's average shift toward its context's mean perturbed shift)
+    # toward 0); "context" (a single's average shift toward its context's mean perturbed shift); "auto" (one
+    # of the three, chosen per run on its training pairs, statecore.training.prior_choice; the run's saved
+    # config holds the choice)
     prior_shrink: str = "off"
     # pairs the prior's tables come from: "train_val" (training + validation pairs) or "train" (training
     # pairs only: validation pairs then stay unseen, for scoring settings on them as on a test)

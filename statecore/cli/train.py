@@ -56,10 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "training context, or over the other contexts only (default: the preset's)")  # fmt: skip
     p.add_argument("--context-gain", default=None, choices=["on", "off"],
                    help="learn a per-context, per-gene gain on the shift prior (default: the preset's)")  # fmt: skip
-    p.add_argument("--prior-shrink", default=None, choices=["off", "zero", "context"],
+    p.add_argument("--prior-shrink", default=None, choices=["off", "zero", "context", "auto"],
                    help="James-Stein shrinkage of the shift prior: a measured shift no larger than its sampling "
-                   "noise moves toward 0 (zero) or toward the context's mean perturbed shift (context); "
-                   "default: the preset's")  # fmt: skip
+                   "noise moves toward 0 (zero) or toward the context's mean perturbed shift (context); auto: "
+                   "the one that predicts the run's training pairs best, each left out in turn "
+                   "(prior_choice.json); default: the preset's")  # fmt: skip
     p.add_argument("--disc-weight", type=float, default=None,
                    help="weight of the discriminative loss term (own perturbation's real shift nearer than "
                    "the other perturbations' in the context; default: the preset's)")  # fmt: skip
@@ -352,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train_one(args: argparse.Namespace, cfg, run_dir, adata) -> int:
     from statecore.runs.jobs import hold_run_lock
-    from statecore.training import distributed
+    from statecore.training import distributed, prior_choice
     from statecore.training.engine import resolve_device, train_run
 
     if not (run_dir / "job.json").exists():  # started from a shell: an old stop request is void (the app's
@@ -375,4 +376,6 @@ def _train_one(args: argparse.Namespace, cfg, run_dir, adata) -> int:
     best = f"{result.best_val:.4f}" if result.best_val is not None else "n/a"
     note = f" ({result.reason})" if result.reason else ""
     print(f"{result.state}: step {result.step}, loss {last}, best val {best}{note} -> {run_dir}")
+    if cfg.model.prior_shrink == "auto" and (line := prior_choice.saved_line(run_dir)):
+        print(line)
     return 0 if result.state == "done" else 3

@@ -16,7 +16,7 @@ gets no prior (zeros) and relies on the model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,42 +59,122 @@ def shrinkage_factor(shift: np.ndarray, noise: float) -> float:
     return max(0.0, 1.0 - noise / power) if power > 0 else 0.0
 
 
-def _pair_shifts(
+def shrinkage_factors(shifts: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """:func:`shrinkage_factor` of every row of ``shifts [K, G]`` with its ``noise [K]`` at once."""
+    power = np.square(shifts).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(power > 0, np.maximum(0.0, 1.0 - noise / power), 0.0)
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """Every measured (context, perturbation) group of some pairs, from ONE pass over the group means: what
+    the shift prior's tables, its shrinkage and the automatic choice among them (``prior_choice``) share.
+
+    Rows are ordered by context, then label (byte-stable sums downstream)."""
+
+    contexts: tuple[str, ...]  # [K] context of each pair
+    labels: tuple[str, ...]  # [K] perturbation label of each pair
+    shift: np.ndarray  # [K, G] float64: the group's mean minus its context's control mean
+    noise: np.ndarray  # [K] float64: sampling variance of that shift (both group means), summed over genes
+    n_cells: np.ndarray  # [K] int64
+    ctrl_mean: dict[str, np.ndarray]  # context -> its control mean [G] (contexts with pairs)
+
+    def take(self, rows: np.ndarray) -> PairStats:
+        rows = np.asarray(rows, dtype=np.int64)
+        return PairStats(
+            tuple(self.contexts[i] for i in rows), tuple(self.labels[i] for i in rows), self.shift[rows],
+            self.noise[rows], self.n_cells[rows], self.ctrl_mean,
+        )  # fmt: skip
+
+
+def pair_stats(
+    adata,
+    *,
+    genes: Sequence[str],
+    control: str,
+    train_pairs: Mapping[str, Sequence[str]],
+    keep: Callable[[str], bool] = lambda label: True,
+    noise: bool = False,
+    cells: np.ndarray | None = None,
+) -> PairStats:
+    """:class:`PairStats` of the perturbations listed in ``train_pairs`` (context -> labels; pass TRAINING
+    pairs) that ``keep`` accepts and that have cells, in contexts with control cells. ``noise``: also each
+    shift's sampling noise (a second pass over each group's cells; zeros otherwise); ``cells``: the
+    perturbed cells a group mean may use (a mask; None: all)."""
+    pert, ctx = _labels(adata, cells)
+    gather = RowGatherer(adata.X, gene_indices(adata, genes))
+    keys: list[tuple[str, str]] = []
+    shifts, noises, counts, ctrl_means = [], [], [], {}
+    for context in sorted(train_pairs):
+        labels = sorted({str(p) for p in train_pairs[context] if str(p) != control and keep(str(p))})
+        in_ctx = ctx == context
+        ctrl_rows = np.flatnonzero(in_ctx & (pert == control))
+        if not labels or len(ctrl_rows) == 0:
+            continue
+        ctrl_means[context] = ctrl_mean = _group_mean(gather, ctrl_rows)
+        ctrl_noise = _group_noise(gather, ctrl_rows, ctrl_mean) if noise else 0.0
+        for p in labels:
+            rows = np.flatnonzero(in_ctx & (pert == p))
+            if len(rows):
+                mean = _group_mean(gather, rows)
+                keys.append((context, p))
+                shifts.append(mean - ctrl_mean)
+                noises.append(_group_noise(gather, rows, mean) + ctrl_noise if noise else 0.0)
+                counts.append(len(rows))
+    return PairStats(
+        tuple(c for c, _ in keys), tuple(p for _, p in keys),
+        np.stack(shifts) if shifts else np.zeros((0, len(genes))), np.asarray(noises, dtype=np.float64),
+        np.asarray(counts, dtype=np.int64), ctrl_means,
+    )  # fmt: skip
+
+
+def vocab_pair_stats(
     adata,
     *,
     genes: Sequence[str],
     vocab: PerturbationVocab,
     train_pairs: Mapping[str, Sequence[str]],
-    shrink: bool = False,
+    noise: bool = False,
+    combinations: bool = False,
     cells: np.ndarray | None = None,
-) -> dict[tuple[str, int], np.ndarray]:
-    """(context, vocabulary index of a single) -> that single's mean minus the context's control mean, float64,
-    for every single perturbation listed in ``train_pairs`` that has cells; each group mean is computed once.
-    ``shrink``: each shift times its :func:`shrinkage_factor` (noise of both group means); ``cells``: the
-    perturbed cells a group mean may use (a mask; None: all)."""
+) -> PairStats:
+    """:func:`pair_stats` of the one-hot vocabulary's single perturbations (and, with ``combinations``, of
+    combinations whose every part is in the vocabulary)."""
     if vocab.features is not None:
         raise ValueError("the shift prior needs the one-hot perturbation vocabulary, not feature vectors")
-    pert, ctx = _labels(adata, cells)
-    gather = RowGatherer(adata.X, gene_indices(adata, genes))
+    names = set(vocab.names[1:])
+
+    def keep(label: str) -> bool:
+        parts = label.split(vocab.combo_sep)
+        return label in names or (combinations and len(parts) > 1 and all(p in names for p in parts))
+
+    return pair_stats(
+        adata,
+        genes=genes,
+        control=vocab.control,
+        train_pairs=train_pairs,
+        keep=keep,
+        noise=noise,
+        cells=cells,
+    )
+
+
+def _pair_shifts(
+    stats: PairStats, vocab: PerturbationVocab, shrink: bool = False
+) -> dict[tuple[str, int], np.ndarray]:
+    """(context, vocabulary index of a single) -> that single's shift in the context, float64, for the
+    singles of ``stats``; ``shrink``: each shift times its :func:`shrinkage_factor` (``stats`` with noise)."""
     index = {name: i for i, name in enumerate(vocab.names)}
-    out: dict[tuple[str, int], np.ndarray] = {}
-    for context, perts in train_pairs.items():
-        singles = [p for p in perts if p in index and p != vocab.control]
-        in_ctx = ctx == context
-        ctrl_rows = np.flatnonzero(in_ctx & (pert == vocab.control))
-        if not singles or len(ctrl_rows) == 0:
-            continue
-        ctrl_mean = _group_mean(gather, ctrl_rows)
-        ctrl_noise = _group_noise(gather, ctrl_rows, ctrl_mean) if shrink else 0.0
-        for p in singles:
-            rows = np.flatnonzero(in_ctx & (pert == p))
-            if len(rows):
-                mean = _group_mean(gather, rows)
-                shift = mean - ctrl_mean
-                if shrink:
-                    shift = shift * shrinkage_factor(shift, _group_noise(gather, rows, mean) + ctrl_noise)
-                out[(context, index[p])] = shift
-    return out
+    factors = shrinkage_factors(stats.shift, stats.noise) if shrink else np.ones(len(stats.labels))
+    return {
+        (c, index[p]): stats.shift[k] * factors[k] if shrink else stats.shift[k]
+        for k, (c, p) in enumerate(zip(stats.contexts, stats.labels))
+        if p in index and p != vocab.control
+    }
+
+
+SHRINK_MODES = ("off", "zero", "context")  # STConfig.prior_shrink, besides "auto" (training.prior_choice)
 
 
 def _average(pairs: Mapping[tuple[str, int], np.ndarray], n_names: int, n_genes: int) -> np.ndarray:
@@ -131,8 +211,8 @@ def perturbation_shifts(
     ``train_pairs``: context -> training perturbations (``Split.train``); only single perturbations that
     are listed there contribute, so held-out cells never enter the prior.
     """
-    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
-    return _average(pairs, len(vocab.names), len(genes))
+    stats = vocab_pair_stats(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
+    return _average(_pair_shifts(stats, vocab), len(vocab.names), len(genes))
 
 
 def context_pair_shifts(
@@ -151,8 +231,8 @@ def context_pair_shifts(
     elsewhere: the same gene can act differently in different contexts (CRISPRa in K562, CRISPRi in the
     glioma lines of the sample data), so averaging across contexts would blur a combination's prior.
     """
-    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
-    return _index_pairs(pairs, contexts, len(vocab.names), len(genes))
+    stats = vocab_pair_stats(adata, genes=genes, vocab=vocab, train_pairs=train_pairs)
+    return _index_pairs(_pair_shifts(stats, vocab), contexts, len(vocab.names), len(genes))
 
 
 @dataclass(frozen=True)
@@ -183,9 +263,28 @@ def shift_prior_tables(
     """:func:`perturbation_shifts` and :func:`context_pair_shifts` from one pass over the group means
     (``shrink``: every measured shift shrunk by its James-Stein factor, :func:`shrinkage_factor`; ``cells``:
     the perturbed cells the means may use, None: all)."""
-    pairs = _pair_shifts(adata, genes=genes, vocab=vocab, train_pairs=train_pairs, shrink=shrink, cells=cells)
-    pair_index, pair_shift = _index_pairs(pairs, contexts, len(vocab.names), len(genes))
-    return ShiftPrior(_average(pairs, len(vocab.names), len(genes)), pair_index, pair_shift)
+    stats = vocab_pair_stats(
+        adata, genes=genes, vocab=vocab, train_pairs=train_pairs, noise=shrink, cells=cells
+    )
+    return prior_tables(stats, vocab=vocab, contexts=contexts, shrink="zero" if shrink else "off")
+
+
+def prior_tables(
+    stats: PairStats, *, vocab: PerturbationVocab, contexts: Sequence[str], shrink: str = "off"
+) -> ShiftPrior:
+    """The shift prior's tables from measured pairs (``stats`` of the training pairs, with noise unless
+    ``shrink`` is "off"): "zero" shrinks every measured shift by its James-Stein factor first; "context" adds
+    :func:`context_shrinkage`'s trust and generic rows to the unshrunk tables."""
+    if shrink not in SHRINK_MODES:
+        raise ValueError(f"prior shrinkage must be one of {SHRINK_MODES}; got {shrink!r}")
+    n_names, n_genes = len(vocab.names), stats.shift.shape[1]
+    pairs = _pair_shifts(stats, vocab, shrink=shrink == "zero")
+    pair_index, pair_shift = _index_pairs(pairs, contexts, n_names, n_genes)
+    prior = ShiftPrior(_average(pairs, n_names, n_genes), pair_index, pair_shift)
+    if shrink != "context":
+        return prior
+    trust, generic = _context_shrinkage(stats, vocab, contexts)
+    return ShiftPrior(prior.shift, pair_index, pair_shift, trust, generic)
 
 
 # --------------------------------------------------------------------------- unseen genes (issue 14)
@@ -212,23 +311,11 @@ def single_shifts(
 
     Returns ``(keys [(context, gene)], shifts [K, G] float64, control means {context: [G]})``; only contexts
     with control cells and perturbations with cells count."""
-    pert, ctx = _labels(adata, cells)
-    gather = RowGatherer(adata.X, gene_indices(adata, genes))
-    keys, rows_out, ctrl_means = [], [], {}
-    for context in sorted(train_pairs):
-        singles = sorted({str(p) for p in train_pairs[context] if p != control and combo_sep not in str(p)})
-        in_ctx = ctx == context
-        ctrl_rows = np.flatnonzero(in_ctx & (pert == control))
-        if len(ctrl_rows) == 0:
-            continue
-        ctrl_means[context] = _group_mean(gather, ctrl_rows)
-        for p in singles:
-            rows = np.flatnonzero(in_ctx & (pert == p))
-            if len(rows):
-                keys.append((context, p))
-                rows_out.append(_group_mean(gather, rows) - ctrl_means[context])
-    shifts = np.stack(rows_out) if rows_out else np.zeros((0, len(genes)))
-    return keys, shifts, ctrl_means
+    stats = pair_stats(
+        adata, genes=genes, control=control, train_pairs=train_pairs, keep=lambda p: combo_sep not in p,
+        cells=cells,
+    )  # fmt: skip
+    return list(zip(stats.contexts, stats.labels)), stats.shift, stats.ctrl_mean
 
 
 def fit_ridge(F: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -375,32 +462,48 @@ def context_shrinkage(
     a knockout whose measured effect is no larger than its noise predicts what perturbed cells of that
     context share (an empirical-Bayes estimate, Efron & Morris 1973), a strong one keeps its own shift.
     """
-    pert, ctx = _labels(adata, cells)
-    gather = RowGatherer(adata.X, gene_indices(adata, genes))
+    stats = vocab_pair_stats(
+        adata, genes=genes, vocab=vocab, train_pairs=train_pairs, noise=True, cells=cells
+    )
+    return _context_shrinkage(stats, vocab, contexts)
+
+
+def single_sums(stats: PairStats, vocab: PerturbationVocab) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per vocabulary name, over the contexts that measured it as a single: ``(sum of shifts [P, G], sum of
+    noise [P], count [P])``, accumulated in the rows' (context, label) order."""
     index = {name: i for i, name in enumerate(vocab.names)}
-    n_genes, cpos = len(genes), {c: i for i, c in enumerate(map(str, contexts))}
-    sums, noise = np.zeros((len(vocab.names), n_genes)), np.zeros(len(vocab.names))
+    sums, noise = np.zeros((len(vocab.names), stats.shift.shape[1])), np.zeros(len(vocab.names))
     counts = np.zeros(len(vocab.names), dtype=np.int64)
-    generic = np.zeros((len(cpos) + 1, n_genes))
-    measured = np.zeros(len(cpos) + 1, dtype=bool)
-    for context in sorted(train_pairs):
-        singles = sorted(p for p in train_pairs[context] if p in index and p != vocab.control)
-        ctrl_rows = np.flatnonzero((ctx == context) & (pert == vocab.control))
-        if not singles or len(ctrl_rows) == 0:
-            continue
-        ctrl_mean = _group_mean(gather, ctrl_rows)
-        ctrl_noise = _group_noise(gather, ctrl_rows, ctrl_mean)
-        shifts = []
-        for p in singles:
-            rows = np.flatnonzero((ctx == context) & (pert == p))
-            if len(rows):
-                mean = _group_mean(gather, rows)
-                shifts.append(mean - ctrl_mean)
-                sums[index[p]] += shifts[-1]
-                noise[index[p]] += _group_noise(gather, rows, mean) + ctrl_noise
-                counts[index[p]] += 1
-        if shifts and context in cpos:
-            generic[cpos[context]], measured[cpos[context]] = np.mean(shifts, axis=0), True
+    for k, p in enumerate(stats.labels):
+        if p in index and p != vocab.control:
+            sums[index[p]] += stats.shift[k]
+            noise[index[p]] += stats.noise[k]
+            counts[index[p]] += 1
+    return sums, noise, counts
+
+
+def context_sums(
+    stats: PairStats, vocab: PerturbationVocab, contexts: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per context (``contexts`` order): ``(sum of its singles' shifts [C, G], how many [C])``."""
+    cpos, names = {c: i for i, c in enumerate(map(str, contexts))}, set(vocab.names[1:])
+    sums = np.zeros((len(cpos), stats.shift.shape[1]))
+    counts = np.zeros(len(cpos), dtype=np.int64)
+    for k, (c, p) in enumerate(zip(stats.contexts, stats.labels)):
+        if p in names and c in cpos:
+            sums[cpos[c]] += stats.shift[k]
+            counts[cpos[c]] += 1
+    return sums, counts
+
+
+def _context_shrinkage(
+    stats: PairStats, vocab: PerturbationVocab, contexts: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    sums, noise, counts = single_sums(stats, vocab)
+    csum, ccount = context_sums(stats, vocab, contexts)
+    generic = np.zeros((len(ccount) + 1, sums.shape[1]))
+    measured = np.append(ccount > 0, False)
+    generic[:-1][ccount > 0] = csum[ccount > 0] / ccount[ccount > 0, None]
     trust = np.zeros(len(vocab.names))
     for i in np.flatnonzero(counts):
         trust[i] = shrinkage_factor(sums[i] / counts[i], noise[i] / counts[i] ** 2)

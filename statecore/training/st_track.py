@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,14 @@ from statecore.models.transition import StateTransitionModel
 from statecore.runs import files as runs
 from statecore.training import checkpoint as ckpt
 from statecore.training import distributed as dist_utils
+from statecore.training import prior_choice
 from statecore.training.priors import (
     FeatureRidge,
     ShiftPrior,
-    context_shrinkage,
     feature_ridge,
+    prior_tables,
     self_effect,
-    shift_prior_tables,
+    vocab_pair_stats,
 )
 from statecore.training.tracks import BuiltTask
 
@@ -275,12 +276,34 @@ def prior_for(adata, data: TrainData, *, with_val: bool = True, shrink: str = "o
     split = data.split
     val = split.val if with_val else {}
     pairs = {c: [*split.train.get(c, []), *val.get(c, [])] for c in sorted({*split.train, *val})}
-    kw = dict(genes=data.genes, vocab=data.vocab, train_pairs=pairs, contexts=data.contexts, cells=data.cells)
-    prior = shift_prior_tables(adata, **kw, shrink=shrink == "zero")
-    if shrink != "context":
-        return prior
-    trust, generic = context_shrinkage(adata, **kw)
-    return replace(prior, trust=trust, generic=generic)
+    stats = vocab_pair_stats(
+        adata, genes=data.genes, vocab=data.vocab, train_pairs=pairs, noise=shrink != "off", cells=data.cells
+    )
+    return prior_tables(stats, vocab=data.vocab, contexts=data.contexts, shrink=shrink)
+
+
+def resolve_auto_prior(
+    adata, data: TrainData, config: RunConfig, run_dir: Path, *, resuming: bool
+) -> RunConfig:
+    """``prior_shrink="auto"`` made concrete (``statecore.training.prior_choice``): chosen on the split's
+    TRAINING pairs and recorded in ``prior_choice.json``; a resumed run reads its earlier choice."""
+    m = config.model_config()
+    if not (m.shift_prior and m.decoder_dim == 0 and data.vocab.features is None):
+        raise DataError(
+            "--prior-shrink auto (prior_shrink 'auto') chooses among the shift prior's shrinkages, so it needs "
+            "the shift prior on (--shift-prior on), one-hot perturbations (no --gene-features) and the "
+            "expression track (no --track embedding); otherwise use --prior-shrink off"
+        )
+    chosen = prior_choice.saved_choice(run_dir) if resuming else None
+    if chosen is None:
+        result = prior_choice.choose_for_run(
+            adata, train_pairs={c: list(ps) for c, ps in data.split.train.items()}, vocab=data.vocab,
+            contexts=data.contexts, genes=data.genes, target=data.split.context, cells=data.cells,
+        )  # fmt: skip
+        chosen = result.choice
+        if dist_utils.current().is_main:
+            prior_choice.save(result, run_dir)
+    return config.replace(model=config.model.replace(prior_shrink=chosen))
 
 
 def build_model(config: RunConfig, prior: ShiftPrior | FeatureRidge | None) -> StateTransitionModel:
@@ -314,6 +337,8 @@ class ExpressionTrack:
         if not resuming:
             config = self._with_shapes(config, data)
         data, config = self.adapt(adata, data, config)
+        if config.model.prior_shrink == "auto":
+            config = resolve_auto_prior(adata, data, config, run_dir, resuming=resuming)
         prior = None
         if (
             config.model.shift_prior
