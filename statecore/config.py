@@ -221,7 +221,7 @@ class TrainConfig(_Serializable):
 ST_PRESETS: dict[str, STConfig] = {
     # small: one linear control encoder (as the reference State) and a two-layer output MLP since 2026-12-03:
     # 15 % fewer FLOPs per cell than the two-layer encoder / three-layer output, level on the validation
-    # pairs of S1, P1 and C1 (docs/RESULTS.md "The lighter small preset"; docs/PERFORMANCE.md)
+    # pairs of S1, P1 and C1 (docs/RESULTS.md "Issue 17, third session"; docs/PERFORMANCE.md)
     "small": STConfig(
         hidden_dim=256,
         transformer_heads=8,
