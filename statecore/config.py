@@ -206,7 +206,7 @@ class TrainConfig(_Serializable):
     ckpt_every_steps: int = 100
     ckpt_every_seconds: float = 120.0
     log_every: int = 10
-    num_threads: int | None = None  # None: all cores but one
+    num_threads: int | None = None  # None: every core (the app's job manager passes all but one)
     bf16: bool = False
     compile: bool = False
     patience: int = 0  # >0: stop when validation has not improved for this many checks (best model kept)
