@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from statecore.config import APP_TRAIN, ST_PRESETS, DataSpec, SplitConfig, TrainConfig
+from statecore.config import APP_TRAIN, MIN_TRAIN_CELLS, ST_PRESETS, DataSpec, SplitConfig, TrainConfig
+from statecore.data.mixscape import CALL_COL
 from statecore.runs import jobs
 from statecore.ui import figures, loaders, state, training, widgets
 
@@ -257,13 +258,13 @@ def _new_run_form(runs: list[jobs.RunStatus]) -> None:
     c1, c2, c3 = st.columns(3)
     task, context, test_perts, keep = _task_widgets(c1, contexts, default_ctx, perts)
     unseen = _unseen_widgets(c1, perts) if task == "unseen" else None
-    classified = "perturbed_call" in obs.columns and c1.checkbox(
+    classified = CALL_COL in obs.columns and c1.checkbox(
         "Train on classified cells",
         value=False,
         key="train_classified",
         help="This data carries perturbed-cell calls (Preprocess, 'Classify perturbed cells'). When on, training "
-        "uses only the targeting cells called perturbed (KO); a perturbation with fewer than 10 such cells in a "
-        "context keeps all its cells. Controls, and every test cell that Evaluate scores, are never filtered.",
+        f"uses only the targeting cells called perturbed (KO); a perturbation with fewer than "
+        f"{MIN_TRAIN_CELLS} such cells in a context keeps all its cells. Controls, and every test cell that Evaluate scores, are never filtered.",
     )
     kind, emb_run, preset, p, set_size = _model_widgets(c2)
     steps, minutes, lr, batch, device, members = _budget_widgets(c3)

@@ -75,6 +75,11 @@ class QCConfig(_Serializable):
     classify_perturbed: bool = False
 
 
+# training on classified cells (SplitConfig.train_on_classified): a (context, perturbation) pair with fewer
+# cells called KO (or unclassified) keeps all its cells (statecore.data.mixscape.training_cells)
+MIN_TRAIN_CELLS = 10
+
+
 @dataclass(frozen=True)
 class PerturbedCallConfig(_Serializable):
     """Mixscape-style perturbed-cell classifier (statecore.data.mixscape; Papalexi et al. 2021)."""

@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from tests.app_helpers import prepared_info  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180  # pages import scanpy/torch; the first import on a busy 2-core machine is slow
 
@@ -215,14 +217,8 @@ def test_train_running_without_worker_is_interrupted(env):
     assert "stopped without finishing" in _texts(at.warning)
 
 
-def _prepared_info(adata, path: Path) -> dict:
-    """The session's ``sc_prepared`` entry for ``adata`` written to ``path``."""
-    adata.write_h5ad(path)
-    return {"path": str(path), "qc": {}, "n_obs": adata.n_obs, "n_vars": adata.n_vars}
-
-
 def test_train_form_with_prepared_data(env, prepared_synthetic, tmp_path):
-    prepared = _prepared_info(prepared_synthetic, tmp_path / "prep.h5ad")
+    prepared = prepared_info(prepared_synthetic, tmp_path / "prep.h5ad")
     at = _app("3_Train.py", sc_prepared=prepared)
     _clean(at)
     assert at.selectbox(key="train_context").options == ["c0", "c1", "c2"]
@@ -361,7 +357,7 @@ def test_train_page_starts_and_cancels_a_run(env, prepared_synthetic, tmp_path):
     from statecore.runs import jobs
 
     path = tmp_path / "prep.h5ad"
-    at = _app("3_Train.py", sc_prepared=_prepared_info(prepared_synthetic, path))
+    at = _app("3_Train.py", sc_prepared=prepared_info(prepared_synthetic, path))
     at.number_input(key="train_steps").set_value(100_000)
     at.number_input(key="train_set_size").set_value(16)
     at.button(key="train_start").click().run()

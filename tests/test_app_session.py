@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from tests.app_helpers import open_page, prepared_info  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180
 
@@ -91,12 +93,7 @@ def _data_info(path: Path) -> dict:
 
 
 def _app(page: str, **session) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
-    for key, value in session.items():
-        at.session_state[key] = value
-    at.run()
-    at.switch_page(f"pages/{page}")
-    return at.run()
+    return open_page(page, timeout=TIMEOUT, **session)
 
 
 def test_messages_name_the_fields_on_screen_not_cli_flags(env, two_files):
@@ -267,14 +264,7 @@ def test_every_control_on_data_preprocess_and_train_has_help(env, two_files, pre
         at.radio(key="data_source").set_value(source).run()
         missing += without_help(at)
     missing += without_help(_app("2_Preprocess.py", sc_data=_data_info(two_files[0])))
-    prepared = tmp_path / "prepared.h5ad"
-    prepared_synthetic.write_h5ad(prepared)
-    info = {
-        "path": str(prepared),
-        "qc": {},
-        "n_obs": prepared_synthetic.n_obs,
-        "n_vars": prepared_synthetic.n_vars,
-    }
+    info = prepared_info(prepared_synthetic, tmp_path / "prepared.h5ad")
     at = _app("3_Train.py", sc_prepared=info)
     assert at.number_input(key="train_steps").value > 0  # the new-run form is on the page
     missing += without_help(at)

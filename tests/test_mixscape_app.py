@@ -13,6 +13,8 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from tests.app_helpers import open_page, prepared_info  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180
 
@@ -26,12 +28,7 @@ def env(tmp_path, monkeypatch):
 
 
 def _app(page: str, **session) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
-    for key, value in session.items():
-        at.session_state[key] = value
-    at.run()
-    at.switch_page(f"pages/{page}")
-    return at.run()
+    return open_page(page, timeout=TIMEOUT, **session)
 
 
 def test_preprocess_classifies_and_shows_the_calls(env, tmp_path, synthetic_counts):
@@ -69,14 +66,7 @@ def test_train_offers_classified_cells_only_with_calls(env, tmp_path, prepared_s
     from statecore.data.mixscape import annotate, classify_perturbed
     from statecore.runs import jobs
 
-    plain = tmp_path / "plain.h5ad"
-    prepared_synthetic.write_h5ad(plain)
-    info = {
-        "path": str(plain),
-        "qc": {},
-        "n_obs": prepared_synthetic.n_obs,
-        "n_vars": prepared_synthetic.n_vars,
-    }
+    info = prepared_info(prepared_synthetic, tmp_path / "plain.h5ad")
     at = _app("3_Train.py", sc_prepared=info)
     assert not at.exception and "train_classified" not in [c.key for c in at.checkbox]
     with warnings.catch_warnings():

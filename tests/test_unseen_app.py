@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from tests.app_helpers import open_page  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 
@@ -54,13 +56,7 @@ def env(tmp_path, monkeypatch):
 
 
 def _app(page: str, **session) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
-    for key, value in session.items():
-        at.session_state[key] = value
-    at.run()
-    at.switch_page(f"pages/{page}")
-    at.run()
-    return at
+    return open_page(page, timeout=TIMEOUT, **session)
 
 
 def _clean(at: AppTest) -> None:

@@ -110,10 +110,12 @@ def _register_split(p: argparse.ArgumentParser) -> None:
         "--keep-fraction", type=float, default=0.3, help="underrepresented: share kept in training"
     )
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of training pairs")
+    from statecore.config import MIN_TRAIN_CELLS
+
     p.add_argument("--train-on-classified", action="store_true",
                    help="training and validation pairs use only the perturbed cells that `prepare "
-                   "--classify-perturbed` called KO (a pair with fewer than 10 keeps all its cells); controls "
-                   "and the test cells that scoring reads are never filtered")  # fmt: skip
+                   f"--classify-perturbed` called KO (a pair with fewer than {MIN_TRAIN_CELLS} keeps all its "
+                   "cells); controls and the test cells that scoring reads are never filtered")  # fmt: skip
 
 
 def _with_track(cfg, args: argparse.Namespace):

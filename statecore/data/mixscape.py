@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from statecore.config import PerturbedCallConfig
+from statecore.config import MIN_TRAIN_CELLS, PerturbedCallConfig
 from statecore.data.io import obs_labels
 from statecore.errors import DataError
 
@@ -52,8 +52,6 @@ CLASSIFIED, NO_EFFECT, FEW_CELLS, FEW_CONTROLS = (
     "too few cells",
     "too few controls",
 )
-# training on classified cells: a pair with fewer cells called KO (or unclassified) keeps all its cells
-MIN_TRAIN_CELLS = 10
 _BLOCK_VALUES = 4_000_000  # values per dense row block
 
 

@@ -112,7 +112,8 @@ def classified_cells(adata, config: RunConfig, split: Split) -> np.ndarray | Non
     (a warning names them). None otherwise. Test cells are never filtered (scoring reads the data itself)."""
     if not config.split.train_on_classified:
         return None
-    from statecore.data.mixscape import MIN_TRAIN_CELLS, training_cells
+    from statecore.config import MIN_TRAIN_CELLS
+    from statecore.data.mixscape import training_cells
 
     cells, whole = training_cells(
         adata, control=split.control, pairs=split.pairs("train") | split.pairs("val")
